@@ -1,0 +1,85 @@
+//! Backends ("reals") and the per-VIP ring of backend slots.
+
+use crate::user_pod;
+
+/// Most backends the data plane holds (all VIPs together).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Slots per VIP ring. Userspace repeats a backend `weight` times (after dividing the
+/// weights by their gcd) and interleaves them; the kernel only indexes the ring.
+pub const RING_SIZE: u32 = 512;
+
+/// Value of the backend array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// IPv4 address, network order: the outer destination in `ipip` mode.
+    pub addr: [u8; 4],
+    /// Ethernet address for `l2` mode VIPs (unused for `ipip`).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+
+user_pod!(Backend);
+
+/// The ring slot a new flow takes: the per-CPU new-flow counter of the VIP, offset by the
+/// CPU number so that CPUs start at different slots. Each CPU walks the ring in order, so
+/// over N flows each of k equal backends gets N/k within ± the number of CPUs, without
+/// any shared (cache-line bouncing) counter.
+#[inline(always)]
+pub fn round_robin_slot(per_cpu_new_flows: u64, cpu: u32, ring_len: u32) -> u32 {
+    ((per_cpu_new_flows + u64::from(cpu)) % u64::from(ring_len)) as u32
+}
+
+/// Index into the flat ring array for `vip_num`'s `slot`.
+#[inline(always)]
+pub fn ring_index(vip_num: u32, slot: u32) -> u32 {
+    vip_num * RING_SIZE + slot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_cycle_and_cpus_start_apart() {
+        let cases: &[(u64, u32, u32, u32)] = &[
+            // (counter, cpu, ring_len, expected)
+            (0, 0, 3, 0),
+            (1, 0, 3, 1),
+            (2, 0, 3, 2),
+            (3, 0, 3, 0),
+            (0, 1, 3, 1),
+            (2, 1, 3, 0),
+            (0, 5, 2, 1),
+            (u64::MAX, 0, 7, (u64::MAX % 7) as u32),
+            (9, 3, 1, 0),
+        ];
+        for &(counter, cpu, len, expected) in cases {
+            assert_eq!(round_robin_slot(counter, cpu, len), expected, "{counter} {cpu} {len}");
+        }
+    }
+
+    #[test]
+    fn spread_is_within_cpu_count() {
+        // 4 CPUs taking flows unevenly, ring of 3 equal backends.
+        let ring_len = 3u32;
+        let per_cpu = [1000u64, 7, 333, 0];
+        let mut hits = [0u64; 3];
+        for (cpu, &n) in per_cpu.iter().enumerate() {
+            for c in 0..n {
+                hits[round_robin_slot(c, cpu as u32, ring_len) as usize] += 1;
+            }
+        }
+        let total: u64 = per_cpu.iter().sum();
+        for h in hits {
+            assert!(h.abs_diff(total / 3) <= per_cpu.len() as u64, "{hits:?}");
+        }
+    }
+
+    #[test]
+    fn ring_index_is_flat() {
+        assert_eq!(ring_index(0, 0), 0);
+        assert_eq!(ring_index(2, 5), 2 * RING_SIZE + 5);
+    }
+}

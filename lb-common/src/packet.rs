@@ -1,0 +1,313 @@
+//! The frame parser the XDP programs run, written once against [`Frame`] so that the host
+//! tests exercise the very code the kernel executes.
+//!
+//! The parser never writes. It returns either the parsed headers of a TCP or UDP IPv4
+//! packet, or the [`Counter`] that says why the frame is not one (and so is passed as is).
+
+use crate::{flow::FlowKey, stats::Counter, vip::{PROTO_TCP, PROTO_UDP}};
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPV4_HLEN: usize = 20;
+pub const PROTO_IPIP: u8 = 4;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Bounds-checked read access to a frame. In the kernel every read is checked against
+/// `data_end` (which is what the verifier demands); on the host it is a slice.
+pub trait Frame {
+    /// `N` bytes at `off`, or `None` if the frame is shorter than `off + N`.
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    /// Whether the frame holds at least `len` bytes.
+    fn holds(&self, len: usize) -> bool;
+}
+
+impl Frame for [u8] {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.get(off..off.checked_add(N)?)?.try_into().ok()
+    }
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        len <= self.len()
+    }
+}
+
+/// The headers of an IPv4 TCP or UDP frame that the balancer needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// Offset of the IPv4 header: 14, or 18 with one VLAN tag.
+    pub l3_off: usize,
+    /// IPv4 total length (the inner packet's length once encapsulated).
+    pub ip_len: u16,
+    /// Type of service byte.
+    pub tos: u8,
+    /// Don't-fragment bit of the packet.
+    pub df: bool,
+    /// TCP flags, 0 for UDP.
+    pub tcp_flags: u8,
+    pub key: FlowKey,
+}
+
+impl Parsed {
+    /// A TCP SYN without ACK, or any UDP packet: may open a flow.
+    #[inline(always)]
+    pub fn opens_flow(&self) -> bool {
+        self.key.proto == PROTO_UDP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+/// The Ethernet part: the IPv4 header's offset, or why the frame is not IPv4.
+#[inline(always)]
+pub fn parse_l2<F: Frame + ?Sized>(f: &F) -> Result<usize, Counter> {
+    let eth: [u8; ETH_HLEN] = f.load(0).ok_or(Counter::Malformed)?;
+    let mut proto = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3_off = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        let tag: [u8; VLAN_HLEN] = f.load(ETH_HLEN).ok_or(Counter::Malformed)?;
+        proto = u16::from_be_bytes([tag[2], tag[3]]);
+        l3_off = ETH_HLEN + VLAN_HLEN;
+    }
+    match proto {
+        ETH_P_IP => Ok(l3_off),
+        ETH_P_IPV6 => Err(Counter::Ipv6),
+        _ => Err(Counter::NotIp),
+    }
+}
+
+/// A checked IPv4 header at `l3_off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4 {
+    pub hdr: [u8; IPV4_HLEN],
+    /// Header length including options (20..=60).
+    pub ihl: usize,
+    pub tot_len: u16,
+}
+
+impl Ipv4 {
+    #[inline(always)]
+    pub fn proto(&self) -> u8 {
+        self.hdr[9]
+    }
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        // More-fragments flag or a fragment offset.
+        u16::from_be_bytes([self.hdr[6], self.hdr[7]]) & 0x3fff != 0
+    }
+    #[inline(always)]
+    pub fn src(&self) -> [u8; 4] {
+        [self.hdr[12], self.hdr[13], self.hdr[14], self.hdr[15]]
+    }
+    #[inline(always)]
+    pub fn dst(&self) -> [u8; 4] {
+        [self.hdr[16], self.hdr[17], self.hdr[18], self.hdr[19]]
+    }
+}
+
+/// Reads and checks an IPv4 header: version 4, 20 <= IHL*4 <= total length, and the
+/// whole packet (total length) inside the frame. Trailing bytes (Ethernet padding) are fine.
+#[inline(always)]
+pub fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3_off: usize) -> Option<Ipv4> {
+    let hdr: [u8; IPV4_HLEN] = f.load(l3_off)?;
+    if hdr[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(hdr[0] & 0x0f) * 4;
+    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    if ihl < IPV4_HLEN || usize::from(tot_len) < ihl || !f.holds(l3_off + usize::from(tot_len)) {
+        return None;
+    }
+    Some(Ipv4 { hdr, ihl, tot_len })
+}
+
+/// Parses Ethernet (with at most one VLAN tag), IPv4 (with options) and TCP or UDP.
+#[inline(always)]
+pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<Parsed, Counter> {
+    let l3_off = parse_l2(f)?;
+    let ip = parse_ipv4(f, l3_off).ok_or(Counter::Malformed)?;
+    if ip.is_fragment() {
+        return Err(Counter::Fragment);
+    }
+    let l4_off = l3_off + ip.ihl;
+    let l4_len = usize::from(ip.tot_len) - ip.ihl;
+    let proto = ip.proto();
+    let (ports, tcp_flags) = match proto {
+        PROTO_TCP => {
+            let tcp: [u8; 20] = f.load(l4_off).ok_or(Counter::Malformed)?;
+            let doff = usize::from(tcp[12] >> 4) * 4;
+            if doff < 20 || doff > l4_len {
+                return Err(Counter::Malformed);
+            }
+            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
+        }
+        PROTO_UDP => {
+            let udp: [u8; 8] = f.load(l4_off).ok_or(Counter::Malformed)?;
+            let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+            if len < 8 || len > l4_len {
+                return Err(Counter::Malformed);
+            }
+            ([udp[0], udp[1], udp[2], udp[3]], 0)
+        }
+        _ => return Err(Counter::OtherL4),
+    };
+    Ok(Parsed {
+        l3_off,
+        ip_len: ip.tot_len,
+        tos: ip.hdr[1],
+        df: ip.hdr[6] & 0x40 != 0,
+        tcp_flags,
+        key: FlowKey {
+            src: ip.src(),
+            dst: ip.dst(),
+            sport: [ports[0], ports[1]],
+            dport: [ports[2], ports[3]],
+            proto,
+            _pad: [0; 3],
+        },
+    })
+}
+
+/// What the decapsulation program does with a frame: strip `outer_len` bytes of outer IPv4
+/// header that follow the `l3_off` bytes of Ethernet header, or pass for the given reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decap {
+    pub l3_off: usize,
+    pub outer_len: usize,
+    /// Outer destination, to be checked against the host's addresses.
+    pub outer_dst: [u8; 4],
+}
+
+/// Parses an IPIP frame: a valid, unfragmented outer IPv4 header with protocol 4 whose
+/// payload is exactly one valid IPv4 packet.
+#[inline(always)]
+pub fn parse_ipip<F: Frame + ?Sized>(f: &F) -> Result<Decap, Counter> {
+    let l3_off = parse_l2(f).map_err(|_| Counter::DecapNotIpip)?;
+    let outer = parse_ipv4(f, l3_off).ok_or(Counter::DecapNotIpip)?;
+    if outer.proto() != PROTO_IPIP {
+        return Err(Counter::DecapNotIpip);
+    }
+    if outer.is_fragment() {
+        return Err(Counter::DecapMalformed);
+    }
+    let inner = parse_ipv4(f, l3_off + outer.ihl).ok_or(Counter::DecapMalformed)?;
+    if usize::from(inner.tot_len) + outer.ihl != usize::from(outer.tot_len) {
+        return Err(Counter::DecapMalformed);
+    }
+    Ok(Decap { l3_off, outer_len: outer.ihl, outer_dst: outer.dst() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::*;
+    use alloc::vec::Vec;
+
+    const C: [u8; 4] = [192, 168, 1, 10];
+    const V: [u8; 4] = [10, 100, 0, 1];
+
+    fn check(frame: &[u8], expected: Result<(usize, u8, bool), Counter>) {
+        let got = parse_frame(frame).map(|p| (p.l3_off, p.key.proto, p.opens_flow()));
+        assert_eq!(got, expected, "{frame:02x?}");
+    }
+
+    #[test]
+    fn parse_table() {
+        let syn = Pkt::tcp(C, 40000, V, 80, TCP_SYN);
+        check(&syn.build(), Ok((14, 6, true)));
+        check(&Pkt::tcp(C, 40000, V, 80, TCP_ACK).build(), Ok((14, 6, false)));
+        check(&Pkt::tcp(C, 40000, V, 80, TCP_SYN | TCP_ACK).build(), Ok((14, 6, false)));
+        check(&Pkt::udp(C, 5000, V, 53).payload(b"hello").build(), Ok((14, 17, true)));
+        check(&syn.clone().vlan(100).build(), Ok((18, 6, true)));
+        check(&syn.clone().ip_options(&[1, 1, 1, 0]).build(), Ok((14, 6, true)));
+        check(&syn.clone().ip_options(&[1; 40]).build(), Ok((14, 6, true)));
+        check(&syn.clone().frag(0x2000).build(), Err(Counter::Fragment));
+        check(&syn.clone().frag(0x0010).build(), Err(Counter::Fragment));
+        check(&Pkt::icmp_echo(C, V).build(), Err(Counter::OtherL4));
+        check(&Pkt::proto(C, V, 47).payload(&[0; 8]).build(), Err(Counter::OtherL4));
+        check(&arp_request(C, V), Err(Counter::NotIp));
+        check(&ipv6_tcp_syn(), Err(Counter::Ipv6));
+        // Ethernet padding after the IP packet is fine.
+        let mut padded = Pkt::udp(C, 1, V, 2).build();
+        padded.resize(60, 0);
+        check(&padded, Ok((14, 17, true)));
+    }
+
+    #[test]
+    fn parsed_fields() {
+        let f = Pkt::tcp(C, 40000, V, 443, TCP_SYN).tos(0x10).vlan(7).payload(b"xyz").build();
+        let p = parse_frame(&f[..]).unwrap();
+        assert_eq!(p.key.src, C);
+        assert_eq!(p.key.dst, V);
+        assert_eq!(u16::from_be_bytes(p.key.sport), 40000);
+        assert_eq!(u16::from_be_bytes(p.key.dport), 443);
+        assert_eq!(p.ip_len, 20 + 20 + 3);
+        assert_eq!(p.tos, 0x10);
+        assert!(p.df);
+        assert_eq!(p.tcp_flags, TCP_SYN);
+    }
+
+    #[test]
+    fn truncation_at_every_length_is_malformed_or_short() {
+        for frame in [
+            Pkt::tcp(C, 40000, V, 80, TCP_SYN).ip_options(&[1; 8]).vlan(3).build(),
+            Pkt::udp(C, 40000, V, 80).payload(b"abc").build(),
+        ] {
+            for len in 0..frame.len() {
+                let got = parse_frame(&frame[..len]);
+                assert!(got == Err(Counter::Malformed), "len {len}: {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn inconsistent_headers_are_malformed() {
+        let good = Pkt::tcp(C, 40000, V, 80, TCP_SYN).payload(b"0123").build();
+        let mutate = |at: usize, v: u8| -> Vec<u8> {
+            let mut f = good.clone();
+            f[at] = v;
+            f
+        };
+        check(&mutate(14, 0x65), Err(Counter::Malformed)); // version 6 in an IPv4 ethertype
+        check(&mutate(14, 0x44), Err(Counter::Malformed)); // IHL 4
+        check(&mutate(14, 0x4f), Err(Counter::Malformed)); // IHL 15 beyond total length
+        check(&mutate(17, 19), Err(Counter::Malformed)); // total length < IHL
+        check(&mutate(16, 0x10), Err(Counter::Malformed)); // total length beyond frame
+        check(&mutate(46, 0x40), Err(Counter::Malformed)); // TCP data offset 4
+        check(&mutate(46, 0x70), Err(Counter::Malformed)); // TCP header beyond IP packet
+        let udp = Pkt::udp(C, 1, V, 2).build();
+        let mut bad_len = udp.clone();
+        bad_len[39] = 7;
+        check(&bad_len, Err(Counter::Malformed));
+        bad_len[39] = 9;
+        check(&bad_len, Err(Counter::Malformed));
+    }
+
+    #[test]
+    fn ipip_parsing() {
+        let inner = Pkt::tcp(C, 40000, V, 80, TCP_SYN).build();
+        let enc = ipip(&inner, 14, [10, 0, 0, 1], [10, 0, 0, 2], None);
+        assert_eq!(parse_ipip(&enc[..]), Ok(Decap { l3_off: 14, outer_len: 20, outer_dst: [10, 0, 0, 2] }));
+        let tagged = ipip(&Pkt::udp(C, 1, V, 2).vlan(9).build(), 18, [10, 0, 0, 1], [10, 0, 0, 3], None);
+        assert_eq!(parse_ipip(&tagged[..]).map(|d| d.l3_off), Ok(18));
+        assert_eq!(parse_ipip(&inner[..]), Err(Counter::DecapNotIpip));
+        assert_eq!(parse_ipip(&arp_request(C, V)[..]), Err(Counter::DecapNotIpip));
+        for len in 14 + 20..enc.len() {
+            assert_eq!(parse_ipip(&enc[..len]).is_ok(), false, "len {len}");
+        }
+        // Outer length that disagrees with the inner packet.
+        let mut short = enc.clone();
+        short[17] -= 1;
+        assert_eq!(parse_ipip(&short[..]), Err(Counter::DecapMalformed));
+        // Outer fragment.
+        let mut frag = enc.clone();
+        frag[20] = 0x20;
+        assert_eq!(parse_ipip(&frag[..]), Err(Counter::DecapMalformed));
+    }
+}

@@ -1,0 +1,164 @@
+//! Counters. All are per-CPU on the kernel side and summed by userspace.
+
+use crate::user_pod;
+
+/// Global counters by action and reason, indexes into [`GlobalStats::counters`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    // --- balancer: why a packet was passed untouched ---
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp = 0,
+    /// IPv6 (recognised; IPv6 VIPs come later).
+    Ipv6,
+    /// IPv4 but neither TCP nor UDP (ICMP, ...).
+    OtherL4,
+    /// TCP or UDP not addressed to a VIP.
+    NotVip,
+    /// IPv4 fragment (first or later).
+    Fragment,
+    /// Truncated or inconsistent headers.
+    Malformed,
+    // --- balancer: how VIP packets were placed ---
+    /// First packet of a flow, placed round-robin.
+    NewFlow,
+    /// Found in the flow table.
+    FlowHit,
+    /// Non-SYN TCP without a flow entry, placed by the 5-tuple hash.
+    HashFallback,
+    /// VIP without backends: dropped.
+    NoBackend,
+    // --- balancer: forwarding outcome ---
+    /// Sent out of the ingress interface (`XDP_TX`).
+    Tx,
+    /// Sent out of another interface through the devmap (`XDP_REDIRECT`).
+    Redirect,
+    /// Neighbour of the next hop not resolved: encapsulated and passed to the kernel.
+    FibNoNeigh,
+    /// Encapsulated packet would exceed the egress MTU: passed untouched.
+    TooBig,
+    /// No route, forwarding disabled or another FIB failure: passed untouched.
+    FibError,
+    /// `bpf_xdp_adjust_head` or the devmap refused: passed untouched.
+    EncapError,
+    // --- decapsulation program ---
+    /// IPIP packet for this host, outer header removed.
+    Decap,
+    /// IPIP packet for another host: passed untouched.
+    DecapNotLocal,
+    /// Not IPIP: passed untouched.
+    DecapNotIpip,
+    /// IPIP with truncated or inconsistent outer or inner header: passed untouched.
+    DecapMalformed,
+}
+
+pub const COUNTER_COUNT: usize = Counter::DecapMalformed as usize + 1;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT] = [
+        Counter::NotIp,
+        Counter::Ipv6,
+        Counter::OtherL4,
+        Counter::NotVip,
+        Counter::Fragment,
+        Counter::Malformed,
+        Counter::NewFlow,
+        Counter::FlowHit,
+        Counter::HashFallback,
+        Counter::NoBackend,
+        Counter::Tx,
+        Counter::Redirect,
+        Counter::FibNoNeigh,
+        Counter::TooBig,
+        Counter::FibError,
+        Counter::EncapError,
+        Counter::Decap,
+        Counter::DecapNotLocal,
+        Counter::DecapNotIpip,
+        Counter::DecapMalformed,
+    ];
+
+    /// Stable snake_case name, used as a metrics label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::NotIp => "not_ip",
+            Counter::Ipv6 => "ipv6",
+            Counter::OtherL4 => "other_l4",
+            Counter::NotVip => "not_vip",
+            Counter::Fragment => "fragment",
+            Counter::Malformed => "malformed",
+            Counter::NewFlow => "new_flow",
+            Counter::FlowHit => "flow_hit",
+            Counter::HashFallback => "hash_fallback",
+            Counter::NoBackend => "no_backend",
+            Counter::Tx => "tx",
+            Counter::Redirect => "redirect",
+            Counter::FibNoNeigh => "fib_no_neigh",
+            Counter::TooBig => "too_big",
+            Counter::FibError => "fib_error",
+            Counter::EncapError => "encap_error",
+            Counter::Decap => "decap",
+            Counter::DecapNotLocal => "decap_not_local",
+            Counter::DecapNotIpip => "decap_not_ipip",
+            Counter::DecapMalformed => "decap_malformed",
+        }
+    }
+}
+
+/// One per-CPU array entry holding every global counter, so a packet costs one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlobalStats {
+    pub counters: [u64; COUNTER_COUNT],
+}
+const _: () = assert!(core::mem::size_of::<GlobalStats>() == 8 * COUNTER_COUNT);
+
+impl Default for GlobalStats {
+    fn default() -> Self {
+        Self { counters: [0; COUNTER_COUNT] }
+    }
+}
+
+impl GlobalStats {
+    #[inline(always)]
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters[c as usize]
+    }
+}
+
+/// Traffic of one VIP or one backend: packets, bytes (of the frame as received) and new flows.
+/// For a VIP, the per-CPU `new_flows` is also its round-robin position on that CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub _pad: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
+
+impl core::ops::AddAssign for TrafficStats {
+    fn add_assign(&mut self, o: Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+    }
+}
+
+user_pod!(GlobalStats, TrafficStats);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_with_unique_names() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for d in &Counter::ALL[..i] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+}

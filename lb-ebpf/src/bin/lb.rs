@@ -1,0 +1,243 @@
+//! The load balancer: steers each new flow of a VIP round-robin to a backend, pins the flow
+//! there, and forwards with direct server return (IPIP, or L2 rewrite). Packets that are
+//! not for a VIP leave untouched with XDP_PASS. The program never loops over backends:
+//! userspace builds each VIP's ring and the kernel only indexes it.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{
+    backend::{ring_index, round_robin_slot, Backend, MAX_BACKENDS, RING_SIZE},
+    encap::{outer_ipv4, outer_len, LbConfig, IPIP_OVERHEAD},
+    flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
+    packet::{parse_frame, Frame, Parsed, TCP_RST},
+    stats::{Counter, GlobalStats, TrafficStats},
+    vip::{VipKey, VipMeta, MAX_VIPS},
+};
+use lb_ebpf::{adjust_head, write_l2, XdpFrame};
+
+#[map]
+static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+/// `MAX_VIPS` rings of `RING_SIZE` backend indexes, flat.
+#[map]
+static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_SIZE, 0);
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// Established flows. LRU, so a full table evicts the coldest flow instead of failing.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+#[map]
+static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+/// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
+#[map]
+static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+#[map]
+static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+const AF_INET: u8 = 2;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let Some(stats) = STATS.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+    let stats = unsafe { &mut *stats };
+    process(&ctx, stats)
+}
+
+#[inline(always)]
+fn bump(stats: &mut GlobalStats, c: Counter) {
+    stats.counters[c as usize] += 1;
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
+    let frame = XdpFrame::new(ctx);
+    let p = match parse_frame(&frame) {
+        Ok(p) => p,
+        Err(c) => {
+            bump(stats, c);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let vip_key = VipKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let Some(vip) = (unsafe { VIPS.get(&vip_key) }).copied() else {
+        bump(stats, Counter::NotVip);
+        return xdp_action::XDP_PASS;
+    };
+    let (Some(vip_stats), true) = (VIP_STATS.get_ptr_mut(vip.vip_num), vip.ring_len > 0) else {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: per-CPU value.
+    let vip_stats = unsafe { &mut *vip_stats };
+
+    let mut new_flow = false;
+    // SAFETY: the value is copied out at once.
+    let backend_idx = match unsafe { FLOWS.get(&p.key) } {
+        Some(v) => {
+            bump(stats, Counter::FlowHit);
+            v.backend
+        }
+        None => {
+            let slot = if p.opens_flow() {
+                bump(stats, Counter::NewFlow);
+                new_flow = true;
+                // SAFETY: plain helper call.
+                let cpu = unsafe { bpf_get_smp_processor_id() };
+                let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
+                vip_stats.new_flows += 1;
+                slot
+            } else {
+                bump(stats, Counter::HashFallback);
+                p.key.hash() % vip.ring_len
+            };
+            let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
+                bump(stats, Counter::NoBackend);
+                return xdp_action::XDP_DROP;
+            };
+            // A RST ends the flow: place it, but do not create an entry for it.
+            if p.tcp_flags & TCP_RST == 0 {
+                let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
+            }
+            idx
+        }
+    };
+    let (Some(backend), Some(backend_stats)) =
+        (BACKENDS.get(backend_idx), BACKEND_STATS.get_ptr_mut(backend_idx))
+    else {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: per-CPU value.
+    let backend_stats = unsafe { &mut *backend_stats };
+    let bytes = (p.l3_off + usize::from(p.ip_len)) as u64;
+    vip_stats.packets += 1;
+    vip_stats.bytes += bytes;
+    backend_stats.packets += 1;
+    backend_stats.bytes += bytes;
+    if new_flow {
+        backend_stats.new_flows += 1;
+    }
+
+    if vip.is_l2() {
+        return forward_l2(&frame, &p, backend, stats);
+    }
+    forward_ipip(ctx, &frame, &p, backend, stats)
+}
+
+/// `l2` mode: the backend is on our segment; point the frame at its MAC and send it back out.
+#[inline(always)]
+fn forward_l2(frame: &XdpFrame, p: &Parsed, backend: &Backend, stats: &mut GlobalStats) -> u32 {
+    let Some(old) = frame.load::<18>(0) else {
+        bump(stats, Counter::Malformed);
+        return xdp_action::XDP_PASS;
+    };
+    // Our own MAC is the one the frame was sent to.
+    let ours = [old[0], old[1], old[2], old[3], old[4], old[5]];
+    if !write_l2(frame, p.l3_off, &old, &backend.mac, &ours) {
+        bump(stats, Counter::EncapError);
+        return xdp_action::XDP_PASS;
+    }
+    bump(stats, Counter::Tx);
+    xdp_action::XDP_TX
+}
+
+/// `ipip` mode: route to the backend with the kernel FIB, encapsulate, and send out of the
+/// egress interface (XDP_TX if it is the ingress one, XDP_REDIRECT otherwise).
+#[inline(always)]
+fn forward_ipip(
+    ctx: &XdpContext,
+    frame: &XdpFrame,
+    p: &Parsed,
+    backend: &Backend,
+    stats: &mut GlobalStats,
+) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        bump(stats, Counter::FibError);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(total) = outer_len(p.ip_len) else {
+        bump(stats, Counter::TooBig);
+        return xdp_action::XDP_PASS;
+    };
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = lb_common::packet::PROTO_IPIP;
+    fib.__bindgen_anon_1.tot_len = total;
+    fib.__bindgen_anon_2.tos = p.tos;
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.encap_src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.addr);
+    // SAFETY: helper call with a properly sized parameter block.
+    let rc = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    } as u32;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            bump(stats, Counter::TooBig);
+            return xdp_action::XDP_PASS;
+        }
+        _ => {
+            bump(stats, Counter::FibError);
+            return xdp_action::XDP_PASS;
+        }
+    }
+
+    let Some(old) = frame.load::<18>(0) else {
+        bump(stats, Counter::Malformed);
+        return xdp_action::XDP_PASS;
+    };
+    let outer = outer_ipv4(cfg.encap_src, backend.addr, p.ip_len, p.tos, p.df);
+    if !adjust_head(ctx, -(IPIP_OVERHEAD as i32)) {
+        bump(stats, Counter::EncapError);
+        return xdp_action::XDP_PASS;
+    }
+    let frame = XdpFrame::new(ctx);
+    let l3_off = p.l3_off;
+    if !frame.store(l3_off, &outer) {
+        // Cannot happen (the frame just grew by 20 bytes); undo to leave it as it came.
+        adjust_head(ctx, IPIP_OVERHEAD as i32);
+        bump(stats, Counter::EncapError);
+        return xdp_action::XDP_PASS;
+    }
+
+    let (action, counter, dst, src) = if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // The kernel resolves the neighbour and forwards the encapsulated packet itself.
+        (xdp_action::XDP_PASS, Counter::FibNoNeigh, [old[0], old[1], old[2], old[3], old[4], old[5]], [old[6], old[7], old[8], old[9], old[10], old[11]])
+    } else if fib.ifindex == ingress {
+        (xdp_action::XDP_TX, Counter::Tx, fib.dmac, fib.smac)
+    } else {
+        match TX_PORTS.redirect(fib.ifindex, 0) {
+            Ok(action) => (action, Counter::Redirect, fib.dmac, fib.smac),
+            Err(_) => (
+                // Not a port of ours: let the kernel forward the encapsulated packet.
+                xdp_action::XDP_PASS,
+                Counter::EncapError,
+                [old[0], old[1], old[2], old[3], old[4], old[5]],
+                [old[6], old[7], old[8], old[9], old[10], old[11]],
+            ),
+        }
+    };
+    write_l2(&frame, l3_off, &old, &dst, &src);
+    bump(stats, counter);
+    action
+}

@@ -1,0 +1,81 @@
+//! Shared pieces of the XDP programs: the bounds-checked frame view the common parser runs
+//! on, and the few helpers that write to packets. The programs themselves (entry points and
+//! maps) are the binaries in `src/bin/`.
+#![no_std]
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::packet::Frame;
+
+/// The packet of an XDP context, for `lb_common::packet`'s parser. Every access is
+/// checked against `data_end`, the form the verifier accepts.
+#[derive(Clone, Copy)]
+pub struct XdpFrame {
+    data: usize,
+    end: usize,
+}
+
+impl XdpFrame {
+    /// The frame as it is now; take a new one after `bpf_xdp_adjust_head`.
+    #[inline(always)]
+    pub fn new(ctx: &XdpContext) -> Self {
+        Self { data: ctx.data(), end: ctx.data_end() }
+    }
+
+    /// Writes `bytes` at `off`; false (nothing written) if the frame is too short.
+    #[inline(always)]
+    pub fn store<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
+        let start = self.data + off;
+        if start + N > self.end {
+            return false;
+        }
+        // SAFETY: start..start+N lies inside the packet, checked just above.
+        unsafe { core::ptr::write_unaligned(start as *mut [u8; N], *bytes) };
+        true
+    }
+}
+
+impl Frame for XdpFrame {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let start = self.data + off;
+        if start + N > self.end {
+            return None;
+        }
+        // SAFETY: start..start+N lies inside the packet, checked just above.
+        Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+
+    #[inline(always)]
+    fn holds(&self, len: usize) -> bool {
+        self.data + len <= self.end
+    }
+}
+
+/// Moves the packet start by `delta` bytes (negative grows the headroom side).
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> bool {
+    // SAFETY: plain helper call on our own context.
+    unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, delta) == 0 }
+}
+
+/// Rewrites the Ethernet header of `frame`: both MACs, and the ethertype (with the VLAN tag,
+/// when `l3_off` is 18) taken from `old` (the header as it was received).
+#[inline(always)]
+pub fn write_l2(frame: &XdpFrame, l3_off: usize, old: &[u8; 18], dst: &[u8; 6], src: &[u8; 6]) -> bool {
+    let mut h = *old;
+    h[..6].copy_from_slice(dst);
+    h[6..12].copy_from_slice(src);
+    if l3_off == 18 {
+        frame.store(0, &h)
+    } else {
+        let mut short = [0u8; 14];
+        short.copy_from_slice(&h[..14]);
+        frame.store(0, &short)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
