@@ -1,1 +1,67 @@
+//! Helpers for the root-only tests: privilege checks that fail under CI, a private network
+//! namespace per test thread, and CPU pinning.
 
+use std::process::Command;
+
+/// Whether the test may run. Without root: a skip locally, a failure when `CI` is set
+/// (privileged tests must never silently pass in CI).
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN), and CI is set: run the tests as root");
+    }
+    eprintln!("SKIPPED {test}: needs root; run `sudo -E cargo xtask test` (CI fails instead of skipping)");
+    false
+}
+
+/// Moves the calling thread into a new, unnamed network namespace. It disappears with the
+/// thread (and every interface created in it with it), so nothing leaks even on panic.
+/// Commands spawned from this thread run inside it.
+pub fn private_netns() {
+    // SAFETY: unshare affects only the calling thread's network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    sh("ip link set lo up");
+}
+
+/// Runs a shell command (inside the thread's namespace), panicking with its output on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// Pins the calling thread to one CPU, so per-CPU state (round-robin position) is predictable.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: plain cpu_set_t manipulation and a syscall on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
+    }
+}
+
+/// Formats a frame as hex rows for failure messages.
+pub fn hex(frame: &[u8]) -> String {
+    frame
+        .chunks(16)
+        .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -124,40 +124,47 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         bump(stats, Counter::NoBackend);
         return xdp_action::XDP_DROP;
     };
-    // SAFETY: per-CPU value.
-    let backend_stats = unsafe { &mut *backend_stats };
+    let (action, sent) = if vip.is_l2() {
+        forward_l2(&frame, &p, backend, stats)
+    } else {
+        forward_ipip(ctx, &frame, &p, backend, stats)
+    };
+    // Count what left towards the backend (not what was passed back untouched).
     let bytes = (p.l3_off + usize::from(p.ip_len)) as u64;
     vip_stats.packets += 1;
     vip_stats.bytes += bytes;
-    backend_stats.packets += 1;
-    backend_stats.bytes += bytes;
-    if new_flow {
-        backend_stats.new_flows += 1;
+    if sent {
+        // SAFETY: per-CPU value.
+        let backend_stats = unsafe { &mut *backend_stats };
+        backend_stats.packets += 1;
+        backend_stats.bytes += bytes;
+        if new_flow {
+            backend_stats.new_flows += 1;
+        }
     }
-
-    if vip.is_l2() {
-        return forward_l2(&frame, &p, backend, stats);
-    }
-    forward_ipip(ctx, &frame, &p, backend, stats)
+    action
 }
 
 /// `l2` mode: the backend is on our segment; point the frame at its MAC and send it back out.
 #[inline(always)]
-fn forward_l2(frame: &XdpFrame, p: &Parsed, backend: &Backend, stats: &mut GlobalStats) -> u32 {
+fn forward_l2(frame: &XdpFrame, p: &Parsed, backend: &Backend, stats: &mut GlobalStats) -> (u32, bool) {
     let Some(old) = frame.load::<18>(0) else {
         bump(stats, Counter::Malformed);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     };
     // Our own MAC is the one the frame was sent to.
     let ours = [old[0], old[1], old[2], old[3], old[4], old[5]];
     if !write_l2(frame, p.l3_off, &old, &backend.mac, &ours) {
         bump(stats, Counter::EncapError);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     }
     bump(stats, Counter::Tx);
-    xdp_action::XDP_TX
+    (xdp_action::XDP_TX, true)
 }
 
+/// Forwarding returns the action and whether the packet went (or was handed to the kernel
+/// encapsulated) towards the backend.
+///
 /// `ipip` mode: route to the backend with the kernel FIB, encapsulate, and send out of the
 /// egress interface (XDP_TX if it is the ingress one, XDP_REDIRECT otherwise).
 #[inline(always)]
@@ -167,14 +174,14 @@ fn forward_ipip(
     p: &Parsed,
     backend: &Backend,
     stats: &mut GlobalStats,
-) -> u32 {
+) -> (u32, bool) {
     let Some(cfg) = CONFIG.get(0) else {
         bump(stats, Counter::FibError);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     };
     let Some(total) = outer_len(p.ip_len) else {
         bump(stats, Counter::TooBig);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     };
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value.
@@ -194,22 +201,22 @@ fn forward_ipip(
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             bump(stats, Counter::TooBig);
-            return xdp_action::XDP_PASS;
+            return (xdp_action::XDP_PASS, false);
         }
         _ => {
             bump(stats, Counter::FibError);
-            return xdp_action::XDP_PASS;
+            return (xdp_action::XDP_PASS, false);
         }
     }
 
     let Some(old) = frame.load::<18>(0) else {
         bump(stats, Counter::Malformed);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     };
     let outer = outer_ipv4(cfg.encap_src, backend.addr, p.ip_len, p.tos, p.df);
     if !adjust_head(ctx, -(IPIP_OVERHEAD as i32)) {
         bump(stats, Counter::EncapError);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     }
     let frame = XdpFrame::new(ctx);
     let l3_off = p.l3_off;
@@ -217,7 +224,7 @@ fn forward_ipip(
         // Cannot happen (the frame just grew by 20 bytes); undo to leave it as it came.
         adjust_head(ctx, IPIP_OVERHEAD as i32);
         bump(stats, Counter::EncapError);
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, false);
     }
 
     let (action, counter, dst, src) = if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -239,5 +246,5 @@ fn forward_ipip(
     };
     write_l2(&frame, l3_off, &old, &dst, &src);
     bump(stats, counter);
-    action
+    (action, true)
 }

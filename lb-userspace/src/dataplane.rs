@@ -1,0 +1,198 @@
+//! The balancer's maps, typed. One `Dataplane` owns one loaded copy of `lb_xdp`.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use lb_common::{
+    backend::{ring_index, Backend, MAX_BACKENDS, RING_SIZE},
+    encap::LbConfig,
+    flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
+    stats::{GlobalStats, TrafficStats},
+    vip::{ForwardMode, VipKey, VipMeta, MAX_VIPS},
+};
+
+use crate::objects;
+
+pub const PROGRAM: &str = "lb_xdp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("failed to load the balancer object")]
+    Load(#[from] EbpfError),
+    #[error("failed to load program {PROGRAM} (the verifier log is in the source error)")]
+    Program(#[from] ProgramError),
+    #[error("map {name}")]
+    Map { name: &'static str, #[source] source: MapError },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("vip number {0} out of range (max {MAX_VIPS})")]
+    VipNumber(u32),
+    #[error("backend index {0} out of range (max {MAX_BACKENDS})")]
+    BackendIndex(u32),
+    #[error("ring of {0} slots does not fit (1..={RING_SIZE})")]
+    RingLength(usize),
+    #[error("devmap insert for ifindex {0} failed: {1}")]
+    TxPort(u32, String),
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Entries of the flow table (LRU).
+    pub flow_table_size: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { flow_table_size: DEFAULT_FLOW_TABLE_SIZE }
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    config: Array<MapData, LbConfig>,
+    tx_ports: DevMapHash<MapData>,
+    stats: PerCpuArray<MapData, GlobalStats>,
+    vip_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Dataplane {
+    /// Loads the object and the program into the kernel (nothing is attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", opts.flow_table_size)
+            .load(objects::balancer())?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::MissingMap(PROGRAM))?
+            .try_into()?;
+        prog.load()?;
+        Ok(Self {
+            vips: take(&mut ebpf, "VIPS")?,
+            rings: take(&mut ebpf, "RINGS")?,
+            backends: take(&mut ebpf, "BACKENDS")?,
+            flows: take(&mut ebpf, "FLOWS")?,
+            config: take(&mut ebpf, "CONFIG")?,
+            tx_ports: take(&mut ebpf, "TX_PORTS")?,
+            stats: take(&mut ebpf, "STATS")?,
+            vip_stats: take(&mut ebpf, "VIP_STATS")?,
+            backend_stats: take(&mut ebpf, "BACKEND_STATS")?,
+            ebpf,
+        })
+    }
+
+    pub fn program(&self) -> &Xdp {
+        self.ebpf.program(PROGRAM).expect("loaded").try_into().expect("xdp")
+    }
+
+    pub fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("xdp")
+    }
+
+    /// The balancer's own address: the source of outer IPIP headers.
+    pub fn set_encap_source(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+        let cfg = LbConfig { encap_src: addr.octets(), _pad: 0 };
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Allows XDP_REDIRECT out of `ifindex`.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::TxPort(ifindex, e.to_string()))
+    }
+
+    pub fn set_backend(&mut self, index: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        if index >= MAX_BACKENDS {
+            return Err(DataplaneError::BackendIndex(index));
+        }
+        let b = Backend { addr: addr.octets(), mac, _pad: [0; 2] };
+        self.backends.set(index, b, 0).map_err(map_err("BACKENDS"))
+    }
+
+    /// Installs or replaces a VIP with its ring of backend indexes (see
+    /// `lb_common::ring::build`). The ring is written before the VIP entry that announces
+    /// its length, so the program never indexes a slot that is not written yet.
+    pub fn set_vip(&mut self, key: VipKey, vip_num: u32, mode: ForwardMode, ring: &[u32]) -> Result<(), DataplaneError> {
+        if vip_num >= MAX_VIPS {
+            return Err(DataplaneError::VipNumber(vip_num));
+        }
+        if ring.is_empty() || ring.len() > RING_SIZE as usize {
+            return Err(DataplaneError::RingLength(ring.len()));
+        }
+        for (slot, &backend) in ring.iter().enumerate() {
+            if backend >= MAX_BACKENDS {
+                return Err(DataplaneError::BackendIndex(backend));
+            }
+            self.rings.set(ring_index(vip_num, slot as u32), backend, 0).map_err(map_err("RINGS"))?;
+        }
+        let meta = VipMeta { vip_num, ring_len: ring.len() as u32, mode: mode as u32, _pad: 0 };
+        self.vips.insert(key, meta, 0).map_err(map_err("VIPS"))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        self.vips.remove(key).map_err(map_err("VIPS"))
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.flows.get(key, 0).ok()
+    }
+
+    /// Forgets every pinned flow (as a restart without state would).
+    pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
+        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.flows.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global_stats(&self) -> Result<GlobalStats, DataplaneError> {
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            for (a, b) in sum.counters.iter_mut().zip(s.counters.iter()) {
+                *a += b;
+            }
+        }
+        Ok(sum)
+    }
+
+    pub fn vip_stats(&self, vip_num: u32) -> Result<TrafficStats, DataplaneError> {
+        sum_traffic(&self.vip_stats, vip_num, "VIP_STATS")
+    }
+
+    pub fn backend_stats(&self, index: u32) -> Result<TrafficStats, DataplaneError> {
+        sum_traffic(&self.backend_stats, index, "BACKEND_STATS")
+    }
+}
+
+fn sum_traffic(map: &PerCpuArray<MapData, TrafficStats>, index: u32, name: &'static str) -> Result<TrafficStats, DataplaneError> {
+    let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
+    let mut sum = TrafficStats::default();
+    for s in per_cpu.iter() {
+        sum += *s;
+    }
+    Ok(sum)
+}

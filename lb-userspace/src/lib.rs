@@ -1,0 +1,10 @@
+//! Userspace side of the load balancer: loads the XDP programs built from `lb-ebpf`, owns
+//! their maps, and exposes typed operations on them (VIPs, backends, rings, counters).
+//! The daemon (`lbd`), the tests and the benchmarks all go through this library.
+
+pub mod dataplane;
+pub mod decap;
+pub mod objects;
+pub mod testrun;
+
+pub use dataplane::{Dataplane, DataplaneError, LoadOptions};

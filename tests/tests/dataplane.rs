@@ -1,0 +1,337 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN, Katran's pattern: an ordered, stateful table
+//! of {description, input frame, expected action, expected output frame}, compared byte for
+//! byte, then the counters. Runs in a private network namespace whose routes and static
+//! neighbours give the FIB lookups known answers. Needs root.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    builder::{arp_request, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
+    flow::FlowKey,
+    packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    ring,
+    stats::Counter,
+    vip::{ForwardMode, VipKey, PROTO_TCP, PROTO_UDP},
+};
+use lb_userspace::{
+    decap::Decap,
+    testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    Dataplane, LoadOptions,
+};
+use tests::{hex, ifindex, pin_to_cpu, private_netns, privileged, sh};
+
+/// Shortest frame BPF_PROG_TEST_RUN accepts (an Ethernet header).
+const MIN_FRAME: usize = 14;
+const LB_ADDR: [u8; 4] = [10, 0, 0, 1];
+const LB2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x2b];
+const CLIENT: [u8; 4] = [192, 168, 7, 10];
+
+/// A backend: address, the MAC its next hop has, and the VIP it serves alone (if any).
+struct Real {
+    addr: [u8; 4],
+    next_hop_mac: [u8; 6],
+}
+
+const A: Real = Real { addr: [10, 0, 0, 2], next_hop_mac: [2, 0, 0, 0, 0, 0x0a] };
+const B: Real = Real { addr: [10, 0, 0, 3], next_hop_mac: [2, 0, 0, 0, 0, 0x0b] };
+/// Behind the router 10.0.0.254.
+const C: Real = Real { addr: [10, 2, 0, 7], next_hop_mac: [2, 0, 0, 0, 0, 0xfe] };
+/// On the second interface: XDP_REDIRECT.
+const D: Real = Real { addr: [10, 1, 0, 2], next_hop_mac: [2, 0, 0, 0, 0, 0x0d] };
+/// No neighbour entry.
+const E: Real = Real { addr: [10, 0, 0, 9], next_hop_mac: [0; 6] };
+/// `l2` mode backend.
+const F: Real = Real { addr: [10, 0, 0, 5], next_hop_mac: [2, 0, 0, 0, 0, 0x0f] };
+const REALS: [&Real; 6] = [&A, &B, &C, &D, &E, &F];
+
+const VIP: [u8; 4] = [10, 100, 0, 1];
+const VIP_ROUTED: [u8; 4] = [10, 100, 0, 2];
+const VIP_REDIRECT: [u8; 4] = [10, 100, 0, 3];
+const VIP_NO_NEIGH: [u8; 4] = [10, 100, 0, 4];
+const VIP_L2: [u8; 4] = [10, 100, 0, 5];
+
+/// Interfaces: lbt0 (ingress, 10.0.0.1/24, MAC LB_MAC) with A, B, E, F and the router on it;
+/// lbt2 (10.1.0.1/24) with D.
+fn topology() -> u32 {
+    private_netns();
+    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let ip = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
+    sh(&format!(
+        "ip link add lbt0 address {} type veth peer name lbt1 && \
+         ip link add lbt2 address {} type veth peer name lbt3 && \
+         ip addr add 10.0.0.1/24 dev lbt0 && ip addr add 10.1.0.1/24 dev lbt2 && \
+         for i in lbt0 lbt1 lbt2 lbt3; do ip link set $i up; done && \
+         ip route add 10.2.0.0/24 via 10.0.0.254 && \
+         ip neigh add 10.0.0.254 lladdr {} dev lbt0 nud permanent && \
+         echo 1 > /proc/sys/net/ipv4/conf/all/forwarding",
+        mac(LB_MAC),
+        mac(LB2_MAC),
+        mac(C.next_hop_mac)
+    ));
+    for (r, dev) in [(&A, "lbt0"), (&B, "lbt0"), (&D, "lbt2"), (&F, "lbt0")] {
+        sh(&format!("ip neigh add {} lladdr {} dev {dev} nud permanent", ip(r.addr), mac(r.next_hop_mac)));
+    }
+    ifindex("lbt0")
+}
+
+fn configure(dp: &mut Dataplane) {
+    dp.set_encap_source(Ipv4Addr::from(LB_ADDR)).unwrap();
+    dp.add_tx_port(ifindex("lbt2")).unwrap();
+    for (i, r) in REALS.iter().enumerate() {
+        dp.set_backend(i as u32, Ipv4Addr::from(r.addr), r.next_hop_mac).unwrap();
+    }
+    let ab = ring::build(&[(0, 1), (1, 1)]).unwrap();
+    dp.set_vip(VipKey::new(VIP, 80, PROTO_TCP), 0, ForwardMode::Ipip, &ab).unwrap();
+    dp.set_vip(VipKey::new(VIP, 53, PROTO_UDP), 1, ForwardMode::Ipip, &ab).unwrap();
+    dp.set_vip(VipKey::new(VIP_ROUTED, 80, PROTO_TCP), 2, ForwardMode::Ipip, &[2]).unwrap();
+    dp.set_vip(VipKey::new(VIP_REDIRECT, 80, PROTO_TCP), 3, ForwardMode::Ipip, &[3]).unwrap();
+    dp.set_vip(VipKey::new(VIP_NO_NEIGH, 80, PROTO_TCP), 4, ForwardMode::Ipip, &[4]).unwrap();
+    dp.set_vip(VipKey::new(VIP_L2, 80, PROTO_TCP), 5, ForwardMode::L2, &[5]).unwrap();
+}
+
+/// Where a fixture's packet must go.
+enum Expect {
+    /// XDP_PASS, frame unchanged.
+    Untouched,
+    /// IPIP to backend `i` with the next hop's MACs, sent with `action`.
+    Ipip(usize, u32),
+    /// IPIP to backend `i`, original MACs, XDP_PASS (neighbour unresolved).
+    IpipToKernel(usize),
+    /// Only the MACs changed, to backend `i`'s, XDP_TX.
+    L2(usize),
+}
+
+struct Fixture {
+    desc: String,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+fn fx(desc: &str, input: Vec<u8>, expect: Expect) -> Fixture {
+    Fixture { desc: desc.to_string(), input, expect }
+}
+
+fn l2_len(frame: &[u8]) -> usize {
+    if frame[12..14] == [0x81, 0x00] { 18 } else { 14 }
+}
+
+impl Fixture {
+    fn expected(&self) -> (u32, Vec<u8>, Option<usize>) {
+        let l2 = l2_len(&self.input);
+        match self.expect {
+            Expect::Untouched => (XDP_PASS, self.input.clone(), None),
+            Expect::Ipip(i, action) => {
+                let smac = if action == XDP_REDIRECT { LB2_MAC } else { LB_MAC };
+                let out = ipip(&self.input, l2, LB_ADDR, REALS[i].addr, Some((smac, REALS[i].next_hop_mac)));
+                (action, out, Some(i))
+            }
+            Expect::IpipToKernel(i) => (XDP_PASS, ipip(&self.input, l2, LB_ADDR, REALS[i].addr, None), Some(i)),
+            Expect::L2(i) => {
+                let mut out = self.input.clone();
+                out[0..6].copy_from_slice(&REALS[i].next_hop_mac);
+                out[6..12].copy_from_slice(&LB_MAC);
+                (XDP_TX, out, Some(i))
+            }
+        }
+    }
+}
+
+fn syn(sport: u16) -> Pkt {
+    Pkt::tcp(CLIENT, sport, VIP, 80, TCP_SYN)
+}
+
+fn fixtures() -> Vec<Fixture> {
+    use Expect::*;
+    let flow1 = syn(40001);
+    let mut f = vec![
+        fx("SYN to VIP: new flow, first backend in the ring (A)", flow1.build(), Ipip(0, XDP_TX)),
+        fx("SYN of a second flow: next backend (B)", syn(40002).build(), Ipip(1, XDP_TX)),
+        fx("ACK of the first flow: stays on A", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).build(), Ipip(0, XDP_TX)),
+        fx("retransmitted SYN of the first flow: stays on A", flow1.build(), Ipip(0, XDP_TX)),
+        fx("data of the second flow: stays on B", Pkt::tcp(CLIENT, 40002, VIP, 80, TCP_ACK).payload(&[7; 100]).build(), Ipip(1, XDP_TX)),
+        fx("SYN of a third flow: round-robin wraps to A", syn(40003).build(), Ipip(0, XDP_TX)),
+        fx("UDP to the UDP VIP: first 5-tuple to A", Pkt::udp(CLIENT, 5000, VIP, 53).payload(b"q1").build(), Ipip(0, XDP_TX)),
+        fx("UDP, second 5-tuple: B", Pkt::udp(CLIENT, 5001, VIP, 53).payload(b"q2").build(), Ipip(1, XDP_TX)),
+        fx("UDP, first 5-tuple again: A", Pkt::udp(CLIENT, 5000, VIP, 53).payload(b"q3").build(), Ipip(0, XDP_TX)),
+        fx("VIP address, unconfigured port", Pkt::tcp(CLIENT, 40001, VIP, 81, TCP_SYN).build(), Untouched),
+        fx("VIP address and port, other protocol (UDP 80)", Pkt::udp(CLIENT, 40001, VIP, 80).build(), Untouched),
+        fx("non-VIP TCP", Pkt::tcp(CLIENT, 40001, LB_ADDR, 22, TCP_SYN).build(), Untouched),
+        fx("non-VIP UDP", Pkt::udp(CLIENT, 40001, LB_ADDR, 53).build(), Untouched),
+        fx("ICMP echo to the VIP", Pkt::icmp_echo(CLIENT, VIP).build(), Untouched),
+        fx("ARP", arp_request(CLIENT, VIP), Untouched),
+        fx("IPv6", ipv6_tcp_syn(), Untouched),
+        fx("GRE to the VIP", Pkt::proto(CLIENT, VIP, 47).payload(&[0; 8]).build(), Untouched),
+        fx("IPv4 with options (IHL 8) to the VIP: encapsulated whole (B)", syn(40004).ip_options(&[0x94, 4, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1]).build(), Ipip(1, XDP_TX)),
+        fx("VLAN-tagged SYN to the VIP: tag kept (A)", syn(40005).vlan(42).build(), Ipip(0, XDP_TX)),
+        fx("VLAN-tagged ACK of that flow: A", Pkt::tcp(CLIENT, 40005, VIP, 80, TCP_ACK).vlan(42).build(), Ipip(0, XDP_TX)),
+        fx("TOS and DF copied to the outer header (B)", syn(40006).tos(0xb8).frag(0).build(), Ipip(1, XDP_TX)),
+        fx("first fragment to the VIP", syn(40007).frag(0x2000).payload(&[1; 16]).build(), Untouched),
+        fx("later fragment to the VIP", syn(40007).frag(0x0003).payload(&[1; 16]).build(), Untouched),
+        fx("VIP with a routed backend: next hop is the router", Pkt::tcp(CLIENT, 40008, VIP_ROUTED, 80, TCP_SYN).build(), Ipip(2, XDP_TX)),
+        fx("VIP whose backend is on another interface: XDP_REDIRECT", Pkt::tcp(CLIENT, 40009, VIP_REDIRECT, 80, TCP_SYN).build(), Ipip(3, XDP_REDIRECT)),
+        fx("VIP whose backend's neighbour is unresolved: encapsulated, to the kernel", Pkt::tcp(CLIENT, 40010, VIP_NO_NEIGH, 80, TCP_SYN).build(), IpipToKernel(4)),
+        fx("l2-mode VIP: only the MACs change", Pkt::tcp(CLIENT, 40011, VIP_L2, 80, TCP_SYN).payload(b"GET /").build(), L2(5)),
+        fx("l2-mode VIP, VLAN-tagged", Pkt::tcp(CLIENT, 40011, VIP_L2, 80, TCP_ACK).vlan(9).build(), L2(5)),
+        fx("too big once encapsulated (1481 + 20 > MTU 1500): passed untouched", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).payload(&[0; 1441]).build(), Untouched),
+        fx("largest that fits (1480 + 20): encapsulated (A)", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).payload(&[0; 1440]).build(), Ipip(0, XDP_TX)),
+        fx("FIN of the first flow: A", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_FIN | TCP_ACK).build(), Ipip(0, XDP_TX)),
+    ];
+    // Truncation at every byte (so at every header boundary) of a VLAN-tagged SYN with
+    // options to the VIP: passed untouched, never aborted, no flow created. (BPF_PROG_TEST_RUN
+    // refuses frames shorter than an Ethernet header, as drivers never deliver them.)
+    let full = syn(40100).vlan(3).ip_options(&[1, 1, 1, 0]).build();
+    for len in MIN_FRAME..full.len() {
+        f.push(fx(&format!("VIP SYN truncated to {len} bytes"), full[..len].to_vec(), Untouched));
+    }
+    f
+}
+
+fn flow_key(sport: u16) -> FlowKey {
+    parse_frame(&syn(sport).build()[..]).unwrap().key
+}
+
+#[test]
+fn balancer_fixtures() {
+    if !privileged("balancer_fixtures") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+
+    let mut sent = [(0u64, 0u64); 6];
+    let table = fixtures();
+    for (n, fx) in table.iter().enumerate() {
+        let got = testrun::run(dp.program(), &fx.input, Some(ingress)).expect("test run");
+        let (action, frame, backend) = fx.expected();
+        assert!(
+            got.action == action && got.frame == frame,
+            "fixture {n} ({}):\n  action {} expected {}\n  got:\n{}\n  expected:\n{}",
+            fx.desc,
+            action_name(got.action),
+            action_name(action),
+            hex(&got.frame),
+            hex(&frame)
+        );
+        if let Some(b) = backend {
+            sent[b].0 += 1;
+            sent[b].1 += (l2_len(&fx.input) + usize::from(u16::from_be_bytes([fx.input[l2_len(&fx.input) + 2], fx.input[l2_len(&fx.input) + 3]]))) as u64;
+        }
+    }
+    eprintln!("{} fixtures passed", table.len());
+
+    for (i, &(packets, bytes)) in sent.iter().enumerate() {
+        let s = dp.backend_stats(i as u32).unwrap();
+        assert_eq!((s.packets, s.bytes), (packets, bytes), "backend {i} counters");
+    }
+    let g = dp.global_stats().unwrap();
+    // Flows opened: 4 TCP flows on VIP (40001, 40002, 40003, 40004), 40005, 40006, 2 UDP,
+    // 40008..=40011.
+    assert_eq!(g.get(Counter::NewFlow), 12);
+    assert_eq!(dp.backend_stats(0).unwrap().new_flows + dp.backend_stats(1).unwrap().new_flows, 8);
+    assert_eq!(g.get(Counter::Fragment), 2);
+    assert_eq!(g.get(Counter::TooBig), 1);
+    assert_eq!(g.get(Counter::Redirect), 1);
+    assert_eq!(g.get(Counter::FibNoNeigh), 1);
+    assert_eq!(g.get(Counter::Ipv6), 1);
+    assert_eq!(g.get(Counter::NotIp), 1);
+    let truncated = table.iter().filter(|f| f.desc.contains("truncated")).count();
+    assert_eq!(g.get(Counter::Malformed), truncated as u64, "every truncation counted");
+    assert_eq!(dp.flow(&flow_key(40001)).map(|v| v.backend), Some(0));
+    assert_eq!(dp.flow(&flow_key(40002)).map(|v| v.backend), Some(1));
+    assert_eq!(dp.flow(&flow_key(40100)), None, "no flow from a truncated SYN");
+}
+
+#[test]
+fn lost_flow_state_falls_back_to_the_hash_and_recreates_the_entry() {
+    if !privileged("lost_flow_state") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+    let ring = [0u32, 1];
+    for sport in 41000..41040u16 {
+        let ack = Pkt::tcp(CLIENT, sport, VIP, 80, TCP_ACK).build();
+        let key = parse_frame(&ack[..]).unwrap().key;
+        let expected = ring[(key.hash() % 2) as usize] as usize;
+        let got = testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
+        let want = ipip(&ack, 14, LB_ADDR, REALS[expected].addr, Some((LB_MAC, REALS[expected].next_hop_mac)));
+        assert_eq!((got.action, &got.frame), (XDP_TX, &want), "sport {sport}");
+        assert_eq!(dp.flow(&key).map(|v| v.backend), Some(expected as u32), "entry re-created");
+        // Same answer again (now from the table), and after the table is lost once more.
+        assert_eq!(testrun::run(dp.program(), &ack, Some(ingress)).unwrap().frame, want);
+    }
+    dp.clear_flows().unwrap();
+    let ack = Pkt::tcp(CLIENT, 41000, VIP, 80, TCP_ACK).build();
+    let key = parse_frame(&ack[..]).unwrap().key;
+    testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
+    assert_eq!(dp.flow(&key).map(|v| v.backend), Some(ring[(key.hash() % 2) as usize]));
+    // A RST without an entry is placed the same way but creates no entry.
+    let rst = Pkt::tcp(CLIENT, 41999, VIP, 80, TCP_RST).build();
+    let got = testrun::run(dp.program(), &rst, Some(ingress)).unwrap();
+    assert_eq!(got.action, XDP_TX);
+    assert_eq!(dp.flow(&parse_frame(&rst[..]).unwrap().key), None);
+    assert_eq!(dp.global_stats().unwrap().get(Counter::HashFallback), 40 + 1 + 1);
+    assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow), 0);
+}
+
+#[test]
+fn decap_fixtures() {
+    if !privileged("decap_fixtures") {
+        return;
+    }
+    let mut d = Decap::load().expect("load decap");
+    let host = [10, 0, 0, 2];
+    d.add_local_address(Ipv4Addr::from(host)).unwrap();
+    let inner = syn(40001).payload(b"hello").build();
+    let enc = ipip(&inner, 14, LB_ADDR, host, None);
+    let inner_v = syn(40002).vlan(12).build();
+    let enc_v = ipip(&inner_v, 18, LB_ADDR, host, None);
+    // Outer header with options (IHL 6).
+    let mut enc_opt = enc[..14].to_vec();
+    let mut outer = enc[14..34].to_vec();
+    outer[0] = 0x46;
+    let tot = u16::from_be_bytes([outer[2], outer[3]]) + 4;
+    outer[2..4].copy_from_slice(&tot.to_be_bytes());
+    outer[10] = 0;
+    outer[11] = 0;
+    outer.extend_from_slice(&[1, 1, 1, 0]);
+    enc_opt.extend_from_slice(&outer);
+    enc_opt.extend_from_slice(&enc[34..]);
+
+    let cases: Vec<(String, Vec<u8>, Vec<u8>)> = {
+        let mut c = vec![
+            ("IPIP to this host: inner packet".to_string(), enc.clone(), inner.clone()),
+            ("VLAN-tagged IPIP to this host: inner packet, tag kept".into(), enc_v.clone(), inner_v.clone()),
+            ("IPIP with outer options: inner packet".into(), enc_opt.clone(), inner.clone()),
+            ("IPIP to another host: untouched".into(), ipip(&inner, 14, LB_ADDR, [10, 0, 0, 3], None), ipip(&inner, 14, LB_ADDR, [10, 0, 0, 3], None)),
+            ("plain TCP to this host: untouched".into(), Pkt::tcp(CLIENT, 1, host, 80, TCP_SYN).build(), Pkt::tcp(CLIENT, 1, host, 80, TCP_SYN).build()),
+            ("ARP: untouched".into(), arp_request(CLIENT, host), arp_request(CLIENT, host)),
+            ("IPv6: untouched".into(), ipv6_tcp_syn(), ipv6_tcp_syn()),
+        ];
+        for len in MIN_FRAME..enc.len() {
+            c.push((format!("IPIP truncated to {len}: untouched"), enc[..len].to_vec(), enc[..len].to_vec()));
+        }
+        let mut bad_inner = enc.clone();
+        bad_inner[34] = 0x55; // inner IHL 5 but version 5
+        c.push(("inner not IPv4: untouched".into(), bad_inner.clone(), bad_inner));
+        c
+    };
+    for (desc, input, output) in &cases {
+        let got = testrun::run(d.program(), input, None).unwrap();
+        assert!(
+            got.action == XDP_PASS && &got.frame == output,
+            "{desc}: action {}\n  got:\n{}\n  expected:\n{}",
+            action_name(got.action),
+            hex(&got.frame),
+            hex(output)
+        );
+    }
+    let s = d.stats().unwrap();
+    assert_eq!(s.get(Counter::Decap), 3);
+    assert_eq!(s.get(Counter::DecapNotLocal), 1);
+    eprintln!("{} decap fixtures passed", cases.len());
+}
