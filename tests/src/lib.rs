@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+pub mod lab;
+
 /// Whether the test may run. Without root: a skip locally, a failure when `CI` is set
 /// (privileged tests must never silently pass in CI).
 pub fn privileged(test: &str) -> bool {

@@ -9,85 +9,14 @@ use lb_common::{
     builder::{arp_request, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
     flow::FlowKey,
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    ring,
     stats::Counter,
-    vip::{ForwardMode, VipKey, PROTO_TCP, PROTO_UDP},
 };
 use lb_userspace::{
     decap::Decap,
     testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
     Dataplane, LoadOptions,
 };
-use tests::{hex, ifindex, pin_to_cpu, private_netns, privileged, sh};
-
-/// Shortest frame BPF_PROG_TEST_RUN accepts (an Ethernet header).
-const MIN_FRAME: usize = 14;
-const LB_ADDR: [u8; 4] = [10, 0, 0, 1];
-const LB2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x2b];
-const CLIENT: [u8; 4] = [192, 168, 7, 10];
-
-/// A backend: address, the MAC its next hop has, and the VIP it serves alone (if any).
-struct Real {
-    addr: [u8; 4],
-    next_hop_mac: [u8; 6],
-}
-
-const A: Real = Real { addr: [10, 0, 0, 2], next_hop_mac: [2, 0, 0, 0, 0, 0x0a] };
-const B: Real = Real { addr: [10, 0, 0, 3], next_hop_mac: [2, 0, 0, 0, 0, 0x0b] };
-/// Behind the router 10.0.0.254.
-const C: Real = Real { addr: [10, 2, 0, 7], next_hop_mac: [2, 0, 0, 0, 0, 0xfe] };
-/// On the second interface: XDP_REDIRECT.
-const D: Real = Real { addr: [10, 1, 0, 2], next_hop_mac: [2, 0, 0, 0, 0, 0x0d] };
-/// No neighbour entry.
-const E: Real = Real { addr: [10, 0, 0, 9], next_hop_mac: [0; 6] };
-/// `l2` mode backend.
-const F: Real = Real { addr: [10, 0, 0, 5], next_hop_mac: [2, 0, 0, 0, 0, 0x0f] };
-const REALS: [&Real; 6] = [&A, &B, &C, &D, &E, &F];
-
-const VIP: [u8; 4] = [10, 100, 0, 1];
-const VIP_ROUTED: [u8; 4] = [10, 100, 0, 2];
-const VIP_REDIRECT: [u8; 4] = [10, 100, 0, 3];
-const VIP_NO_NEIGH: [u8; 4] = [10, 100, 0, 4];
-const VIP_L2: [u8; 4] = [10, 100, 0, 5];
-
-/// Interfaces: lbt0 (ingress, 10.0.0.1/24, MAC LB_MAC) with A, B, E, F and the router on it;
-/// lbt2 (10.1.0.1/24) with D.
-fn topology() -> u32 {
-    private_netns();
-    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    let ip = |a: [u8; 4]| Ipv4Addr::from(a).to_string();
-    sh(&format!(
-        "ip link add lbt0 address {} type veth peer name lbt1 && \
-         ip link add lbt2 address {} type veth peer name lbt3 && \
-         ip addr add 10.0.0.1/24 dev lbt0 && ip addr add 10.1.0.1/24 dev lbt2 && \
-         for i in lbt0 lbt1 lbt2 lbt3; do ip link set $i up; done && \
-         ip route add 10.2.0.0/24 via 10.0.0.254 && \
-         ip neigh add 10.0.0.254 lladdr {} dev lbt0 nud permanent && \
-         echo 1 > /proc/sys/net/ipv4/conf/all/forwarding",
-        mac(LB_MAC),
-        mac(LB2_MAC),
-        mac(C.next_hop_mac)
-    ));
-    for (r, dev) in [(&A, "lbt0"), (&B, "lbt0"), (&D, "lbt2"), (&F, "lbt0")] {
-        sh(&format!("ip neigh add {} lladdr {} dev {dev} nud permanent", ip(r.addr), mac(r.next_hop_mac)));
-    }
-    ifindex("lbt0")
-}
-
-fn configure(dp: &mut Dataplane) {
-    dp.set_encap_source(Ipv4Addr::from(LB_ADDR)).unwrap();
-    dp.add_tx_port(ifindex("lbt2")).unwrap();
-    for (i, r) in REALS.iter().enumerate() {
-        dp.set_backend(i as u32, Ipv4Addr::from(r.addr), r.next_hop_mac).unwrap();
-    }
-    let ab = ring::build(&[(0, 1), (1, 1)]).unwrap();
-    dp.set_vip(VipKey::new(VIP, 80, PROTO_TCP), 0, ForwardMode::Ipip, &ab).unwrap();
-    dp.set_vip(VipKey::new(VIP, 53, PROTO_UDP), 1, ForwardMode::Ipip, &ab).unwrap();
-    dp.set_vip(VipKey::new(VIP_ROUTED, 80, PROTO_TCP), 2, ForwardMode::Ipip, &[2]).unwrap();
-    dp.set_vip(VipKey::new(VIP_REDIRECT, 80, PROTO_TCP), 3, ForwardMode::Ipip, &[3]).unwrap();
-    dp.set_vip(VipKey::new(VIP_NO_NEIGH, 80, PROTO_TCP), 4, ForwardMode::Ipip, &[4]).unwrap();
-    dp.set_vip(VipKey::new(VIP_L2, 80, PROTO_TCP), 5, ForwardMode::L2, &[5]).unwrap();
-}
+use tests::{hex, lab::*, pin_to_cpu, privileged};
 
 /// Where a fixture's packet must go.
 enum Expect {
@@ -334,4 +263,44 @@ fn decap_fixtures() {
     assert_eq!(s.get(Counter::Decap), 3);
     assert_eq!(s.get(Counter::DecapNotLocal), 1);
     eprintln!("{} decap fixtures passed", cases.len());
+}
+
+/// Round-robin over k equal backends: each gets N/k within ± the number of CPUs, also with
+/// flows arriving on every CPU at once.
+#[test]
+fn round_robin_spread_across_cpus() {
+    if !privileged("round_robin_spread_across_cpus") {
+        return;
+    }
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+    let vip = [10, 100, 0, 9];
+    let ring = lb_common::ring::build(&[(0, 1), (1, 1), (2, 1)]).unwrap();
+    dp.set_vip(lb_common::vip::VipKey::new(vip, 80, lb_common::vip::PROTO_TCP), 9, lb_common::vip::ForwardMode::Ipip, &ring)
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Unequal shares per CPU, all at once.
+    let per_cpu: Vec<u16> = (0..cpus).map(|c| 1000 + 337 * c as u16).collect();
+    let total: u64 = per_cpu.iter().map(|&n| u64::from(n)).sum();
+    std::thread::scope(|s| {
+        for (cpu, &n) in per_cpu.iter().enumerate() {
+            let dp = &dp;
+            s.spawn(move || {
+                pin_to_cpu(cpu);
+                for i in 0..n {
+                    let src = [172, 16, cpu as u8, (i % 200) as u8];
+                    let f = Pkt::tcp(src, 1024 + i, vip, 80, TCP_SYN).build();
+                    let got = testrun::run(dp.program(), &f, Some(ingress)).unwrap();
+                    assert_eq!(got.action, XDP_TX);
+                }
+            });
+        }
+    });
+    let counts: Vec<u64> = (0..3).map(|b| dp.backend_stats(b).unwrap().new_flows).collect();
+    eprintln!("{total} new flows on {cpus} CPUs: {counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), total);
+    for c in &counts {
+        assert!(c.abs_diff(total / 3) <= cpus as u64, "{counts:?} not within ±{cpus} of {}", total / 3);
+    }
 }
