@@ -20,7 +20,40 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
 
-user_pod!(Backend);
+/// How long a cached next hop (egress interface, MACs, MTU) is used before the FIB is asked
+/// again. Userspace can also invalidate every entry at once (`LbConfig::generation`).
+pub const NEXTHOP_TTL_NS: u64 = 50_000_000;
+
+/// A FIB answer for one backend, cached per CPU: `bpf_fib_lookup` costs more than the rest
+/// of an established packet's work, and its answer changes only with routes and neighbours.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` time after which the entry is stale; 0 = never filled.
+    pub expires_ns: u64,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Ingress interface the lookup was made for.
+    pub ingress: u32,
+    /// `LbConfig::generation` at the time of the lookup.
+    pub generation: u32,
+    /// Path MTU to the backend (route or device).
+    pub mtu: u16,
+    pub _pad: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad2: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+
+impl NextHop {
+    #[inline(always)]
+    pub fn is_fresh(&self, now_ns: u64, generation: u32, ingress: u32) -> bool {
+        now_ns < self.expires_ns && self.generation == generation && self.ingress == ingress
+    }
+}
+
+user_pod!(Backend, NextHop);
 
 /// The ring slot a new flow takes: the per-CPU new-flow counter of the VIP, offset by the
 /// CPU number so that CPUs start at different slots. Each CPU walks the ring in order, so
@@ -75,6 +108,16 @@ mod tests {
         for h in hits {
             assert!(h.abs_diff(total / 3) <= per_cpu.len() as u64, "{hits:?}");
         }
+    }
+
+    #[test]
+    fn next_hop_freshness() {
+        let nh = NextHop { expires_ns: 1000, generation: 3, ingress: 7, ..Default::default() };
+        assert!(nh.is_fresh(999, 3, 7));
+        assert!(!nh.is_fresh(1000, 3, 7), "expired");
+        assert!(!nh.is_fresh(10, 4, 7), "invalidated by userspace");
+        assert!(!nh.is_fresh(10, 3, 8), "other ingress interface");
+        assert!(!NextHop::default().is_fresh(0, 0, 0), "never filled");
     }
 
     #[test]

@@ -8,7 +8,8 @@ use crate::{csum, packet::PROTO_IPIP, user_pod};
 pub struct LbConfig {
     /// Source address of outer IPIP headers: the balancer's own address.
     pub encap_src: [u8; 4],
-    pub _pad: u32,
+    /// Bumped by userspace to invalidate every cached next hop (`backend::NextHop`).
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 8);
 user_pod!(LbConfig);

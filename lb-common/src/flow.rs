@@ -14,7 +14,9 @@ pub struct FlowKey {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding, not an array: a zeroed array becomes a `memset` call in BPF.
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
@@ -69,7 +71,8 @@ mod tests {
             sport: sport.to_be_bytes(),
             dport: dport.to_be_bytes(),
             proto,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     }
 

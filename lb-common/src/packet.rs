@@ -169,7 +169,8 @@ pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<Parsed, Counter> {
             sport: [ports[0], ports[1]],
             dport: [ports[2], ports[3]],
             proto,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         },
     })
 }

@@ -111,7 +111,17 @@ impl Dataplane {
 
     /// The balancer's own address: the source of outer IPIP headers.
     pub fn set_encap_source(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
-        let cfg = LbConfig { encap_src: addr.octets(), _pad: 0 };
+        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
+        cfg.encap_src = addr.octets();
+        cfg.generation = cfg.generation.wrapping_add(1);
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Makes the program ask the FIB again for every backend (after route or neighbour
+    /// changes; entries also expire on their own after `NEXTHOP_TTL_NS`).
+    pub fn invalidate_next_hops(&mut self) -> Result<(), DataplaneError> {
+        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
+        cfg.generation = cfg.generation.wrapping_add(1);
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 

@@ -10,14 +10,14 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{
-    backend::{ring_index, round_robin_slot, Backend, MAX_BACKENDS, RING_SIZE},
+    backend::{ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_TTL_NS, RING_SIZE},
     encap::{outer_ipv4, outer_len, LbConfig, IPIP_OVERHEAD},
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     packet::{parse_frame, Frame, Parsed, TCP_RST},
@@ -37,6 +37,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+/// Per-CPU cache of FIB answers, by backend index.
+#[map]
+static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 /// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
@@ -50,6 +53,23 @@ static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 const AF_INET: u8 = 2;
+
+/// Zeroes a FIB lookup parameter block in place with eight 8-byte stores. `mem::zeroed()`
+/// (or any by-value copy of a zeroed block) compiles to a call of a byte-by-byte `memset`
+/// subprogram, which cost more than the rest of the packet's work.
+#[inline(always)]
+fn zero_fib(fib: &mut core::mem::MaybeUninit<bpf_fib_lookup>) -> &mut bpf_fib_lookup {
+    let words = fib.as_mut_ptr().cast::<u64>();
+    let mut i = 0;
+    while i < core::mem::size_of::<bpf_fib_lookup>() / 8 {
+        // SAFETY: in bounds of the 64-byte block; volatile keeps LLVM from making a memset.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written above; the type is plain old data.
+    unsafe { fib.assume_init_mut() }
+}
+const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == 64);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -127,7 +147,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let (action, sent) = if vip.is_l2() {
         forward_l2(&frame, &p, backend, stats)
     } else {
-        forward_ipip(ctx, &frame, &p, backend, stats)
+        forward_ipip(ctx, &frame, &p, backend_idx, backend, stats)
     };
     // Count what left towards the backend (not what was passed back untouched).
     let bytes = (p.l3_off + usize::from(p.ip_len)) as u64;
@@ -162,16 +182,81 @@ fn forward_l2(frame: &XdpFrame, p: &Parsed, backend: &Backend, stats: &mut Globa
     (xdp_action::XDP_TX, true)
 }
 
+/// Why no next hop could be used.
+enum NoNextHop {
+    /// Route found, neighbour not resolved: let the kernel resolve it and forward.
+    Neighbour,
+    /// No route, forwarding disabled, or another FIB failure.
+    Route,
+}
+
+/// The next hop towards `backend`: from the per-CPU cache while fresh, else from
+/// `bpf_fib_lookup` (twice: once with the largest length to learn the path MTU, once without
+/// a length for the MACs, since the helper stops before the neighbour when the MTU check fails).
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    cfg: &LbConfig,
+    backend_idx: u32,
+    backend: &Backend,
+    ingress: u32,
+    tos: u8,
+) -> Result<*const NextHop, NoNextHop> {
+    let Some(nh) = NEXTHOPS.get_ptr_mut(backend_idx) else { return Err(NoNextHop::Route) };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: per-CPU value.
+    if unsafe { &*nh }.is_fresh(now, cfg.generation, ingress) {
+        return Ok(nh);
+    }
+    let mut block = core::mem::MaybeUninit::uninit();
+    let fib = zero_fib(&mut block);
+    fib.family = AF_INET;
+    fib.l4_protocol = lb_common::packet::PROTO_IPIP;
+    fib.__bindgen_anon_1.tot_len = u16::MAX;
+    fib.__bindgen_anon_2.tos = tos;
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.encap_src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.addr);
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    // SAFETY: helper call with a properly sized parameter block.
+    let mut rc = unsafe { fib_lookup(ctx.as_ptr(), fib, size, 0) } as u32;
+    let mut mtu = u16::MAX;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // SAFETY: the helper wrote the union's mtu_result member.
+        mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+        fib.__bindgen_anon_1.tot_len = 0;
+        // SAFETY: as above.
+        rc = unsafe { fib_lookup(ctx.as_ptr(), fib, size, 0) } as u32;
+    }
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(NoNextHop::Neighbour),
+        _ => return Err(NoNextHop::Route),
+    }
+    // SAFETY: per-CPU value.
+    let entry = unsafe { &mut *nh };
+    entry.expires_ns = now + NEXTHOP_TTL_NS;
+    entry.ifindex = fib.ifindex;
+    entry.ingress = ingress;
+    entry.generation = cfg.generation;
+    entry.mtu = mtu;
+    entry.smac = fib.smac;
+    entry.dmac = fib.dmac;
+    Ok(nh)
+}
+
 /// Forwarding returns the action and whether the packet went (or was handed to the kernel
 /// encapsulated) towards the backend.
 ///
-/// `ipip` mode: route to the backend with the kernel FIB, encapsulate, and send out of the
+/// `ipip` mode: route to the backend (cached FIB answer), encapsulate, and send out of the
 /// egress interface (XDP_TX if it is the ingress one, XDP_REDIRECT otherwise).
 #[inline(always)]
 fn forward_ipip(
     ctx: &XdpContext,
     frame: &XdpFrame,
     p: &Parsed,
+    backend_idx: u32,
     backend: &Backend,
     stats: &mut GlobalStats,
 ) -> (u32, bool) {
@@ -184,27 +269,18 @@ fn forward_ipip(
         return (xdp_action::XDP_PASS, false);
     };
     let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = lb_common::packet::PROTO_IPIP;
-    fib.__bindgen_anon_1.tot_len = total;
-    fib.__bindgen_anon_2.tos = p.tos;
-    fib.ifindex = ingress;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.encap_src);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.addr);
-    // SAFETY: helper call with a properly sized parameter block.
-    let rc = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            bump(stats, Counter::TooBig);
+    let nh = match next_hop(ctx, cfg, backend_idx, backend, ingress, p.tos) {
+        // SAFETY: per-CPU value, copied out.
+        Ok(nh) => Some(unsafe { *nh }),
+        Err(NoNextHop::Neighbour) => None,
+        Err(NoNextHop::Route) => {
+            bump(stats, Counter::FibError);
             return (xdp_action::XDP_PASS, false);
         }
-        _ => {
-            bump(stats, Counter::FibError);
+    };
+    if let Some(nh) = &nh {
+        if total > nh.mtu {
+            bump(stats, Counter::TooBig);
             return (xdp_action::XDP_PASS, false);
         }
     }
@@ -226,23 +302,17 @@ fn forward_ipip(
         bump(stats, Counter::EncapError);
         return (xdp_action::XDP_PASS, false);
     }
-
-    let (action, counter, dst, src) = if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+    let old_dst = [old[0], old[1], old[2], old[3], old[4], old[5]];
+    let old_src = [old[6], old[7], old[8], old[9], old[10], old[11]];
+    let (action, counter, dst, src) = match nh {
         // The kernel resolves the neighbour and forwards the encapsulated packet itself.
-        (xdp_action::XDP_PASS, Counter::FibNoNeigh, [old[0], old[1], old[2], old[3], old[4], old[5]], [old[6], old[7], old[8], old[9], old[10], old[11]])
-    } else if fib.ifindex == ingress {
-        (xdp_action::XDP_TX, Counter::Tx, fib.dmac, fib.smac)
-    } else {
-        match TX_PORTS.redirect(fib.ifindex, 0) {
-            Ok(action) => (action, Counter::Redirect, fib.dmac, fib.smac),
-            Err(_) => (
-                // Not a port of ours: let the kernel forward the encapsulated packet.
-                xdp_action::XDP_PASS,
-                Counter::EncapError,
-                [old[0], old[1], old[2], old[3], old[4], old[5]],
-                [old[6], old[7], old[8], old[9], old[10], old[11]],
-            ),
-        }
+        None => (xdp_action::XDP_PASS, Counter::FibNoNeigh, old_dst, old_src),
+        Some(nh) if nh.ifindex == ingress => (xdp_action::XDP_TX, Counter::Tx, nh.dmac, nh.smac),
+        Some(nh) => match TX_PORTS.redirect(nh.ifindex, 0) {
+            Ok(action) => (action, Counter::Redirect, nh.dmac, nh.smac),
+            // Not a port of ours: let the kernel forward the encapsulated packet.
+            Err(_) => (xdp_action::XDP_PASS, Counter::EncapError, old_dst, old_src),
+        },
     };
     write_l2(&frame, l3_off, &old, &dst, &src);
     bump(stats, counter);

@@ -1,0 +1,120 @@
+//! ns/packet of the balancer through BPF_PROG_TEST_RUN, net of a trivial XDP_PASS program
+//! measured in the same run. Every call gets a fresh frame (repeat = 1: with a larger
+//! repeat the kernel reuses the buffer, so the program would see its own encapsulated
+//! output), and every return value is checked. Time is the kernel's own per-program
+//! accounting (BPF_ENABLE_STATS: run_time_ns / run_cnt), which excludes the syscall.
+//!
+//! Run as root: `cargo xtask bench` (or `cargo run --release -p tests --bin dataplane-bench`).
+
+use std::time::Duration;
+
+use aya::{programs::Xdp, sys::{enable_stats, Stats}, Ebpf};
+use lb_common::{
+    builder::Pkt,
+    packet::{TCP_ACK, TCP_SYN},
+};
+use lb_userspace::{
+    objects,
+    testrun::{self, XDP_PASS, XDP_TX},
+    Dataplane, LoadOptions,
+};
+use tests::{lab::*, pin_to_cpu};
+
+/// Katran on this machine kind, same method, net of the floor (from the issue).
+const KATRAN: [(&str, f64); 3] = [("new flow (SYN to VIP)", 320.0), ("established (ACK to VIP)", 125.0), ("non-VIP TCP", 45.0)];
+
+struct Scenario {
+    frames: Vec<Vec<u8>>,
+    expect: u32,
+}
+
+/// Runs every frame once through `prog`; returns ns per packet from the kernel's stats.
+fn measure(prog: &Xdp, s: &Scenario, ingress: u32) -> f64 {
+    let before = prog.info().expect("prog info");
+    for f in &s.frames {
+        let got = testrun::run(prog, f, Some(ingress)).expect("test run");
+        assert_eq!(got.action, s.expect, "unexpected action: the benchmark would measure the wrong path");
+    }
+    let after = prog.info().expect("prog info");
+    let runs = after.run_count() - before.run_count();
+    assert_eq!(runs, s.frames.len() as u64, "bpf_stats must count every run");
+    (after.run_time() - before.run_time()).as_nanos() as f64 / runs as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("dataplane-bench needs root (BPF_PROG_TEST_RUN, BPF_ENABLE_STATS); run `sudo -E cargo xtask bench`");
+        std::process::exit(2);
+    }
+    let per_round: usize = std::env::var("LB_BENCH_PACKETS").ok().and_then(|s| s.parse().ok()).unwrap_or(50_000);
+    let rounds = 7;
+    pin_to_cpu(0);
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(lb_common::flow::DEFAULT_FLOW_TABLE_SIZE) }).expect("load balancer");
+    configure(&mut dp);
+    let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
+    let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
+    floor.load().expect("load xdp_pass");
+    let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
+
+    // Established flows: open 4096 flows once, then their ACKs are table hits.
+    let n_est: u32 = std::env::var("LB_BENCH_EST_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(4096);
+    let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
+    for &(i, port) in &est_flows {
+        let src = [172, 17, (i >> 8) as u8, i as u8];
+        testrun::run(dp.program(), &Pkt::tcp(src, port, VIP, 80, TCP_SYN).build(), Some(ingress)).unwrap();
+    }
+    let ack: Vec<Vec<u8>> = est_flows
+        .iter()
+        .map(|&(i, port)| Pkt::tcp([172, 17, (i >> 8) as u8, i as u8], port, VIP, 80, TCP_ACK).payload(&[0x55; 64]).build())
+        .collect();
+    let non_vip: Vec<Vec<u8>> = (0..4096u32)
+        .map(|i| Pkt::tcp([172, 18, (i >> 8) as u8, i as u8], 30_000, [10, 0, 0, 1], 22, TCP_ACK).payload(&[0x55; 64]).build())
+        .collect();
+
+    let mut results: [Vec<f64>; 4] = Default::default();
+    let mut syn_src = 0u32;
+    for _ in 0..rounds {
+        // New flows: a 5-tuple never seen before on every call.
+        let syns = Scenario {
+            frames: (0..per_round)
+                .map(|_| {
+                    syn_src += 1;
+                    let src = [100, (syn_src >> 16) as u8, (syn_src >> 8) as u8, syn_src as u8];
+                    Pkt::tcp(src, 40_000 + (syn_src % 1000) as u16, VIP, 80, TCP_SYN).build()
+                })
+                .collect(),
+            expect: XDP_TX,
+        };
+        let acks = Scenario { frames: (0..per_round).map(|i| ack[i % ack.len()].clone()).collect(), expect: XDP_TX };
+        let plain = Scenario { frames: (0..per_round).map(|i| non_vip[i % non_vip.len()].clone()).collect(), expect: XDP_PASS };
+        let only = std::env::var("LB_BENCH_ONLY").unwrap_or_default();
+        let want = |name: &str| only.is_empty() || only == name;
+        results[0].push(measure(floor, &plain, ingress));
+        results[1].push(if want("syn") { measure(dp.program(), &syns, ingress) } else { 0.0 });
+        results[2].push(if want("ack") { measure(dp.program(), &acks, ingress) } else { 0.0 });
+        results[3].push(if want("plain") { measure(dp.program(), &plain, ingress) } else { 0.0 });
+    }
+    let floor_ns = median(results[0].clone());
+    println!("XDP data plane, BPF_PROG_TEST_RUN, fresh frame per call, {rounds} rounds x {per_round} packets, median ns/packet (bpf_stats)");
+    println!("{:<28} {:>9} {:>9} {:>12} {:>13} {:>10}", "path", "ns", "net ns", "Katran net", "ours/Katran", "target");
+    println!("{:<28} {:>9.1} {:>9} {:>12} {:>13} {:>10}", "floor: XDP_PASS program", floor_ns, "-", "-", "-", "-");
+    for (k, (name, katran)) in KATRAN.iter().enumerate() {
+        let ns = median(results[k + 1].clone());
+        let net = (ns - floor_ns).max(0.0);
+        let ratio = net / katran;
+        println!(
+            "{name:<28} {ns:>9.1} {net:>9.1} {katran:>12.0} {ratio:>13.2} {:>10}",
+            if ratio <= 0.5 { "<= 0.5 ok" } else { "> 0.5 MISS" }
+        );
+    }
+    let g = dp.global_stats().unwrap();
+    println!("(counters: {} new flows, {} flow hits, {} not-VIP)", g.get(lb_common::stats::Counter::NewFlow), g.get(lb_common::stats::Counter::FlowHit), g.get(lb_common::stats::Counter::NotVip));
+    let _ = Duration::ZERO;
+}
