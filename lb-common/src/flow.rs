@@ -32,7 +32,7 @@ const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 user_pod!(FlowKey, FlowValue);
 
 #[inline(always)]
-fn fmix(mut h: u32) -> u32 {
+pub(crate) fn fmix(mut h: u32) -> u32 {
     // murmur3's finaliser: full avalanche in five cheap instructions.
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);

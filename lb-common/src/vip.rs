@@ -23,6 +23,68 @@ impl VipKey {
     pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
         Self { addr, port: port.to_be_bytes(), proto, _pad: 0 }
     }
+
+    /// The key as one word, as the VIP table stores it. Never 0 (the protocol is not 0)
+    /// and never `u64::MAX` (the pad byte is 0).
+    #[inline(always)]
+    pub fn packed(&self) -> u64 {
+        u64::from_ne_bytes([
+            self.addr[0], self.addr[1], self.addr[2], self.addr[3], self.port[0], self.port[1], self.proto, 0,
+        ])
+    }
+
+    /// First slot of the key's probe window in the VIP table.
+    #[inline(always)]
+    pub fn home_slot(&self) -> u32 {
+        let h = crate::flow::fmix(u32::from_le_bytes(self.addr) ^ 0x9e37_79b9);
+        let h = crate::flow::fmix(h ^ u32::from(u16::from_le_bytes(self.port)) ^ (u32::from(self.proto) << 16));
+        h & (VIP_TABLE_SIZE - 1)
+    }
+}
+
+/// Slots of the VIP table: an open-addressing hash table in a BPF array, eight slots per
+/// VIP at most load. The kernel finds a VIP with at most [`VIP_PROBES`] inlined array reads
+/// instead of a hash-map helper call (jhash and a bucket walk): the lookup every packet,
+/// VIP or not, pays first.
+pub const VIP_TABLE_SIZE: u32 = 8192;
+const _: () = assert!(VIP_TABLE_SIZE.is_power_of_two() && VIP_TABLE_SIZE >= 8 * MAX_VIPS);
+/// Longest probe sequence; userspace never places a VIP further from its home slot.
+pub const VIP_PROBES: u32 = 8;
+/// A slot that never held a VIP: ends a probe sequence.
+pub const SLOT_EMPTY: u64 = 0;
+/// A slot whose VIP was removed: probing continues past it; a new VIP may take it.
+pub const SLOT_TOMBSTONE: u64 = u64::MAX;
+
+/// A VIP table slot: a packed key ([`VipKey::packed`]) and its metadata.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipSlot {
+    pub key: u64,
+    pub meta: VipMeta,
+}
+const _: () = assert!(core::mem::size_of::<VipSlot>() == 24);
+
+/// Finds `key` in the VIP table, reading slots with `get` (the BPF array in the kernel, a
+/// slice on the host). Stops at the first empty slot or after [`VIP_PROBES`] slots.
+#[inline(always)]
+pub fn find_vip<'a, F>(key: &VipKey, get: F) -> Option<&'a VipMeta>
+where
+    F: Fn(u32) -> Option<&'a VipSlot>,
+{
+    let packed = key.packed();
+    let home = key.home_slot();
+    let mut i = 0;
+    while i < VIP_PROBES {
+        let slot = get((home + i) & (VIP_TABLE_SIZE - 1))?;
+        if slot.key == packed {
+            return Some(&slot.meta);
+        }
+        if slot.key == SLOT_EMPTY {
+            return None;
+        }
+        i += 1;
+    }
+    None
 }
 
 /// How packets of a VIP reach its backends (direct server return in both cases).
@@ -56,4 +118,157 @@ impl VipMeta {
     }
 }
 
-user_pod!(VipKey, VipMeta);
+user_pod!(VipKey, VipMeta, VipSlot);
+
+/// Userspace placement of VIPs in the table (linear probing, tombstones on removal, so an
+/// installed VIP never moves and its lookups never miss while others change).
+#[cfg(any(test, feature = "user"))]
+pub mod table {
+    use super::*;
+    use alloc::{vec, vec::Vec};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum VipTableError {
+        /// All slots of the key's probe window hold other VIPs.
+        Crowded,
+    }
+
+    pub struct VipTable {
+        keys: Vec<u64>,
+    }
+
+    impl Default for VipTable {
+        fn default() -> Self {
+            Self { keys: vec![SLOT_EMPTY; VIP_TABLE_SIZE as usize] }
+        }
+    }
+
+    impl VipTable {
+        fn window(key: &VipKey) -> impl Iterator<Item = usize> {
+            let home = key.home_slot();
+            (0..VIP_PROBES).map(move |i| ((home + i) & (VIP_TABLE_SIZE - 1)) as usize)
+        }
+
+        /// The slot holding `key`, if any.
+        pub fn find(&self, key: &VipKey) -> Option<u32> {
+            for i in Self::window(key) {
+                match self.keys[i] {
+                    k if k == key.packed() => return Some(i as u32),
+                    SLOT_EMPTY => return None,
+                    _ => {}
+                }
+            }
+            None
+        }
+
+        /// The slot for `key`: where it already is, or the first free slot of its window.
+        /// Returns the slot and whether the key is new.
+        pub fn place(&mut self, key: &VipKey) -> Result<(u32, bool), VipTableError> {
+            if let Some(i) = self.find(key) {
+                return Ok((i, false));
+            }
+            let free = Self::window(key)
+                .find(|&i| matches!(self.keys[i], SLOT_EMPTY | SLOT_TOMBSTONE))
+                .ok_or(VipTableError::Crowded)?;
+            self.keys[free] = key.packed();
+            Ok((free as u32, true))
+        }
+
+        /// Removes `key`, leaving a tombstone; returns its former slot.
+        pub fn remove(&mut self, key: &VipKey) -> Option<u32> {
+            let i = self.find(key)?;
+            self.keys[i as usize] = SLOT_TOMBSTONE;
+            Some(i)
+        }
+
+        /// What the slot now holds (for writing it to the kernel).
+        pub fn key_at(&self, slot: u32) -> u64 {
+            self.keys[slot as usize]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{table::*, *};
+    use alloc::vec::Vec;
+
+    fn kernel_view(t: &VipTable, metas: &[(VipKey, u32)]) -> Vec<VipSlot> {
+        let mut slots = alloc::vec![VipSlot::default(); VIP_TABLE_SIZE as usize];
+        for i in 0..VIP_TABLE_SIZE {
+            slots[i as usize].key = t.key_at(i);
+        }
+        for (k, num) in metas {
+            if let Some(i) = t.find(k) {
+                slots[i as usize].meta.vip_num = *num;
+            }
+        }
+        slots
+    }
+
+    #[test]
+    fn packed_keys_are_never_empty_or_tombstones() {
+        for k in [VipKey::new([0, 0, 0, 0], 0, PROTO_TCP), VipKey::new([255; 4], 65535, PROTO_UDP)] {
+            assert_ne!(k.packed(), SLOT_EMPTY);
+            assert_ne!(k.packed(), SLOT_TOMBSTONE);
+        }
+    }
+
+    #[test]
+    fn a_thousand_vips_fit_and_are_found_by_the_kernel_lookup() {
+        let mut t = VipTable::default();
+        let mut metas = Vec::new();
+        // Worst case for the hash: one address, consecutive ports, both protocols.
+        for n in 0..MAX_VIPS {
+            let k = VipKey::new([10, 0, (n / 256) as u8, n as u8], 80 + (n % 3) as u16, if n % 2 == 0 { PROTO_TCP } else { PROTO_UDP });
+            t.place(&k).expect("fits");
+            metas.push((k, n));
+        }
+        let slots = kernel_view(&t, &metas);
+        for (k, n) in &metas {
+            let got = find_vip(k, |i| slots.get(i as usize)).map(|m| m.vip_num);
+            assert_eq!(got, Some(*n), "{k:?}");
+        }
+        let absent = VipKey::new([10, 9, 9, 9], 80, PROTO_TCP);
+        assert_eq!(find_vip(&absent, |i| slots.get(i as usize)), None);
+    }
+
+    #[test]
+    fn removal_leaves_others_reachable_and_slots_reusable() {
+        let mut t = VipTable::default();
+        // Keys sharing a home slot: find some by search.
+        let base = VipKey::new([10, 0, 0, 1], 80, PROTO_TCP);
+        let mut same_home: Vec<VipKey> = (2..=255u8)
+            .flat_map(|a| (0..=65535u16).map(move |p| VipKey::new([10, 0, 0, a], p, PROTO_TCP)))
+            .filter(|k| k.home_slot() == base.home_slot())
+            .take(3)
+            .collect();
+        same_home.insert(0, base);
+        let slots: Vec<u32> = same_home.iter().map(|k| t.place(k).unwrap().0).collect();
+        assert_eq!(slots, [0, 1, 2, 3].map(|i| (base.home_slot() + i) & (VIP_TABLE_SIZE - 1)));
+        assert_eq!(t.remove(&same_home[1]), Some(slots[1]));
+        assert_eq!(t.find(&same_home[1]), None);
+        // The VIPs behind the tombstone are still found.
+        assert_eq!(t.find(&same_home[3]), Some(slots[3]));
+        let view = kernel_view(&t, &[(same_home[3], 33)]);
+        assert_eq!(find_vip(&same_home[3], |i| view.get(i as usize)).map(|m| m.vip_num), Some(33));
+        // Re-adding takes the tombstone; placing an existing key is idempotent.
+        assert_eq!(t.place(&same_home[1]), Ok((slots[1], true)));
+        assert_eq!(t.place(&same_home[1]), Ok((slots[1], false)));
+    }
+
+    #[test]
+    fn a_full_window_is_an_error() {
+        let mut t = VipTable::default();
+        let base = VipKey::new([10, 0, 0, 1], 80, PROTO_TCP);
+        let crowd: Vec<VipKey> = (0..=255u8)
+            .flat_map(|a| (0..=65535u16).map(move |p| VipKey::new([10, 0, 0, a], p, PROTO_TCP)))
+            .filter(|k| k.home_slot() == base.home_slot())
+            .take(VIP_PROBES as usize + 1)
+            .collect();
+        for k in &crowd[..VIP_PROBES as usize] {
+            t.place(k).unwrap();
+        }
+        assert_eq!(t.place(&crowd[VIP_PROBES as usize]), Err(VipTableError::Crowded));
+    }
+}

@@ -12,7 +12,7 @@ use lb_common::{
     encap::LbConfig,
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
-    vip::{ForwardMode, VipKey, VipMeta, MAX_VIPS},
+    vip::{table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS},
 };
 
 use crate::objects;
@@ -35,6 +35,8 @@ pub enum DataplaneError {
     BackendIndex(u32),
     #[error("ring of {0} slots does not fit (1..={RING_SIZE})")]
     RingLength(usize),
+    #[error("no room for VIP {0:?} in its probe window of the VIP table")]
+    VipTableCrowded(VipKey),
     #[error("devmap insert for ifindex {0} failed: {1}")]
     TxPort(u32, String),
 }
@@ -53,7 +55,9 @@ impl Default for LoadOptions {
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    vips: HashMap<MapData, VipKey, VipMeta>,
+    vips: Array<MapData, VipSlot>,
+    /// Where each VIP sits in `vips`.
+    vip_table: VipTable,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -89,6 +93,7 @@ impl Dataplane {
         prog.load()?;
         Ok(Self {
             vips: take(&mut ebpf, "VIPS")?,
+            vip_table: VipTable::default(),
             rings: take(&mut ebpf, "RINGS")?,
             backends: take(&mut ebpf, "BACKENDS")?,
             flows: take(&mut ebpf, "FLOWS")?,
@@ -157,11 +162,22 @@ impl Dataplane {
             self.rings.set(ring_index(vip_num, slot as u32), backend, 0).map_err(map_err("RINGS"))?;
         }
         let meta = VipMeta { vip_num, ring_len: ring.len() as u32, mode: mode as u32, _pad: 0 };
-        self.vips.insert(key, meta, 0).map_err(map_err("VIPS"))
+        let (slot, new) = self.vip_table.place(&key).map_err(|_| DataplaneError::VipTableCrowded(key))?;
+        if new {
+            // First the metadata under the old (free) key, then the key: a concurrent reader
+            // sees either no VIP or the whole VIP, never the key with stale metadata.
+            let free = self.vips.get(&slot, 0).map_err(map_err("VIPS"))?.key;
+            self.vips.set(slot, VipSlot { key: free, meta }, 0).map_err(map_err("VIPS"))?;
+        }
+        self.vips.set(slot, VipSlot { key: key.packed(), meta }, 0).map_err(map_err("VIPS"))
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        self.vips.remove(key).map_err(map_err("VIPS"))
+        if let Some(slot) = self.vip_table.remove(key) {
+            let tomb = VipSlot { key: self.vip_table.key_at(slot), meta: VipMeta::default() };
+            self.vips.set(slot, tomb, 0).map_err(map_err("VIPS"))?;
+        }
+        Ok(())
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {

@@ -12,7 +12,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
@@ -22,12 +22,13 @@ use lb_common::{
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     packet::{parse_frame, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{VipKey, VipMeta, MAX_VIPS},
+    vip::{find_vip, VipKey, VipSlot, MAX_VIPS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_l2, XdpFrame};
 
+/// Open-addressing table of VIPs (see `lb_common::vip::find_vip`).
 #[map]
-static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
 /// `MAX_VIPS` rings of `RING_SIZE` backend indexes, flat.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_SIZE, 0);
@@ -95,8 +96,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         }
     };
     let vip_key = VipKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
-    // SAFETY: the value is copied out at once.
-    let Some(vip) = (unsafe { VIPS.get(&vip_key) }).copied() else {
+    let Some(vip) = find_vip(&vip_key, |i| VIPS.get(i)).copied() else {
         bump(stats, Counter::NotVip);
         return xdp_action::XDP_PASS;
     };
