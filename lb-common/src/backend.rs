@@ -20,17 +20,20 @@ pub struct Backend {
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
 
-/// How long a cached next hop (egress interface, MACs, MTU) is used before the FIB is asked
-/// again. Userspace can also invalidate every entry at once (`LbConfig::generation`).
-pub const NEXTHOP_TTL_NS: u64 = 50_000_000;
+/// How many packets a CPU sends with a cached next hop (egress interface, MACs, MTU) before
+/// it asks the FIB again. Time-based expiry is userspace's job: it bumps
+/// `LbConfig::generation` (periodically, and on route or neighbour changes), which
+/// invalidates every entry at once. Reading a clock in the kernel would cost a helper call
+/// per packet, as much as the rest of the lookup work.
+pub const NEXTHOP_BUDGET: u32 = 1 << 16;
 
 /// A FIB answer for one backend, cached per CPU: `bpf_fib_lookup` costs more than the rest
 /// of an established packet's work, and its answer changes only with routes and neighbours.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
-    /// `bpf_ktime_get_coarse_ns` time after which the entry is stale; 0 = never filled.
-    pub expires_ns: u64,
+    /// Packets this entry may still serve; 0 = stale or never filled.
+    pub budget: u32,
     /// Egress interface.
     pub ifindex: u32,
     /// Ingress interface the lookup was made for.
@@ -42,14 +45,18 @@ pub struct NextHop {
     pub _pad: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad2: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
 impl NextHop {
+    /// Whether the entry may serve one more packet (and takes that packet from its budget).
     #[inline(always)]
-    pub fn is_fresh(&self, now_ns: u64, generation: u32, ingress: u32) -> bool {
-        now_ns < self.expires_ns && self.generation == generation && self.ingress == ingress
+    pub fn take(&mut self, generation: u32, ingress: u32) -> bool {
+        if self.budget == 0 || self.generation != generation || self.ingress != ingress {
+            return false;
+        }
+        self.budget -= 1;
+        true
     }
 }
 
@@ -112,12 +119,13 @@ mod tests {
 
     #[test]
     fn next_hop_freshness() {
-        let nh = NextHop { expires_ns: 1000, generation: 3, ingress: 7, ..Default::default() };
-        assert!(nh.is_fresh(999, 3, 7));
-        assert!(!nh.is_fresh(1000, 3, 7), "expired");
-        assert!(!nh.is_fresh(10, 4, 7), "invalidated by userspace");
-        assert!(!nh.is_fresh(10, 3, 8), "other ingress interface");
-        assert!(!NextHop::default().is_fresh(0, 0, 0), "never filled");
+        let mut nh = NextHop { budget: 2, generation: 3, ingress: 7, ..Default::default() };
+        assert!(!nh.take(4, 7), "invalidated by userspace");
+        assert!(!nh.take(3, 8), "other ingress interface");
+        assert!(nh.take(3, 7));
+        assert!(nh.take(3, 7));
+        assert!(!nh.take(3, 7), "budget spent");
+        assert!(!NextHop::default().take(0, 0), "never filled");
     }
 
     #[test]

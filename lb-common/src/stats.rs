@@ -6,40 +6,39 @@ use crate::user_pod;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    // --- balancer: why a packet was passed untouched ---
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
-    NotIp = 0,
-    /// IPv6 (recognised; IPv6 VIPs come later).
-    Ipv6,
-    /// IPv4 but neither TCP nor UDP (ICMP, ...).
-    OtherL4,
-    /// TCP or UDP not addressed to a VIP.
-    NotVip,
-    /// IPv4 fragment (first or later).
-    Fragment,
-    /// Truncated or inconsistent headers.
-    Malformed,
-    // --- balancer: how VIP packets were placed ---
+    // The counters every common packet touches come first, in one cache line.
+    /// TCP or UDP not addressed to a VIP: passed untouched.
+    NotVip = 0,
+    /// VIP packet found in the flow table.
+    FlowHit,
     /// First packet of a flow, placed round-robin.
     NewFlow,
-    /// Found in the flow table.
-    FlowHit,
-    /// Non-SYN TCP without a flow entry, placed by the 5-tuple hash.
-    HashFallback,
-    /// VIP without backends: dropped.
-    NoBackend,
-    // --- balancer: forwarding outcome ---
     /// Sent out of the ingress interface (`XDP_TX`).
     Tx,
     /// Sent out of another interface through the devmap (`XDP_REDIRECT`).
     Redirect,
+    /// Non-SYN TCP without a flow entry, placed by the 5-tuple hash.
+    HashFallback,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed untouched.
+    NotIp,
+    /// IPv6 (recognised; IPv6 VIPs come later): passed untouched.
+    Ipv6,
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    OtherL4,
+    /// IPv4 fragment (first or later): passed untouched.
+    Fragment,
+    /// Truncated or inconsistent headers: passed untouched.
+    Malformed,
+    /// VIP without backends: dropped.
+    NoBackend,
     /// Neighbour of the next hop not resolved: encapsulated and passed to the kernel.
     FibNoNeigh,
     /// Encapsulated packet would exceed the egress MTU: passed untouched.
     TooBig,
     /// No route, forwarding disabled or another FIB failure: passed untouched.
     FibError,
-    /// `bpf_xdp_adjust_head` or the devmap refused: passed untouched.
+    /// `bpf_xdp_adjust_head` or the devmap refused: passed (untouched, or encapsulated to
+    /// the kernel when only the devmap refused).
     EncapError,
     // --- decapsulation program ---
     /// IPIP packet for this host, outer header removed.
@@ -56,18 +55,18 @@ pub const COUNTER_COUNT: usize = Counter::DecapMalformed as usize + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT] = [
+        Counter::NotVip,
+        Counter::FlowHit,
+        Counter::NewFlow,
+        Counter::Tx,
+        Counter::Redirect,
+        Counter::HashFallback,
         Counter::NotIp,
         Counter::Ipv6,
         Counter::OtherL4,
-        Counter::NotVip,
         Counter::Fragment,
         Counter::Malformed,
-        Counter::NewFlow,
-        Counter::FlowHit,
-        Counter::HashFallback,
         Counter::NoBackend,
-        Counter::Tx,
-        Counter::Redirect,
         Counter::FibNoNeigh,
         Counter::TooBig,
         Counter::FibError,

@@ -10,19 +10,19 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id},
     macros::{map, xdp},
     maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{
-    backend::{ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_TTL_NS, RING_SIZE},
+    backend::{ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4, outer_len, LbConfig, IPIP_OVERHEAD},
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     packet::{parse_frame, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{find_vip, VipKey, VipSlot, MAX_VIPS, VIP_TABLE_SIZE},
+    vip::{find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_l2, XdpFrame};
 
@@ -34,10 +34,11 @@ static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
 static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_SIZE, 0);
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-/// Established flows. LRU, so a full table evicts the coldest flow instead of failing.
+/// Established flows. LRU, so a full table evicts the coldest flow instead of failing; with
+/// per-CPU LRU lists (a flow stays on one CPU under RSS), so inserts take no global lock.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 /// Per-CPU cache of FIB answers, by backend index.
 #[map]
 static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -54,6 +55,8 @@ static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 const AF_INET: u8 = 2;
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+const BPF_NOEXIST: u64 = 1;
 
 /// Zeroes a FIB lookup parameter block in place with eight 8-byte stores. `mem::zeroed()`
 /// (or any by-value copy of a zeroed block) compiles to a call of a byte-by-byte `memset`
@@ -108,34 +111,68 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let vip_stats = unsafe { &mut *vip_stats };
 
     let mut new_flow = false;
-    // SAFETY: the value is copied out at once.
-    let backend_idx = match unsafe { FLOWS.get(&p.key) } {
-        Some(v) => {
-            bump(stats, Counter::FlowHit);
-            v.backend
-        }
-        None => {
-            let slot = if p.opens_flow() {
-                bump(stats, Counter::NewFlow);
-                new_flow = true;
-                // SAFETY: plain helper call.
-                let cpu = unsafe { bpf_get_smp_processor_id() };
-                let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
-                vip_stats.new_flows += 1;
-                slot
-            } else {
-                bump(stats, Counter::HashFallback);
-                p.key.hash() % vip.ring_len
-            };
-            let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
-                bump(stats, Counter::NoBackend);
-                return xdp_action::XDP_DROP;
-            };
-            // A RST ends the flow: place it, but do not create an entry for it.
-            if p.tcp_flags & TCP_RST == 0 {
-                let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
-            }
+    let backend_idx = if p.opens_flow() && p.key.proto == PROTO_TCP {
+        // A SYN: most are new, so insert first (one map operation, not a lookup and an
+        // insert); a retransmitted SYN finds its flow there and keeps its backend.
+        // SAFETY: plain helper call.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
+            bump(stats, Counter::NoBackend);
+            return xdp_action::XDP_DROP;
+        };
+        if FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, BPF_NOEXIST).is_ok() {
+            bump(stats, Counter::NewFlow);
+            vip_stats.new_flows += 1;
+            new_flow = true;
             idx
+        } else {
+            // SAFETY: the value is copied out at once.
+            match unsafe { FLOWS.get(&p.key) } {
+                Some(v) => {
+                    bump(stats, Counter::FlowHit);
+                    v.backend
+                }
+                // Could not insert (table busy) and not there: place it without an entry.
+                None => {
+                    bump(stats, Counter::NewFlow);
+                    vip_stats.new_flows += 1;
+                    new_flow = true;
+                    idx
+                }
+            }
+        }
+    } else {
+        // SAFETY: the value is copied out at once.
+        match unsafe { FLOWS.get(&p.key) } {
+            Some(v) => {
+                bump(stats, Counter::FlowHit);
+                v.backend
+            }
+            None => {
+                let slot = if p.opens_flow() {
+                    // First UDP packet of a 5-tuple.
+                    bump(stats, Counter::NewFlow);
+                    new_flow = true;
+                    // SAFETY: plain helper call.
+                    let cpu = unsafe { bpf_get_smp_processor_id() };
+                    let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
+                    vip_stats.new_flows += 1;
+                    slot
+                } else {
+                    bump(stats, Counter::HashFallback);
+                    p.key.hash() % vip.ring_len
+                };
+                let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
+                    bump(stats, Counter::NoBackend);
+                    return xdp_action::XDP_DROP;
+                };
+                // A RST ends the flow: place it, but do not create an entry for it.
+                if p.tcp_flags & TCP_RST == 0 {
+                    let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
+                }
+                idx
+            }
         }
     };
     let (Some(backend), Some(backend_stats)) =
@@ -190,7 +227,7 @@ enum NoNextHop {
     Route,
 }
 
-/// The next hop towards `backend`: from the per-CPU cache while fresh, else from
+/// The next hop towards `backend`: from the per-CPU cache while valid, else from
 /// `bpf_fib_lookup` (twice: once with the largest length to learn the path MTU, once without
 /// a length for the MACs, since the helper stops before the neighbour when the MTU check fails).
 #[inline(always)]
@@ -203,10 +240,8 @@ fn next_hop(
     tos: u8,
 ) -> Result<*const NextHop, NoNextHop> {
     let Some(nh) = NEXTHOPS.get_ptr_mut(backend_idx) else { return Err(NoNextHop::Route) };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: per-CPU value.
-    if unsafe { &*nh }.is_fresh(now, cfg.generation, ingress) {
+    if unsafe { &mut *nh }.take(cfg.generation, ingress) {
         return Ok(nh);
     }
     let mut block = core::mem::MaybeUninit::uninit();
@@ -236,7 +271,7 @@ fn next_hop(
     }
     // SAFETY: per-CPU value.
     let entry = unsafe { &mut *nh };
-    entry.expires_ns = now + NEXTHOP_TTL_NS;
+    entry.budget = NEXTHOP_BUDGET;
     entry.ifindex = fib.ifindex;
     entry.ingress = ingress;
     entry.generation = cfg.generation;
