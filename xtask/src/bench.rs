@@ -1,0 +1,14 @@
+//! `cargo xtask bench`: every benchmark next to its reference, measured in the same run.
+
+use anyhow::{bail, Result};
+
+use crate::prereqs::{self, cargo, is_root, Need};
+
+pub fn run() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks need root (BPF_PROG_TEST_RUN, network namespaces): run `sudo -E cargo xtask bench`");
+    }
+    prereqs::ensure(Need::All)?;
+    eprintln!("xtask: data plane: ns/packet against a trivial XDP_PASS program, Katran's figures for reference");
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "dataplane-bench"])
+}
