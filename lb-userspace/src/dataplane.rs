@@ -33,7 +33,7 @@ pub enum DataplaneError {
     VipNumber(u32),
     #[error("backend index {0} out of range (max {MAX_BACKENDS})")]
     BackendIndex(u32),
-    #[error("ring of {0} slots does not fit (1..={RING_SIZE})")]
+    #[error("ring of {0} slots does not fit (0..={RING_SIZE})")]
     RingLength(usize),
     #[error("no room for VIP {0:?} in its probe window of the VIP table")]
     VipTableCrowded(VipKey),
@@ -147,12 +147,13 @@ impl Dataplane {
 
     /// Installs or replaces a VIP with its ring of backend indexes (see
     /// `lb_common::ring::build`). The ring is written before the VIP entry that announces
-    /// its length, so the program never indexes a slot that is not written yet.
+    /// its length, so the program never indexes a slot that is not written yet. An empty
+    /// ring is a VIP without backends: its packets are dropped and counted.
     pub fn set_vip(&mut self, key: VipKey, vip_num: u32, mode: ForwardMode, ring: &[u32]) -> Result<(), DataplaneError> {
         if vip_num >= MAX_VIPS {
             return Err(DataplaneError::VipNumber(vip_num));
         }
-        if ring.is_empty() || ring.len() > RING_SIZE as usize {
+        if ring.len() > RING_SIZE as usize {
             return Err(DataplaneError::RingLength(ring.len()));
         }
         for (slot, &backend) in ring.iter().enumerate() {

@@ -304,3 +304,43 @@ fn round_robin_spread_across_cpus() {
         assert!(c.abs_diff(total / 3) <= cpus as u64, "{counts:?} not within ±{cpus} of {}", total / 3);
     }
 }
+
+/// At least 512 VIPs (we hold 1024), each reached by its own traffic; a VIP whose ring is
+/// empty drops and counts; a removed VIP passes untouched and the others stay reachable.
+#[test]
+fn a_thousand_vips_and_vips_without_backends() {
+    use lb_common::vip::{ForwardMode, VipKey, MAX_VIPS, PROTO_TCP};
+    if !privileged("a_thousand_vips") {
+        return;
+    }
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+    let key = |n: u32| VipKey::new([10, 200, (n >> 8) as u8, n as u8], 443, PROTO_TCP);
+    // configure() installed 6 VIPs with numbers 0..=5; fill every other number.
+    for n in 6..MAX_VIPS {
+        dp.set_vip(key(n), n, ForwardMode::Ipip, &[n % 2]).unwrap();
+    }
+    for n in 6..MAX_VIPS {
+        let f = Pkt::tcp(CLIENT, 40000, key(n).addr, 443, TCP_SYN).build();
+        let b = (n % 2) as usize;
+        let want = ipip(&f, 14, LB_ADDR, REALS[b].addr, Some((LB_MAC, REALS[b].next_hop_mac)));
+        let got = testrun::run(dp.program(), &f, Some(ingress)).unwrap();
+        assert_eq!((got.action, got.frame), (XDP_TX, want), "VIP number {n}");
+    }
+    // No backends: dropped, counted, nothing else changes.
+    dp.set_vip(key(7), 7, ForwardMode::Ipip, &[]).unwrap();
+    let f = Pkt::tcp(CLIENT, 40001, key(7).addr, 443, TCP_SYN).build();
+    let got = testrun::run(dp.program(), &f, Some(ingress)).unwrap();
+    assert_eq!((got.action, &got.frame), (lb_userspace::testrun::XDP_DROP, &f));
+    assert_eq!(dp.global_stats().unwrap().get(Counter::NoBackend), 1);
+    // Removed: passed untouched; its neighbours in the table are still found.
+    dp.remove_vip(&key(8)).unwrap();
+    let f = Pkt::tcp(CLIENT, 40002, key(8).addr, 443, TCP_SYN).build();
+    let got = testrun::run(dp.program(), &f, Some(ingress)).unwrap();
+    assert_eq!((got.action, &got.frame), (XDP_PASS, &f));
+    for n in (9..MAX_VIPS).step_by(7) {
+        let f = Pkt::tcp(CLIENT, 40003, key(n).addr, 443, TCP_SYN).build();
+        assert_eq!(testrun::run(dp.program(), &f, Some(ingress)).unwrap().action, XDP_TX, "VIP number {n}");
+    }
+}
