@@ -2,6 +2,7 @@
 //! their maps, and exposes typed operations on them (VIPs, backends, rings, counters).
 //! The daemon (`lbd`), the tests and the benchmarks all go through this library.
 
+pub mod config;
 pub mod dataplane;
 pub mod decap;
 pub mod objects;

@@ -1,0 +1,422 @@
+//! The daemon's TOML configuration. Unknown keys, duplicates and impossible values are
+//! errors that name the line.
+//!
+//! ```toml
+//! interfaces = ["eth0"]          # where VIP traffic arrives; the program attaches here
+//! xdp_mode = "auto"              # driver | skb | auto (driver, else skb; the outcome is logged)
+//! flow_table_size = 262144       # established flows held (LRU)
+//! encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
+//!
+//! [admin]
+//! listen = "127.0.0.1:9100"      # /metrics, /status, /live, /ready
+//!
+//! [[vip]]
+//! name = "web"
+//! vip = "10.0.100.1:80/tcp"      # address:port/protocol (tcp or udp)
+//! mode = "ipip"                  # ipip (default) or l2
+//!
+//! [[vip.backend]]
+//! name = "web1"
+//! address = "10.0.0.11"
+//! weight = 1                     # 0..=256; 0 takes no new flows
+//! # mac = "02:00:00:00:00:11"    # l2 mode only; default: from the neighbour table
+//! ```
+
+use std::{collections::HashMap, fmt, net::{Ipv4Addr, SocketAddr}, path::Path};
+
+use lb_common::{
+    backend::MAX_BACKENDS,
+    vip::{ForwardMode, MAX_VIPS, PROTO_TCP, PROTO_UDP},
+};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+pub const MAX_WEIGHT: u32 = 256;
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
+
+/// A configuration error, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} line {}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    interfaces: Spanned<Vec<String>>,
+    #[serde(default)]
+    xdp_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    flow_table_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    encap_source: Option<Spanned<String>>,
+    #[serde(default)]
+    admin: Option<AdminFile>,
+    #[serde(default)]
+    vip: Vec<VipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipFile {
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    vip: Spanned<String>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    backend: Vec<BackendFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendFile {
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    address: Spanned<String>,
+    #[serde(default)]
+    weight: Option<Spanned<i64>>,
+    #[serde(default)]
+    mac: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpModeSetting {
+    Driver,
+    Skb,
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub flow_table_size: u32,
+    pub encap_source: Option<Ipv4Addr>,
+    pub admin_listen: SocketAddr,
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub mode: ForwardMode,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl VipConfig {
+    pub fn proto_name(&self) -> &'static str {
+        if self.proto == PROTO_TCP { "tcp" } else { "udp" }
+    }
+    /// `address:port/protocol`.
+    pub fn spec(&self) -> String {
+        format!("{}:{}/{}", self.addr, self.port, self.proto_name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub weight: u32,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `a.b.c.d:port/proto`.
+pub fn parse_vip(s: &str) -> Result<(Ipv4Addr, u16, u8), String> {
+    let (addr_port, proto) = s.rsplit_once('/').ok_or("expected address:port/protocol, e.g. 10.0.0.1:80/tcp")?;
+    let proto = match proto {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        p => return Err(format!("protocol {p:?} is neither tcp nor udp")),
+    };
+    let (addr, port) = addr_port.rsplit_once(':').ok_or("expected address:port/protocol, e.g. 10.0.0.1:80/tcp")?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number in 1..=65535"))?;
+    if port == 0 {
+        return Err("port 0 is not a valid VIP port".into());
+    }
+    Ok((addr, port, proto))
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address like 02:00:00:00:00:01"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address like 02:00:00:00:00:01"))?;
+    }
+    Ok(mac)
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+    fn err<T>(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError { file: self.file.into(), line: Some(self.line_of(span.start)), message: message.into() })
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text };
+        let f: File = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.into(),
+            line: e.span().map(|s| cx.line_of(s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+
+        if f.interfaces.get_ref().is_empty() {
+            return cx.err(f.interfaces.span(), "interfaces is empty: name at least one, e.g. [\"eth0\"]");
+        }
+        let mut seen = HashMap::new();
+        for i in f.interfaces.get_ref() {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                return cx.err(f.interfaces.span(), format!("{i:?} is not a valid interface name"));
+            }
+            if seen.insert(i.clone(), ()).is_some() {
+                return cx.err(f.interfaces.span(), format!("interface {i:?} listed twice"));
+            }
+        }
+        let xdp_mode = match &f.xdp_mode {
+            None => XdpModeSetting::Auto,
+            Some(m) => match m.get_ref().as_str() {
+                "driver" => XdpModeSetting::Driver,
+                "skb" => XdpModeSetting::Skb,
+                "auto" => XdpModeSetting::Auto,
+                other => return cx.err(m.span(), format!("xdp_mode {other:?}: expected driver, skb or auto")),
+            },
+        };
+        let flow_table_size = match &f.flow_table_size {
+            None => lb_common::flow::DEFAULT_FLOW_TABLE_SIZE,
+            Some(n) => match *n.get_ref() {
+                v @ 1024..=67_108_864 => v as u32,
+                v => return cx.err(n.span(), format!("flow_table_size {v} is out of range 1024..=67108864")),
+            },
+        };
+        let encap_source = match &f.encap_source {
+            None => None,
+            Some(a) => Some(a.get_ref().parse::<Ipv4Addr>().or_else(|_| cx.err(a.span(), format!("encap_source {:?} is not an IPv4 address", a.get_ref())))?),
+        };
+        let admin_listen = match &f.admin {
+            None => DEFAULT_ADMIN.parse().expect("valid default"),
+            Some(a) => a.listen.get_ref().parse().or_else(|_| {
+                cx.err(a.listen.span(), format!("admin listen {:?} is not an address:port", a.listen.get_ref()))
+            })?,
+        };
+
+        if f.vip.len() > MAX_VIPS as usize {
+            return Err(ConfigError { file: file.into(), line: None, message: format!("{} VIPs; at most {MAX_VIPS}", f.vip.len()) });
+        }
+        let mut vips = Vec::new();
+        let mut vip_lines: HashMap<(Ipv4Addr, u16, u8), usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut all_backends: HashMap<Ipv4Addr, ()> = HashMap::new();
+        for v in &f.vip {
+            let (addr, port, proto) = parse_vip(v.vip.get_ref()).or_else(|m| cx.err(v.vip.span(), format!("vip {:?}: {m}", v.vip.get_ref())))?;
+            let line = cx.line_of(v.vip.span().start);
+            if let Some(first) = vip_lines.insert((addr, port, proto), line) {
+                return cx.err(v.vip.span(), format!("vip {} is already defined at line {first}", v.vip.get_ref()));
+            }
+            let name = v.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| v.vip.get_ref().clone());
+            if let Some(first) = names.insert(name.clone(), line) {
+                let span = v.name.as_ref().map(|n| n.span()).unwrap_or(v.vip.span());
+                return cx.err(span, format!("VIP name {name:?} is already used at line {first}"));
+            }
+            let mode = match &v.mode {
+                None => ForwardMode::Ipip,
+                Some(m) => match m.get_ref().as_str() {
+                    "ipip" => ForwardMode::Ipip,
+                    "l2" => ForwardMode::L2,
+                    other => return cx.err(m.span(), format!("mode {other:?}: expected ipip or l2")),
+                },
+            };
+            if v.backend.is_empty() {
+                return cx.err(v.vip.span(), format!("vip {} has no [[vip.backend]]", v.vip.get_ref()));
+            }
+            let mut backends = Vec::new();
+            let mut seen: HashMap<Ipv4Addr, usize> = HashMap::new();
+            for b in &v.backend {
+                let addr: Ipv4Addr = b.address.get_ref().parse().or_else(|_| {
+                    cx.err(b.address.span(), format!("backend address {:?} is not an IPv4 address", b.address.get_ref()))
+                })?;
+                if let Some(first) = seen.insert(addr, cx.line_of(b.address.span().start)) {
+                    return cx.err(b.address.span(), format!("backend {addr} is already listed for this VIP at line {first}"));
+                }
+                all_backends.insert(addr, ());
+                let weight = match &b.weight {
+                    None => 1,
+                    Some(w) => match *w.get_ref() {
+                        v @ 0..=256 => v as u32,
+                        v => return cx.err(w.span(), format!("weight {v} is out of range 0..={MAX_WEIGHT}")),
+                    },
+                };
+                let mac = match &b.mac {
+                    None => None,
+                    Some(m) if mode == ForwardMode::L2 => Some(parse_mac(m.get_ref()).or_else(|e| cx.err(m.span(), e))?),
+                    Some(m) => return cx.err(m.span(), "mac is only used by l2-mode VIPs"),
+                };
+                let name = b.name.as_ref().map(|n| n.get_ref().clone()).unwrap_or_else(|| addr.to_string());
+                backends.push(BackendConfig { name, addr, weight, mac });
+            }
+            if backends.iter().all(|b| b.weight == 0) {
+                return cx.err(v.vip.span(), format!("vip {}: every backend has weight 0", v.vip.get_ref()));
+            }
+            vips.push(VipConfig { name, addr, port, proto, mode, backends });
+        }
+        if all_backends.len() > MAX_BACKENDS as usize {
+            return Err(ConfigError { file: file.into(), line: None, message: format!("{} backends; at most {MAX_BACKENDS}", all_backends.len()) });
+        }
+        Ok(Config {
+            interfaces: f.interfaces.into_inner(),
+            xdp_mode,
+            flow_table_size,
+            encap_source,
+            admin_listen,
+            vips,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces = ["eth0"]
+xdp_mode = "driver"
+flow_table_size = 4096
+
+[admin]
+listen = "127.0.0.1:9999"
+
+[[vip]]
+name = "web"
+vip = "10.0.100.1:80/tcp"
+
+[[vip.backend]]
+name = "web1"
+address = "10.0.0.11"
+
+[[vip.backend]]
+address = "10.0.0.12"
+weight = 3
+
+[[vip]]
+vip = "10.0.100.1:53/udp"
+mode = "l2"
+
+[[vip.backend]]
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::parse("t.toml", GOOD).unwrap();
+        assert_eq!(c.interfaces, ["eth0"]);
+        assert_eq!(c.xdp_mode, XdpModeSetting::Driver);
+        assert_eq!(c.flow_table_size, 4096);
+        assert_eq!(c.admin_listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[0].name, "web");
+        assert_eq!(c.vips[0].backends[1], BackendConfig { name: "10.0.0.12".into(), addr: "10.0.0.12".parse().unwrap(), weight: 3, mac: None });
+        assert_eq!(c.vips[1].mode, ForwardMode::L2);
+        assert_eq!(c.vips[1].proto, PROTO_UDP);
+        assert_eq!(c.vips[1].backends[0].mac, Some([2, 0, 0, 0, 0, 0x11]));
+        assert_eq!(c.vips[1].spec(), "10.0.100.1:53/udp");
+    }
+
+    /// (change to GOOD, expected line, expected message fragment)
+    fn check(edit: (&str, &str), line: Option<usize>, fragment: &str) {
+        assert!(GOOD.contains(edit.0), "bad edit {edit:?}");
+        let text = GOOD.replacen(edit.0, edit.1, 1);
+        let err = Config::parse("t.toml", &text).expect_err(&text);
+        assert_eq!(err.line, line, "{err}");
+        assert!(err.message.contains(fragment), "{err} does not mention {fragment:?}");
+        assert!(err.to_string().starts_with("t.toml"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        check(("xdp_mode = \"driver\"", "xdp_mod = \"driver\""), Some(3), "unknown field");
+        check(("xdp_mode = \"driver\"", "xdp_mode = \"fast\""), Some(3), "expected driver, skb or auto");
+        check(("flow_table_size = 4096", "flow_table_size = 10"), Some(4), "out of range");
+        check(("flow_table_size = 4096", "flow_table_size = \"big\""), Some(4), "invalid type");
+        check(("listen = \"127.0.0.1:9999\"", "listen = \"localhost\""), Some(7), "not an address:port");
+        check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/sctp\""), Some(11), "neither tcp nor udp");
+        check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1/tcp\""), Some(11), "address:port/protocol");
+        check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:0/tcp\""), Some(11), "port 0");
+        check(("vip = \"10.0.100.1:53/udp\"", "vip = \"10.0.100.1:80/tcp\""), Some(22), "already defined at line 11");
+        check(("address = \"10.0.0.11\"", "address = \"10.0.0.300\""), Some(15), "not an IPv4 address");
+        check(("address = \"10.0.0.12\"", "address = \"10.0.0.11\""), Some(18), "already listed for this VIP at line 15");
+        check(("weight = 3", "weight = 300"), Some(19), "out of range 0..=256");
+        check(("weight = 3", "weight = -1"), Some(19), "out of range");
+        check(("mac = \"02:00:00:00:00:11\"", "mac = \"02:00\""), Some(27), "not a MAC address");
+        check(("name = \"web1\"", "name = \"web1\"\nfoo = 1"), Some(15), "unknown field");
+        // Duplicate key: a TOML error, located.
+        check(("xdp_mode = \"driver\"", "xdp_mode = \"driver\"\nxdp_mode = \"skb\""), Some(4), "duplicate");
+        check(("interfaces = [\"eth0\"]", "interfaces = []"), Some(2), "interfaces is empty");
+        check(("interfaces = [\"eth0\"]", "interfaces = [\"eth0\", \"eth0\"]"), Some(2), "listed twice");
+        check(("[admin]", "[admin"), Some(6), "");
+    }
+
+    #[test]
+    fn mac_only_for_l2_and_backends_required() {
+        let text = GOOD.replacen("name = \"web1\"", "name = \"web1\"\nmac = \"02:00:00:00:00:01\"", 1);
+        let err = Config::parse("t.toml", &text).unwrap_err();
+        assert_eq!(err.line, Some(15));
+        assert!(err.message.contains("only used by l2"));
+        let err = Config::parse("t.toml", "interfaces = [\"eth0\"]\n[[vip]]\nvip = \"1.2.3.4:80/tcp\"\n").unwrap_err();
+        assert_eq!(err.line, Some(3));
+        assert!(err.message.contains("no [[vip.backend]]"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("t.toml", "interfaces = [\"eth0\"]\n").unwrap();
+        assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.flow_table_size, lb_common::flow::DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN);
+        assert!(c.vips.is_empty());
+    }
+}
