@@ -1,0 +1,192 @@
+//! Helpers shared by the integration tests: an in-process node on 127.0.0.1:0 with a
+//! temporary root, a raw HTTP/1.1 exchange over a TcpStream, and hyper client connections.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use web_app::Config;
+
+pub const NODE: &str = "web-test";
+pub const VERSION: &str = "1.2.3-test";
+pub const INDEX: &str = "<!doctype html><title>web-test</title>\n";
+
+/// Bounds every network step so a broken server fails the test instead of hanging it.
+pub async fn within<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), fut).await.expect("timed out")
+}
+
+/// A node running in the test's runtime, with its own temporary directory:
+/// `base/root` is the node's root and `base/secret.txt` a file outside it.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub udp: Option<SocketAddr>,
+    pub base: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestNode {
+    pub fn root(&self) -> PathBuf {
+        self.base.path().join("root")
+    }
+
+    /// Triggers the graceful shutdown without waiting for it.
+    pub fn trigger_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts the node down and returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.trigger_stop();
+        let task = self.task.take().expect("node task");
+        within(task).await.expect("node task panicked")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a node with root `index.html` written; `configure` may adjust the config (and
+/// write more files under the root it is given) before binding.
+pub async fn start(configure: impl FnOnce(&mut Config, &Path)) -> TestNode {
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = base.path().join("root");
+    std::fs::create_dir(&root).expect("root dir");
+    std::fs::write(root.join("index.html"), INDEX).expect("index.html");
+    std::fs::write(base.path().join("secret.txt"), "TOP-SECRET outside the root\n").expect("secret");
+
+    let mut config = Config::new(&root);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.node = NODE.to_owned();
+    config.version = VERSION.to_owned();
+    config.shutdown_grace = Duration::from_secs(5);
+    configure(&mut config, &root);
+
+    let node = web_app::bind(config).await.expect("bind");
+    let addr = node.local_addr();
+    let udp = node.udp_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(node.run(async move {
+        let _ = stop_rx.await;
+    }));
+    TestNode { addr, udp, base, stop: Some(stop_tx), task: Some(task) }
+}
+
+/// A parsed HTTP/1.1 response read from a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` as is on a new connection and reads the response until the server closes
+/// the connection (send `Connection: close`).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    within(async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request).await.expect("write request");
+        read_response(&mut stream).await
+    })
+    .await
+}
+
+/// Reads a whole response (until EOF) from `stream`.
+pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.expect("read response");
+    parse_response(&bytes)
+}
+
+pub fn parse_response(bytes: &[u8]) -> RawResponse {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("end of response head");
+    let head = std::str::from_utf8(&bytes[..end]).expect("UTF-8 response head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line.split(' ').nth(1).expect("status code").parse().expect("numeric status");
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').expect("header line");
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect();
+    RawResponse { status, headers, body: bytes[end + 4..].to_vec() }
+}
+
+/// `GET path` with `Connection: close` on a new connection.
+pub async fn get(addr: SocketAddr, path: &str) -> RawResponse {
+    raw(addr, format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await
+}
+
+/// An HTTP/1.1 client connection (keep-alive) driven by hyper.
+pub async fn http1_connect(addr: SocketAddr) -> (http1::SendRequest<Full<Bytes>>, SocketAddr) {
+    let stream = within(TcpStream::connect(addr)).await.expect("connect");
+    let local = stream.local_addr().unwrap();
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("http1 handshake");
+    tokio::spawn(conn);
+    (sender, local)
+}
+
+/// An HTTP/2 (prior knowledge, cleartext) client connection driven by hyper.
+pub async fn http2_connect(addr: SocketAddr) -> http2::SendRequest<Full<Bytes>> {
+    let stream = within(TcpStream::connect(addr)).await.expect("connect");
+    let (sender, conn) =
+        http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.expect("http2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+pub fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test")
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// Collects a hyper response into its parts and body bytes.
+pub async fn collect(response: Response<hyper::body::Incoming>) -> (hyper::http::response::Parts, Bytes) {
+    let (parts, body) = response.into_parts();
+    let body = within(body.collect()).await.expect("response body").to_bytes();
+    (parts, body)
+}
+
+/// Deterministic, incompressible-looking test data.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
