@@ -2,9 +2,13 @@
 //! their maps, and exposes typed operations on them (VIPs, backends, rings, counters).
 //! The daemon (`lbd`), the tests and the benchmarks all go through this library.
 
+pub mod admin;
+pub mod backend_setup;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod netutil;
 pub mod objects;
 pub mod testrun;
 

@@ -1,12 +1,171 @@
-//! `lbd`: the load balancer daemon and CLI.
+//! `lbd`: the load balancer daemon and its command line.
 
-use clap::Parser;
+use std::{net::{Ipv4Addr, SocketAddr}, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::vip::ForwardMode;
+use lb_userspace::{backend_setup, config::{Config, XdpModeSetting, DEFAULT_ADMIN}, daemon};
 
 #[derive(Parser)]
-#[command(name = "lbd", version, about = "XDP load balancer daemon")]
-struct Cli {}
+#[command(
+    name = "lbd",
+    version,
+    about = "XDP load balancer: steers each new flow of a VIP round-robin to a backend, with direct server return",
+    long_about = "XDP load balancer: steers each new flow of a VIP round-robin to a backend, with direct server return.\n\n\
+                  On the balancer:   lbd check-config lbd.toml && sudo lbd run --config lbd.toml\n\
+                  On each backend:   sudo lbd backend-setup --vip 10.0.100.1 --interface eth0   (--undo to revert)\n\
+                  Anywhere:          lbd status --admin 127.0.0.1:9100\n\n\
+                  The configuration format is documented in README.md (and in `lbd check-config --help`)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("lbd: the daemon arrives with issue 3; see README.md");
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Ipip,
+    L2,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    Driver,
+    Skb,
+    Auto,
+}
+
+impl From<XdpModeArg> for XdpModeSetting {
+    fn from(m: XdpModeArg) -> Self {
+        match m {
+            XdpModeArg::Driver => XdpModeSetting::Driver,
+            XdpModeArg::Skb => XdpModeSetting::Skb,
+            XdpModeArg::Auto => XdpModeSetting::Auto,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the balancer, serve the admin API; SIGINT/SIGTERM detach and exit.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print what it defines; errors name the line.
+    CheckConfig { file: PathBuf },
+    /// Ask a running daemon for its state.
+    Status {
+        /// The daemon's admin address.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prepare this host as a backend for direct server return (run it on the backend).
+    BackendSetup {
+        /// A VIP this backend serves (repeatable); bound on loopback. Without any, only the
+        /// XDP program is attached (e.g. `--mode l2` on a veth peer that must receive XDP_TX).
+        #[arg(long = "vip")]
+        vips: Vec<Ipv4Addr>,
+        /// The interface the balancer's packets arrive on.
+        #[arg(long)]
+        interface: String,
+        /// Forwarding mode of the VIPs: ipip attaches our decapsulation program.
+        #[arg(long, value_enum, default_value = "ipip")]
+        mode: Mode,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
+        /// Where the XDP link is pinned (bpffs).
+        #[arg(long, default_value = "/sys/fs/bpf/lbd")]
+        pin_dir: PathBuf,
+        /// Where the record of what was changed is kept.
+        #[arg(long, default_value = "/run/lbd")]
+        state_dir: PathBuf,
+        /// Revert a previous backend-setup on this interface.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check_config(file: &PathBuf) -> Result<()> {
+    let c = Config::load(file)?;
+    println!("{}: ok", file.display());
+    println!("  interfaces {:?}, xdp_mode {:?}, flow table {}, admin {}", c.interfaces, c.xdp_mode, c.flow_table_size, c.admin_listen);
+    for v in &c.vips {
+        println!("  vip {} ({}, {:?}): {}", v.spec(), v.name, v.mode,
+            v.backends.iter().map(|b| format!("{} {} w{}", b.name, b.addr, b.weight)).collect::<Vec<_>>().join(", "));
+    }
+    Ok(())
+}
+
+async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{admin}/status").parse()?;
+    let resp = client.get(uri).await.with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).context("status is not JSON")?;
+    if raw {
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!("lbd {} ready={} encap_source={}", v["version"], v["ready"], v["encap_source"]);
+    for a in v["xdp"].as_array().into_iter().flatten() {
+        println!("  xdp on {} ({} mode)", a["interface"], a["mode"]);
+    }
+    for vip in v["vips"].as_array().into_iter().flatten() {
+        println!("  vip {} {} mode={} packets={} new_flows={}", vip["vip"], vip["name"], vip["mode"], vip["packets"], vip["new_flows"]);
+        for b in vip["backends"].as_array().into_iter().flatten() {
+            println!("    {} {} weight={} state={} packets={} new_flows={}", b["name"], b["address"], b["weight"], b["state"], b["packets"], b["new_flows"]);
+        }
+    }
+    println!("  actions {}", v["actions"]);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::Run { config } => Config::load(&config).map_err(anyhow::Error::from).and_then(|c| {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(daemon::run(c))
+        }),
+        Cmd::Status { admin, json } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(status(admin, json))),
+        Cmd::BackendSetup { vips, interface, mode, xdp_mode, pin_dir, state_dir, undo } => {
+            let o = backend_setup::Options {
+                vips,
+                interface,
+                mode: match mode {
+                    Mode::Ipip => ForwardMode::Ipip,
+                    Mode::L2 => ForwardMode::L2,
+                },
+                xdp_mode: xdp_mode.into(),
+                pin_dir,
+                state_dir,
+            };
+            if undo { backend_setup::undo(&o) } else { backend_setup::setup(&o) }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

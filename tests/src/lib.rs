@@ -4,6 +4,7 @@
 use std::process::Command;
 
 pub mod lab;
+pub mod stack;
 
 /// Whether the test may run. Without root: a skip locally, a failure when `CI` is set
 /// (privileged tests must never silently pass in CI).

@@ -1,0 +1,214 @@
+//! The admin HTTP API (hyper): `/metrics` (Prometheus text), `/status` (JSON), `/live`,
+//! `/ready`. Loopback by default; read-only.
+
+use std::{convert::Infallible, fmt, sync::{atomic::Ordering, Arc}};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_common::stats::{Counter, GlobalStats, TrafficStats};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use serde_json::json;
+use tracing::debug;
+
+use crate::daemon::Shared;
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+/// The counters the balancer program keeps (the decapsulation ones live on the backends).
+const BALANCER_COUNTERS: [Counter; 16] = [
+    Counter::NotVip,
+    Counter::FlowHit,
+    Counter::NewFlow,
+    Counter::Tx,
+    Counter::Redirect,
+    Counter::HashFallback,
+    Counter::NotIp,
+    Counter::Ipv6,
+    Counter::OtherL4,
+    Counter::Fragment,
+    Counter::Malformed,
+    Counter::NoBackend,
+    Counter::FibNoNeigh,
+    Counter::TooBig,
+    Counter::FibError,
+    Counter::EncapError,
+];
+
+/// Packets by XDP action, derived from the reason counters.
+pub fn actions(g: &GlobalStats) -> [(&'static str, u64); 4] {
+    let pass = [
+        Counter::NotVip,
+        Counter::NotIp,
+        Counter::Ipv6,
+        Counter::OtherL4,
+        Counter::Fragment,
+        Counter::Malformed,
+        Counter::FibNoNeigh,
+        Counter::TooBig,
+        Counter::FibError,
+        Counter::EncapError,
+    ]
+    .iter()
+    .map(|&c| g.get(c))
+    .sum();
+    [("pass", pass), ("tx", g.get(Counter::Tx)), ("redirect", g.get(Counter::Redirect)), ("drop", g.get(Counter::NoBackend))]
+}
+
+struct LbCollector(Arc<Shared>);
+
+impl fmt::Debug for LbCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LbCollector")
+    }
+}
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(String, String)>, u64)],
+) -> Result<(), fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn l(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Collector for LbCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let dp = self.0.dataplane.lock().expect("lock");
+        let topo = self.0.topology.lock().expect("lock");
+        let g = dp.global_stats().unwrap_or_default();
+        let rows: Vec<_> = BALANCER_COUNTERS.iter().map(|&c| (l(&[("reason", c.name())]), g.get(c))).collect();
+        counter_family(&mut enc, "lb_xdp_packets", "Packets seen by the balancer program, by reason", &rows)?;
+        let rows: Vec<_> = actions(&g).iter().map(|&(a, v)| (l(&[("action", a)]), v)).collect();
+        counter_family(&mut enc, "lb_xdp_actions", "Packets by XDP action", &rows)?;
+
+        let vip_stats: Vec<(Vec<(String, String)>, TrafficStats)> = topo
+            .vips
+            .iter()
+            .map(|v| (l(&[("vip", &v.vip), ("name", &v.name)]), dp.vip_stats(v.vip_num).unwrap_or_default()))
+            .collect();
+        let backend_stats: Vec<(Vec<(String, String)>, TrafficStats)> = topo
+            .backends
+            .iter()
+            .map(|b| (l(&[("backend", &b.name), ("address", &b.address.to_string())]), dp.backend_stats(b.index).unwrap_or_default()))
+            .collect();
+        for (what, stats) in [("vip", &vip_stats), ("backend", &backend_stats)] {
+            for (field, help, get) in [
+                ("packets", "Packets", (|s: &TrafficStats| s.packets) as fn(&TrafficStats) -> u64),
+                ("bytes", "Bytes (Ethernet and IP headers included)", |s| s.bytes),
+                ("new_flows", "New flows placed", |s| s.new_flows),
+            ] {
+                let rows: Vec<_> = stats.iter().map(|(labels, s)| (labels.clone(), get(s))).collect();
+                counter_family(&mut enc, &format!("lb_{what}_{field}"), &format!("{help}, per {what}"), &rows)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("lb_backend_weight", "Configured weight of a backend in a VIP", None, MetricType::Gauge)?;
+        for v in &topo.vips {
+            for vb in &v.backends {
+                let b = &topo.backends[vb.backend as usize];
+                ConstGauge::new(i64::from(vb.weight)).encode(m.encode_family(&l(&[("vip", &v.vip), ("backend", &b.name)]))?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("lb_xdp_attached", "XDP program attached to an interface, by mode", None, MetricType::Gauge)?;
+        for a in &topo.xdp {
+            ConstGauge::new(1i64).encode(m.encode_family(&l(&[("interface", &a.interface), ("mode", a.mode)]))?)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn status_json(shared: &Shared) -> serde_json::Value {
+    let dp = shared.dataplane.lock().expect("lock");
+    let topo = shared.topology.lock().expect("lock");
+    let g = dp.global_stats().unwrap_or_default();
+    let vips: Vec<_> = topo
+        .vips
+        .iter()
+        .map(|v| {
+            let s = dp.vip_stats(v.vip_num).unwrap_or_default();
+            let backends: Vec<_> = v
+                .backends
+                .iter()
+                .map(|vb| {
+                    let b = &topo.backends[vb.backend as usize];
+                    let bs = dp.backend_stats(b.index).unwrap_or_default();
+                    json!({"name": b.name, "address": b.address, "mac": b.mac, "weight": vb.weight, "state": "up",
+                           "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows})
+                })
+                .collect();
+            json!({"name": v.name, "vip": v.vip, "mode": v.mode, "ring_len": v.ring_len, "packets": s.packets,
+                   "bytes": s.bytes, "new_flows": s.new_flows, "backends": backends})
+        })
+        .collect();
+    let counters: serde_json::Map<String, serde_json::Value> =
+        BALANCER_COUNTERS.iter().map(|&c| (c.name().to_string(), json!(g.get(c)))).collect();
+    json!({
+        "version": topo.version,
+        "ready": shared.ready.load(Ordering::SeqCst),
+        "encap_source": topo.encap_source,
+        "flow_table_size": topo.flow_table_size,
+        "xdp": topo.xdp,
+        "vips": vips,
+        "counters": counters,
+        "actions": actions(&g).iter().map(|&(a, v)| (a.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>, registry: Arc<Registry>) -> Result<Response<Body>, Infallible> {
+    debug!(method = %req.method(), path = req.uri().path(), "admin request");
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", format!("{} is not allowed: the admin API is read-only (GET)\n", req.method())));
+    }
+    Ok(match req.uri().path() {
+        "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
+        "/ready" if shared.ready.load(Ordering::SeqCst) => reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        "/status" => reply(StatusCode::OK, "application/json", format!("{:#}\n", status_json(&shared))),
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                Ok(()) => reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+                Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics encoding failed\n"),
+            }
+        }
+        other => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {other:?}: try /metrics, /status, /live, /ready\n")),
+    })
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(LbCollector(shared.clone())));
+    let registry = Arc::new(registry);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (shared, registry) = (shared.clone(), registry.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone(), registry.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,247 @@
+//! `lbd run`: loads the balancer, fills its maps from the configuration, attaches it, serves
+//! the admin API, and on SIGINT or SIGTERM detaches and removes everything it created.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{atomic::AtomicBool, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::programs::{xdp::XdpLinkId, XdpMode};
+use lb_common::{ring, vip::{ForwardMode, VipKey}};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, XdpModeSetting},
+    netutil, Dataplane, LoadOptions,
+};
+
+/// How often the next-hop cache is invalidated, bounding how long a changed neighbour MAC or
+/// route can go unnoticed.
+pub const NEXTHOP_REFRESH: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendInfo {
+    pub index: u32,
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VipBackend {
+    pub backend: u32,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VipInfo {
+    pub vip_num: u32,
+    pub name: String,
+    pub vip: String,
+    pub mode: &'static str,
+    pub ring_len: usize,
+    pub backends: Vec<VipBackend>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: &'static str,
+}
+
+/// What the daemon set up: the data for `/status` and `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Topology {
+    pub version: &'static str,
+    pub encap_source: Ipv4Addr,
+    pub flow_table_size: u32,
+    pub xdp: Vec<Attachment>,
+    pub vips: Vec<VipInfo>,
+    pub backends: Vec<BackendInfo>,
+}
+
+pub struct Shared {
+    pub dataplane: Mutex<Dataplane>,
+    pub topology: Mutex<Topology>,
+    pub ready: AtomicBool,
+}
+
+fn mode_name(m: XdpMode) -> &'static str {
+    match m {
+        XdpMode::Driver => "driver",
+        XdpMode::Skb => "skb",
+        _ => "default",
+    }
+}
+
+/// Fills the maps of a loaded dataplane from the configuration.
+pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> Result<(Vec<VipInfo>, Vec<BackendInfo>)> {
+    dp.set_encap_source(encap_source)?;
+    let mut backends: Vec<BackendInfo> = Vec::new();
+    let mut by_addr: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    let mut vips = Vec::new();
+    for (vip_num, v) in config.vips.iter().enumerate() {
+        let mut weights = Vec::new();
+        let mut members = Vec::new();
+        for b in &v.backends {
+            let index = match by_addr.get(&b.addr) {
+                Some(&i) => i,
+                None => {
+                    let i = backends.len() as u32;
+                    by_addr.insert(b.addr, i);
+                    backends.push(BackendInfo { index: i, name: b.name.clone(), address: b.addr, mac: None });
+                    i
+                }
+            };
+            let info = &mut backends[index as usize];
+            if v.mode == ForwardMode::L2 && info.mac.is_none() {
+                let mac = match b.mac {
+                    Some(m) => m,
+                    None => netutil::resolve_mac(b.addr).with_context(|| format!("backend {} of VIP {}", b.name, v.name))?,
+                };
+                info.mac = Some(netutil::format_mac(&mac));
+                dp.set_backend(index, b.addr, mac)?;
+            } else if info.mac.is_none() {
+                dp.set_backend(index, b.addr, [0; 6])?;
+            }
+            weights.push((index, b.weight));
+            members.push(VipBackend { backend: index, weight: b.weight });
+        }
+        let ring = ring::build(&weights).map_err(|e| anyhow!("VIP {}: cannot build its ring: {e:?}", v.name))?;
+        let key = VipKey::new(v.addr.octets(), v.port, v.proto);
+        dp.set_vip(key, vip_num as u32, v.mode, &ring)?;
+        info!(vip = %v.spec(), name = %v.name, mode = ?v.mode, backends = v.backends.len(), ring = ring.len(), "VIP installed");
+        vips.push(VipInfo {
+            vip_num: vip_num as u32,
+            name: v.name.clone(),
+            vip: v.spec(),
+            mode: if v.mode == ForwardMode::L2 { "l2" } else { "ipip" },
+            ring_len: ring.len(),
+            backends: members,
+        });
+    }
+    Ok((vips, backends))
+}
+
+/// Restores sysctls the daemon changed, when dropped.
+struct SysctlGuard(Vec<(String, String)>);
+
+impl SysctlGuard {
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let old = netutil::sysctl_get(key)?;
+        if old != value {
+            netutil::sysctl_set(key, value)?;
+            info!(key, from = %old, to = value, "sysctl set");
+            self.0.push((key.to_string(), old));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        for (key, old) in self.0.drain(..).rev() {
+            if let Err(e) = netutil::sysctl_set(&key, &old) {
+                warn!(key, error = %e, "could not restore sysctl");
+            }
+        }
+    }
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let encap_source = match config.encap_source {
+        Some(a) => a,
+        None => *netutil::ipv4_addresses(&config.interfaces[0])?
+            .first()
+            .ok_or_else(|| anyhow!("interface {} has no IPv4 address: set encap_source", config.interfaces[0]))?,
+    };
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: config.flow_table_size })
+        .context("loading the XDP program (are we root, with CAP_BPF and CAP_NET_ADMIN?)")?;
+    let (vips, backends) = program(&mut dp, &config, encap_source)?;
+
+    // The FIB lookup runs from the ingress interface's point of view: it must forward.
+    let mut sysctls = SysctlGuard(Vec::new());
+    let mut links: Vec<XdpLinkId> = Vec::new();
+    let mut xdp = Vec::new();
+    for iface in &config.interfaces {
+        let index = netutil::ifindex(iface)?;
+        dp.add_tx_port(index)?;
+        sysctls.set(&format!("net.ipv4.conf.{iface}.forwarding"), "1")?;
+        let modes: &[XdpMode] = match config.xdp_mode {
+            XdpModeSetting::Driver => &[XdpMode::Driver],
+            XdpModeSetting::Skb => &[XdpMode::Skb],
+            XdpModeSetting::Auto => &[XdpMode::Driver, XdpMode::Skb],
+        };
+        let mut attached = None;
+        let mut last_err = None;
+        for &m in modes {
+            match dp.program_mut().attach(iface, m) {
+                Ok(id) => {
+                    attached = Some((id, m));
+                    break;
+                }
+                Err(e) => {
+                    warn!(interface = %iface, mode = mode_name(m), error = %e, "XDP attach failed");
+                    last_err = Some(e);
+                }
+            }
+        }
+        let Some((id, m)) = attached else {
+            bail!(
+                "cannot attach XDP to {iface} in {:?} mode: {}; try xdp_mode = \"skb\"",
+                config.xdp_mode,
+                last_err.map(|e| e.to_string()).unwrap_or_default()
+            );
+        };
+        info!(interface = %iface, mode = mode_name(m), "XDP program attached");
+        links.push(id);
+        xdp.push(Attachment { interface: iface.clone(), mode: mode_name(m) });
+    }
+
+    let topology = Topology {
+        version: env!("CARGO_PKG_VERSION"),
+        encap_source,
+        flow_table_size: config.flow_table_size,
+        xdp,
+        vips,
+        backends,
+    };
+    let shared = Arc::new(Shared { dataplane: Mutex::new(dp), topology: Mutex::new(topology), ready: AtomicBool::new(false) });
+
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("admin API: cannot listen on {}", config.admin_listen))?;
+    info!(listen = %config.admin_listen, "admin API: /metrics /status /live /ready");
+    let admin = tokio::spawn(crate::admin::serve(listener, shared.clone()));
+    shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    info!("ready");
+
+    let mut refresh = tokio::time::interval(NEXTHOP_REFRESH);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = refresh.tick() => {
+                if let Err(e) = shared.dataplane.lock().expect("lock").invalidate_next_hops() {
+                    warn!(error = %e, "next-hop refresh failed");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+        }
+    }
+    shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    admin.abort();
+    let mut dp = shared.dataplane.lock().expect("lock");
+    for id in links {
+        if let Err(e) = dp.program_mut().detach(id) {
+            warn!(error = %e, "detach failed");
+        }
+    }
+    info!("XDP program detached");
+    drop(sysctls);
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! The whole stack in network namespaces: a client, the balancer, two web nodes, joined by a
+//! bridge in a switch namespace. Used by the end-to-end tests, the benchmarks and
+//! `cargo xtask run`. Everything it creates has a unique name (`xws-<pid>-<n>-...`), and
+//! `Drop` removes it all: processes, XDP links, namespaces (with their links), files. A
+//! leftover of a crashed run (its pid is gone) is removed by the next `Stack::up`.
+//!
+//! ```text
+//!  client 10.77.0.10 ─┐
+//!  lb     10.77.0.2  ─┼─ br0 (switch ns)     VIP 10.77.100.1 (routed by the client via lb)
+//!  web1   10.77.0.11 ─┤                      VIP bound on lo of web1 and web2
+//!  web2   10.77.0.12 ─┘
+//! ```
+//! The balancer and web nodes get MTU 1600 so that full-size client packets fit once
+//! encapsulated (+20 bytes); the client keeps 1500.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
+pub const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+pub const WEB: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 77, 0, 11), Ipv4Addr::new(10, 77, 0, 12)];
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 5353;
+/// A TCP service of the balancer's own (not a VIP).
+pub const LB_LOCAL_PORT: u16 = 8080;
+pub const ADMIN: &str = "127.0.0.1:9100";
+/// Size of `big.bin` in each node's application directory.
+pub const BIG_FILE: usize = 1 << 20;
+const PREFIX: &str = "xws";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    Driver,
+    Skb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    Ipip,
+    L2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub xdp_mode: XdpMode,
+    pub forward: Forward,
+    /// Where `lbd` and `web-app` are (default: the workspace's target/release).
+    pub bin_dir: PathBuf,
+    /// Start the balancer daemon (benchmarks may want HAProxy instead).
+    pub balancer: bool,
+}
+
+impl Options {
+    pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true }
+    }
+}
+
+/// `target/release` of this workspace (or `$CARGO_TARGET_DIR/release`), or `LB_BIN_DIR`.
+pub fn default_bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LB_BIN_DIR") {
+        return d.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("release")
+}
+
+/// Runs `sh -c cmd`, returning stdout; panics with the output on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh_ok(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(cmd).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes namespaces, pins and state of stacks whose process is gone.
+pub fn clean_leftovers() {
+    let list = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if let Some(pid) = name.strip_prefix(&format!("{PREFIX}-")).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) {
+            if !pid_alive(pid) {
+                eprintln!("stack: removing leftover namespace {name} (pid {pid} is gone)");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    for dir in ["/sys/fs/bpf", "/tmp"] {
+        let Ok(entries) = fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(&format!("{PREFIX}-")).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) {
+                if !pid_alive(pid) {
+                    eprintln!("stack: removing leftover {}", e.path().display());
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Stack {
+    pub name: String,
+    pub opts: Options,
+    pub work: PathBuf,
+    pub pin_dir: PathBuf,
+    procs: Vec<(String, Child)>,
+    namespaces: Vec<String>,
+    backends_set_up: Vec<String>,
+}
+
+impl Stack {
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.name)
+    }
+
+    /// `ip netns exec <ns> sh -c cmd`.
+    pub fn exec(&self, role: &str, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{}'", self.ns(role), cmd.replace('\'', r"'\''")))
+    }
+
+    pub fn exec_ok(&self, role: &str, cmd: &str) -> bool {
+        sh_ok(&format!("ip netns exec {} sh -c '{}'", self.ns(role), cmd.replace('\'', r"'\''")))
+    }
+
+    fn bin(&self, name: &str) -> String {
+        let p = self.opts.bin_dir.join(name);
+        assert!(p.exists(), "{} not found: build it first (cargo build --release -p lb-userspace -p web-app; cargo xtask test does)", p.display());
+        p.display().to_string()
+    }
+
+    fn spawn(&mut self, role: &str, label: &str, args: &[String]) {
+        let log = fs::File::create(self.work.join(format!("{label}.log"))).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {label}: {e}"));
+        self.procs.push((label.to_string(), child));
+    }
+
+    pub fn log(&self, label: &str) -> String {
+        fs::read_to_string(self.work.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until `cmd` succeeds in `role`'s namespace, up to `timeout`.
+    pub fn wait_for(&self, role: &str, cmd: &str, timeout: Duration, what: &str) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.exec_ok(role, cmd) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{}: timed out waiting for {what}\n--- lbd log:\n{}", self.name, self.log("lbd"));
+    }
+
+    pub fn up(opts: Options) -> Stack {
+        clean_leftovers();
+        let name = format!("{PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let work = PathBuf::from("/tmp").join(&name);
+        fs::create_dir_all(&work).expect("work dir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new() };
+        s.build_network();
+        s.start_web_nodes();
+        if s.opts.balancer {
+            s.start_balancer();
+        }
+        s
+    }
+
+    fn build_network(&mut self) {
+        for role in ["sw", "client", "lb", "web1", "web2"] {
+            let ns = self.ns(role);
+            sh(&format!("ip netns add {ns}"));
+            self.namespaces.push(ns);
+            self.exec(role, "ip link set lo up");
+        }
+        self.exec("sw", "ip link add br0 type bridge && ip link set br0 mtu 1600 up");
+        let hosts = [("client", CLIENT, 1500), ("lb", LB, 1600), ("web1", WEB[0], 1600), ("web2", WEB[1], 1600)];
+        for (role, addr, mtu) in hosts {
+            sh(&format!("ip link add eth0 netns {} type veth peer name p-{role} netns {}", self.ns(role), self.ns("sw")));
+            self.exec("sw", &format!("ip link set p-{role} mtu {mtu} master br0 up"));
+            self.exec(role, &format!("ip addr add {addr}/24 dev eth0 && ip link set eth0 mtu {mtu} up"));
+        }
+        // The client reaches the VIPs through the balancer.
+        self.exec("client", &format!("ip route add {VIP}/32 via {LB}"));
+        for (_, addr, _) in hosts {
+            self.wait_for("client", &format!("ping -c1 -W1 {addr} >/dev/null 2>&1 || ip neigh show | grep -q {addr}"), Duration::from_secs(5), "the bridge to forward");
+        }
+    }
+
+    fn start_web_nodes(&mut self) {
+        let lbd = self.bin("lbd");
+        let web = self.bin("web-app");
+        let mode = match self.opts.forward {
+            Forward::Ipip => "ipip",
+            Forward::L2 => "l2",
+        };
+        let xdp = match self.opts.xdp_mode {
+            XdpMode::Driver => "driver",
+            XdpMode::Skb => "skb",
+        };
+        let state = self.work.join("state");
+        for (i, role) in ["web1", "web2"].iter().enumerate() {
+            // Each node has its own copy of the application files.
+            let app = self.work.join(role).join("app");
+            fs::create_dir_all(&app).unwrap();
+            fs::write(app.join("VERSION"), "1.0.0\n").unwrap();
+            fs::write(app.join("index.html"), format!("<!doctype html><title>xdp-web-stack</title><h1>Hello from {role}</h1>\n")).unwrap();
+            fs::write(app.join("big.bin"), big_file()).unwrap();
+            self.exec(
+                role,
+                &format!(
+                    "{lbd} backend-setup --vip {VIP} --interface eth0 --mode {mode} --xdp-mode {xdp} --pin-dir {} --state-dir {}",
+                    self.pin_dir.display(),
+                    state.display()
+                ),
+            );
+            self.backends_set_up.push(role.to_string());
+            let args: Vec<String> = vec![
+                web.clone(),
+                "--listen".into(),
+                format!("0.0.0.0:{HTTP_PORT}"),
+                "--root".into(),
+                app.display().to_string(),
+                "--node".into(),
+                role.to_string(),
+                "--udp-echo".into(),
+                format!("0.0.0.0:{UDP_PORT}"),
+            ];
+            self.spawn(role, role, &args);
+            let addr = WEB[i];
+            self.wait_for("client", &format!("curl -sf -o /dev/null http://{addr}:{HTTP_PORT}/healthz"), Duration::from_secs(10), "a web node");
+        }
+        // The balancer's own TCP service (not a VIP), and the veth peer that receives the
+        // balancer's XDP_TX frames needs an XDP program of its own.
+        let args: Vec<String> = vec![web, "--listen".into(), format!("{LB}:{LB_LOCAL_PORT}"), "--root".into(), self.work.display().to_string(), "--node".into(), "lb-local".into()];
+        self.spawn("lb", "lb-local", &args);
+        self.exec("sw", &format!("{lbd} backend-setup --interface p-lb --mode l2 --xdp-mode driver --pin-dir {} --state-dir {}", self.pin_dir.display(), state.display()));
+        self.backends_set_up.push("sw:p-lb".into());
+    }
+
+    pub fn config_text(&self) -> String {
+        let mode = match self.opts.forward {
+            Forward::Ipip => "ipip",
+            Forward::L2 => "l2",
+        };
+        let xdp = match self.opts.xdp_mode {
+            XdpMode::Driver => "driver",
+            XdpMode::Skb => "skb",
+        };
+        let mut c = format!(
+            "# generated by the stack for {name}\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp}\"\nflow_table_size = 65536\n\n[admin]\nlisten = \"{ADMIN}\"\n",
+            name = self.name
+        );
+        for (vip, name) in [(format!("{VIP}:{HTTP_PORT}/tcp"), "web"), (format!("{VIP}:{UDP_PORT}/udp"), "echo")] {
+            c += &format!("\n[[vip]]\nname = \"{name}\"\nvip = \"{vip}\"\nmode = \"{mode}\"\n");
+            for (i, addr) in WEB.iter().enumerate() {
+                c += &format!("\n[[vip.backend]]\nname = \"web{}\"\naddress = \"{addr}\"\nweight = 1\n", i + 1);
+            }
+        }
+        c
+    }
+
+    pub fn start_balancer(&mut self) {
+        let lbd = self.bin("lbd");
+        let path = self.work.join("lbd.toml");
+        fs::write(&path, self.config_text()).unwrap();
+        let args = vec![lbd, "run".into(), "--config".into(), path.display().to_string()];
+        self.spawn("lb", "lbd", &args);
+        self.wait_for("lb", &format!("curl -sf http://{ADMIN}/ready"), Duration::from_secs(15), "lbd to be ready");
+    }
+
+    /// Stops the balancer daemon with `signal` and waits for it to exit.
+    pub fn stop_balancer(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
+        let i = self.procs.iter().position(|(l, _)| l == "lbd")?;
+        let (_, mut child) = self.procs.remove(i);
+        stop(&mut child, signal)
+    }
+
+    /// `/status` of the daemon, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.exec("lb", &format!("curl -sf http://{ADMIN}/status"))).expect("status JSON")
+    }
+
+    /// Per-backend counters from `/status`: `(name, packets, new_flows)` for the named VIP.
+    pub fn backend_counters(&self, vip_name: &str) -> Vec<(String, u64, u64)> {
+        let s = self.status();
+        let vip = s["vips"].as_array().unwrap().iter().find(|v| v["name"] == vip_name).expect("vip in status").clone();
+        vip["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["name"].as_str().unwrap().to_string(), b["packets"].as_u64().unwrap(), b["new_flows"].as_u64().unwrap()))
+            .collect()
+    }
+
+    /// Runs `f` on a thread that has entered `role`'s network namespace.
+    pub fn in_ns<T: Send + 'static>(&self, role: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.ns(role));
+        std::thread::spawn(move || {
+            let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+}
+
+/// Deterministic 1 MiB content (every node has the same file).
+pub fn big_file() -> Vec<u8> {
+    let mut x: u32 = 0x1234_5678;
+    (0..BIG_FILE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn stop(child: &mut Child, signal: i32) -> Option<std::process::ExitStatus> {
+    // `ip netns exec` execs the program, so the child's pid is the program's.
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for (_, mut child) in self.procs.drain(..).rev() {
+            stop(&mut child, libc::SIGTERM);
+        }
+        let lbd = self.opts.bin_dir.join("lbd");
+        let state = self.work.join("state");
+        for who in self.backends_set_up.drain(..) {
+            let (role, iface) = match who.split_once(':') {
+                Some((r, i)) => (r.to_string(), i.to_string()),
+                None => (who.clone(), "eth0".to_string()),
+            };
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &format!("{}-{role}", self.name)])
+                .arg(&lbd)
+                .args(["backend-setup", "--interface", &iface, "--undo", "--state-dir"])
+                .arg(&state)
+                .stderr(Stdio::null())
+                .status();
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        if std::env::var_os("LB_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
