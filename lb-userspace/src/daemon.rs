@@ -171,6 +171,11 @@ pub async fn run(config: Config) -> Result<()> {
         let index = netutil::ifindex(iface)?;
         dp.add_tx_port(index)?;
         sysctls.set(&format!("net.ipv4.conf.{iface}.forwarding"), "1")?;
+        // Packets whose next hop is not resolved yet are handed to the kernel encapsulated,
+        // with our own address as source: it must accept them (not a martian) and forward
+        // them without ICMP redirects.
+        sysctls.set(&format!("net.ipv4.conf.{iface}.accept_local"), "1")?;
+        sysctls.set(&format!("net.ipv4.conf.{iface}.send_redirects"), "0")?;
         let modes: &[XdpMode] = match config.xdp_mode {
             XdpModeSetting::Driver => &[XdpMode::Driver],
             XdpModeSetting::Skb => &[XdpMode::Skb],

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+pub mod http;
 pub mod lab;
 pub mod stack;
 

@@ -72,7 +72,8 @@ pub fn default_bin_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("release")
+    let dir = target.join("release");
+    fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// Runs `sh -c cmd`, returning stdout; panics with the output on failure.
@@ -115,6 +116,7 @@ pub fn clean_leftovers() {
             if let Some(pid) = name.strip_prefix(&format!("{PREFIX}-")).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) {
                 if !pid_alive(pid) {
                     eprintln!("stack: removing leftover {}", e.path().display());
+                    let _ = Command::new("umount").arg(e.path().join("bpf")).stderr(Stdio::null()).status();
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -187,7 +189,11 @@ impl Stack {
         let name = format!("{PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
         let work = PathBuf::from("/tmp").join(&name);
         fs::create_dir_all(&work).expect("work dir");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        // `ip netns exec` remounts /sys, hiding /sys/fs/bpf: pin in a bpffs of our own, in
+        // the work directory, visible from every namespace's exec (same mount tree).
+        let pin_dir = work.join("bpf");
+        fs::create_dir_all(&pin_dir).expect("pin dir");
+        sh(&format!("mount -t bpf bpf {}", pin_dir.display()));
         let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new() };
         s.build_network();
         s.start_web_nodes();
@@ -209,12 +215,15 @@ impl Stack {
         for (role, addr, mtu) in hosts {
             sh(&format!("ip link add eth0 netns {} type veth peer name p-{role} netns {}", self.ns(role), self.ns("sw")));
             self.exec("sw", &format!("ip link set p-{role} mtu {mtu} master br0 up"));
-            self.exec(role, &format!("ip addr add {addr}/24 dev eth0 && ip link set eth0 mtu {mtu} up"));
+            // No TX checksum offload: a veth hands CHECKSUM_PARTIAL packets to the peer, and an
+            // XDP program that forwards them (XDP_TX) cannot complete the checksum. Frames from
+            // a physical wire always carry complete checksums.
+            self.exec(role, &format!("ip addr add {addr}/24 dev eth0 && ip link set eth0 mtu {mtu} up && ethtool -K eth0 tx off >/dev/null"));
         }
         // The client reaches the VIPs through the balancer.
         self.exec("client", &format!("ip route add {VIP}/32 via {LB}"));
         for (_, addr, _) in hosts {
-            self.wait_for("client", &format!("ping -c1 -W1 {addr} >/dev/null 2>&1 || ip neigh show | grep -q {addr}"), Duration::from_secs(5), "the bridge to forward");
+            self.wait_for("client", &format!("ping -c1 -W1 {addr}"), Duration::from_secs(5), "the bridge to forward");
         }
     }
 
@@ -390,7 +399,9 @@ impl Drop for Stack {
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
-        let _ = fs::remove_dir_all(&self.pin_dir);
+        // Unmounting our bpffs frees anything still pinned in it.
+        let _ = Command::new("umount").arg(&self.pin_dir).status();
+        let _ = fs::remove_dir(&self.pin_dir);
         if std::env::var_os("LB_KEEP_LOGS").is_none() {
             let _ = fs::remove_dir_all(&self.work);
         }

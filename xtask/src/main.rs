@@ -31,7 +31,11 @@ enum Task {
     /// Benchmarks, side by side with their references in one run (needs root).
     Bench,
     /// The whole stack in network namespaces, until Ctrl-C (needs root).
-    Run,
+    Run {
+        /// `--skb` (generic XDP instead of driver mode), `--l2` (L2 forwarding instead of IPIP).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -41,7 +45,7 @@ fn main() {
         Task::Build => prereqs::ensure(prereqs::Need::Build).and_then(|_| prereqs::cargo(&["build", "--release"])),
         Task::Test { args } => test::run(&args),
         Task::Bench => bench::run(),
-        Task::Run => run::run(),
+        Task::Run { args } => run::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

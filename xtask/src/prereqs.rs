@@ -12,6 +12,9 @@ const BPF_LINKER: &str = "bpf-linker@0.10.0";
 /// Debian packages the tests, benchmarks and demo use.
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("ethtool", "ethtool"),
+    ("nc", "netcat-openbsd"),
     ("bpftool", "bpftool"),
     ("curl", "curl"),
     ("haproxy", "haproxy"),

@@ -1,0 +1,74 @@
+//! `cargo xtask run`: the whole stack in network namespaces until Ctrl-C.
+
+use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP};
+
+fn wait_for_signal() {
+    // SAFETY: plain signal-mask manipulation for this single-threaded wait.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the stack needs root (network namespaces, XDP): run `sudo -E cargo xtask run`");
+        std::process::exit(2);
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let skb = args.iter().any(|a| a == "--skb");
+    let l2 = args.iter().any(|a| a == "--l2");
+    let mut opts = Options::new(if skb { XdpMode::Skb } else { XdpMode::Driver }, if l2 { Forward::L2 } else { Forward::Ipip });
+    // Block the signals before any thread exists, so Ctrl-C reaches sigwait, not the default handler.
+    // SAFETY: signal mask of the main thread, inherited by threads spawned later.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    opts.balancer = true;
+    eprintln!("stack: building the topology (client, balancer, web1, web2, switch)...");
+    let stack = Stack::up(opts);
+    let n = |r: &str| stack.ns(r);
+    if std::env::var_os("STACK_NO_SELFCHECK").is_some() {
+        println!("stack {} up (no self-check)", stack.name);
+        wait_for_signal();
+        drop(stack);
+        return;
+    }
+    // Show that full-size packets work both ways through the VIP.
+    let down = stack.exec("client", &format!("curl -sf -o /dev/null -w '%{{size_download}}' http://{VIP}/big.bin"));
+    let up = stack.exec("client", &format!("head -c 1048576 /dev/urandom > {w}/up.bin && curl -sf --data-binary @{w}/up.bin http://{VIP}/upload", w = stack.work.display()));
+    let mode = stack.status()["xdp"].to_string();
+    println!(
+        "\nThe stack {name} is up. XDP attached: {mode}\n\
+         VIP http://{VIP}:{HTTP_PORT}/ (TCP, round-robin over web1 and web2) and {VIP}:{UDP_PORT}/udp (echo)\n\
+         Self-check through the VIP: downloaded {down} bytes of /big.bin; uploaded 1 MiB: {up}\n\n\
+         Try:\n\
+         \x20 sudo ip netns exec {client} curl http://{VIP}/whoami\n\
+         \x20 sudo ip netns exec {client} curl http://{VIP}/\n\
+         \x20 sudo ip netns exec {client} sh -c 'for i in 1 2 3 4; do curl -s http://{VIP}/whoami; echo; done'\n\
+         \x20 echo hi | sudo ip netns exec {client} nc -u -w1 {VIP} {UDP_PORT}\n\
+         \x20 sudo ip netns exec {lb} curl http://{ADMIN}/status      # or /metrics\n\
+         \x20 sudo ip netns exec {lb} {lbd} status\n\
+         \x20 sudo ip netns exec {client} curl http://{LB}:{LB_LOCAL_PORT}/whoami   # the balancer's own service, not a VIP\n\
+         Logs: {work}\n\nCtrl-C tears everything down.",
+        name = stack.name,
+        client = n("client"),
+        lb = n("lb"),
+        lbd = stack.opts.bin_dir.join("lbd").display(),
+        work = stack.work.display(),
+    );
+    wait_for_signal();
+    eprintln!("stack: tearing down {}", stack.name);
+    drop(stack);
+    eprintln!("stack: done");
+}

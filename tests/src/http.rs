@@ -1,0 +1,80 @@
+//! A minimal HTTP/1.1 client over a `TcpStream`, for tests that must control connections
+//! exactly (one connection per request, or many requests on one keep-alive connection).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Conn { reader: BufReader::new(s) })
+    }
+
+    /// Sends a GET and reads the whole response: `(status, body)`.
+    pub fn get(&mut self, path: &str, keep_alive: bool) -> std::io::Result<(u16, Vec<u8>)> {
+        let conn = if keep_alive { "keep-alive" } else { "close" };
+        write!(self.reader.get_mut(), "GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: {conn}\r\n\r\n")?;
+        self.read_response()
+    }
+
+    fn read_response(&mut self) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad status line {line:?}"))
+        })?;
+        let mut len = None;
+        let mut chunked = false;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse::<usize>().ok();
+                } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+                    chunked = true;
+                }
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line)?;
+                let n = usize::from_str_radix(line.trim(), 16).unwrap_or(0);
+                if n == 0 {
+                    line.clear();
+                    self.reader.read_line(&mut line)?;
+                    break;
+                }
+                let mut chunk = vec![0; n + 2];
+                self.reader.read_exact(&mut chunk)?;
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else if let Some(n) = len {
+            body.resize(n, 0);
+            self.reader.read_exact(&mut body)?;
+        } else {
+            self.reader.read_to_end(&mut body)?;
+        }
+        Ok((status, body))
+    }
+}
+
+/// The `node` field of a `/whoami` body.
+pub fn node_of(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("whoami is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    v["node"].as_str().expect("node field").to_string()
+}

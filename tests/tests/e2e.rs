@@ -1,0 +1,196 @@
+//! End to end, with real clients in the client namespace of a whole stack (client,
+//! balancer, two web nodes; `tests::stack`). Needs root; with `CI` set a missing privilege
+//! fails instead of skipping. Each test builds its own stack and removes it, even on failure.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+use tests::{
+    http::{node_of, Conn},
+    privileged,
+    stack::{big_file, sh, Forward, Options, Stack, XdpMode, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP},
+};
+
+fn cpus() -> u64 {
+    std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
+}
+
+/// `n` new connections (one request each) from the client; requests served per node.
+fn new_connections(stack: &Stack, n: usize) -> HashMap<String, u64> {
+    stack.in_ns("client", move || {
+        let vip = SocketAddr::from((VIP, HTTP_PORT));
+        let mut per_node = HashMap::new();
+        for i in 0..n {
+            let mut c = Conn::open(vip).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"));
+            let (status, body) = c.get("/whoami", false).unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(status, 200);
+            *per_node.entry(node_of(&body)).or_insert(0) += 1;
+        }
+        per_node
+    })
+}
+
+fn new_flows(stack: &Stack, vip: &str) -> HashMap<String, u64> {
+    stack.backend_counters(vip).into_iter().map(|(name, _, flows)| (name, flows)).collect()
+}
+
+/// 1000 new connections split 500/500 within ± CPUs, and the daemon's counters agree.
+fn check_split(stack: &Stack, n: usize) {
+    let before = new_flows(stack, "web");
+    let served = new_connections(stack, n);
+    let after = new_flows(stack, "web");
+    eprintln!("{}: {n} connections served {served:?}", stack.name);
+    for node in ["web1", "web2"] {
+        let got = served.get(node).copied().unwrap_or(0);
+        assert!(got.abs_diff(n as u64 / 2) <= cpus(), "{node} served {got} of {n} (±{} allowed): {served:?}", cpus());
+        assert_eq!(after[node] - before[node], got, "daemon's new-flow counter for {node} disagrees with /whoami");
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 1 MiB down and 1 MiB up through the VIP, byte-exact (full-size packets both ways).
+fn check_big_transfers(stack: &Stack) {
+    let file = stack.work.join("down.bin");
+    stack.exec("client", &format!("curl -sf -o {} http://{VIP}/big.bin", file.display()));
+    let got = std::fs::read(&file).unwrap();
+    assert_eq!(got.len(), big_file().len(), "download size");
+    assert!(got == big_file(), "download differs from the node's file");
+    let up = stack.work.join("up.bin");
+    let data: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&up, &data).unwrap();
+    let reply = stack.exec("client", &format!("curl -sf --data-binary @{} http://{VIP}/upload", up.display()));
+    let v: serde_json::Value = serde_json::from_str(&reply).expect("upload reply JSON");
+    assert_eq!(v["bytes"], 1_048_576);
+    assert_eq!(v["sha256"], sha256(&data), "upload arrived changed");
+}
+
+#[test]
+fn driver_mode_ipip_whole_path() {
+    if !privileged("driver_mode_ipip_whole_path") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    assert_eq!(stack.status()["xdp"][0]["mode"], "driver");
+    check_split(&stack, 1000);
+
+    // One keep-alive connection, 200 requests: one node.
+    let nodes = stack.in_ns("client", || {
+        let mut c = Conn::open(SocketAddr::from((VIP, HTTP_PORT))).unwrap();
+        (0..200).map(|_| node_of(&c.get("/whoami", true).unwrap().1)).collect::<Vec<_>>()
+    });
+    assert!(nodes.iter().all(|n| *n == nodes[0]), "a keep-alive connection moved: {nodes:?}");
+
+    // UDP VIP: 5-tuples spread round-robin, every datagram answered by its node.
+    let before = new_flows(&stack, "echo");
+    let served = stack.in_ns("client", || {
+        let mut per_node: HashMap<String, u64> = HashMap::new();
+        // Keep every socket open so that each has its own port: 200 distinct 5-tuples.
+        let mut sockets = Vec::new();
+        for i in 0..200 {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let msg = format!("ping {i}");
+            s.send_to(msg.as_bytes(), (VIP, UDP_PORT)).unwrap();
+            let mut buf = [0u8; 1500];
+            let (n, _) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP reply {i}: {e}"));
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let (node, rest) = reply.split_once(' ').expect("<node> <payload>");
+            assert_eq!(rest, msg);
+            *per_node.entry(node.to_string()).or_default() += 1;
+            sockets.push(s);
+        }
+        per_node
+    });
+    let after = new_flows(&stack, "echo");
+    eprintln!("UDP: {served:?}");
+    for node in ["web1", "web2"] {
+        assert!(served[node].abs_diff(100) <= cpus(), "UDP {served:?}");
+        assert_eq!(after[node] - before[node], served[node], "UDP new flows of {node}");
+    }
+
+    // The balancer's own traffic is untouched: ping, and a TCP service on its address.
+    stack.exec("client", &format!("ping -c 3 -i 0.2 -W 2 {LB}"));
+    let body = stack.exec("client", &format!("curl -sf http://{LB}:{LB_LOCAL_PORT}/whoami"));
+    assert_eq!(node_of(body.as_bytes()), "lb-local");
+
+    check_big_transfers(&stack);
+}
+
+#[test]
+fn skb_mode_ipip() {
+    if !privileged("skb_mode_ipip") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Skb, Forward::Ipip));
+    assert_eq!(stack.status()["xdp"][0]["mode"], "skb");
+    check_split(&stack, 1000);
+    check_big_transfers(&stack);
+}
+
+#[test]
+fn l2_mode_carries_http() {
+    if !privileged("l2_mode_carries_http") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Driver, Forward::L2));
+    assert_eq!(stack.status()["vips"][0]["mode"], "l2");
+    check_split(&stack, 1000);
+    check_big_transfers(&stack);
+}
+
+fn xdp_attached(stack: &Stack) -> bool {
+    stack.exec("lb", "ip -d link show dev eth0").contains("prog/xdp")
+}
+
+#[test]
+fn the_daemon_never_leaves_the_program_attached() {
+    if !privileged("the_daemon_never_leaves_the_program_attached") {
+        return;
+    }
+    let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    assert!(xdp_attached(&stack));
+    let status = stack.stop_balancer(libc::SIGTERM).expect("lbd was running");
+    assert!(status.success(), "SIGTERM: lbd exited with {status}");
+    assert!(!xdp_attached(&stack), "still attached after SIGTERM");
+    assert_eq!(stack.exec("lb", "sysctl -n net.ipv4.conf.eth0.forwarding").trim(), "0", "sysctl restored");
+    stack.start_balancer();
+    assert!(xdp_attached(&stack));
+    stack.stop_balancer(libc::SIGKILL);
+    // The attachment is a bpf_link owned by the process: it goes with it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!xdp_attached(&stack), "still attached after SIGKILL");
+}
+
+#[test]
+fn a_bad_config_is_refused_naming_the_line() {
+    if !privileged("a_bad_config_is_refused_naming_the_line") {
+        return;
+    }
+    let stack = Stack::up(Options { balancer: false, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    let path = stack.work.join("bad.toml");
+    let text = stack.config_text().replacen("weight = 1", "weight = 1000", 1);
+    std::fs::write(&path, &text).unwrap();
+    let line = text.lines().position(|l| l.contains("weight = 1000")).unwrap() + 1;
+    let lbd = stack.opts.bin_dir.join("lbd");
+    for cmd in ["check-config", "run --config"] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &stack.ns("lb")])
+            .arg(&lbd)
+            .args(cmd.split(' '))
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lbd {cmd} accepted a bad config");
+        assert!(err.contains(&format!("line {line}: weight 1000")), "lbd {cmd}: {err}");
+    }
+    assert!(!xdp_attached(&stack));
+    let _ = sh("true");
+}
