@@ -18,6 +18,19 @@ impl Conn {
         Ok(Conn { reader: BufReader::new(s) })
     }
 
+    /// Connects from a chosen local port, so that a series of connections are distinct
+    /// 5-tuples (the kernel may otherwise reuse a port at once, and a reused 5-tuple is,
+    /// to the balancer, the same flow).
+    pub fn open_from(local_port: u16, addr: SocketAddr) -> std::io::Result<Conn> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], local_port)).into())?;
+        s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Conn { reader: BufReader::new(s) })
+    }
+
     /// Sends a GET and reads the whole response: `(status, body)`.
     pub fn get(&mut self, path: &str, keep_alive: bool) -> std::io::Result<(u16, Vec<u8>)> {
         let conn = if keep_alive { "keep-alive" } else { "close" };

@@ -156,7 +156,8 @@ impl Stack {
         p.display().to_string()
     }
 
-    fn spawn(&mut self, role: &str, label: &str, args: &[String]) {
+    /// Starts `args` in `role`'s namespace; its output goes to `<work>/<label>.log`.
+    pub fn spawn(&mut self, role: &str, label: &str, args: &[String]) {
         let log = fs::File::create(self.work.join(format!("{label}.log"))).expect("log file");
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(role)])
@@ -311,7 +312,12 @@ impl Stack {
 
     /// Stops the balancer daemon with `signal` and waits for it to exit.
     pub fn stop_balancer(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
-        let i = self.procs.iter().position(|(l, _)| l == "lbd")?;
+        self.stop_process("lbd", signal)
+    }
+
+    /// Stops a process started with [`Stack::spawn`] and waits for it to exit.
+    pub fn stop_process(&mut self, label: &str, signal: i32) -> Option<std::process::ExitStatus> {
+        let i = self.procs.iter().position(|(l, _)| l == label)?;
         let (_, mut child) = self.procs.remove(i);
         stop(&mut child, signal)
     }

@@ -25,7 +25,9 @@ fn new_connections(stack: &Stack, n: usize) -> HashMap<String, u64> {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut per_node = HashMap::new();
         for i in 0..n {
-            let mut c = Conn::open(vip).unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"));
+            // Distinct source ports: n distinct flows.
+            let port = 20_000 + i as u16;
+            let mut c = Conn::open_from(port, vip).unwrap_or_else(|e| panic!("connection {i} (port {port}) to the VIP: {e}"));
             let (status, body) = c.get("/whoami", false).unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(status, 200);
             *per_node.entry(node_of(&body)).or_insert(0) += 1;

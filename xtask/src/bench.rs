@@ -10,5 +10,8 @@ pub fn run() -> Result<()> {
     }
     prereqs::ensure(Need::All)?;
     eprintln!("xtask: data plane: ns/packet against a trivial XDP_PASS program, Katran's figures for reference");
-    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "dataplane-bench"])
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "dataplane-bench"])?;
+    eprintln!("xtask: end to end: wrk through our VIP and through HAProxy, same topology, same run");
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app"])?;
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "e2e-bench"])
 }
