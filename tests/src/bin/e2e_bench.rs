@@ -42,12 +42,25 @@ fn to_ms(s: &str) -> f64 {
     }
 }
 
-fn wrk(stack: &Stack, url: &str, close: bool, secs: u32) -> Run {
+/// Concurrent connections of every wrk run.
+const CONNS: u32 = 32;
+
+/// One wrk run. `pace_ms`: each connection waits that long before its next request (wrk's
+/// `delay()`), which fixes the offered load, so that latencies compare at equal load.
+fn wrk(stack: &Stack, url: &str, close: bool, secs: u32, pace_ms: Option<u32>) -> Run {
     let header = if close { "-H 'Connection: close'" } else { "" };
+    let script = match pace_ms {
+        Some(ms) => {
+            let path = stack.work.join(format!("pace{ms}.lua"));
+            fs::write(&path, format!("function delay()\n  return {ms}\nend\n")).unwrap();
+            format!("-s {}", path.display())
+        }
+        None => String::new(),
+    };
     let before = cpu_jiffies();
     let out = stack.exec(
         "client",
-        &format!("timeout -s KILL {} wrk -t2 -c32 -d{secs}s --latency {header} {url}", secs + 20),
+        &format!("timeout -s KILL {} wrk -t2 -c{CONNS} -d{secs}s --latency {header} {script} {url}", secs + 20),
     );
     let busy = cpu_jiffies() - before;
     // SAFETY: sysconf has no preconditions.
@@ -89,7 +102,7 @@ fn main() {
     fs::write(
         &cfg,
         format!(
-            "global\n  maxconn 50000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend fe\n  bind {LB}:{HAPROXY_PORT}\n  default_backend be\n\
              backend be\n  balance roundrobin\n  server web1 {}:{HTTP_PORT}\n  server web2 {}:{HTTP_PORT}\n",
             WEB[0], WEB[1]
@@ -99,20 +112,29 @@ fn main() {
     let version = stack.exec("lb", "haproxy -v | head -1");
     let xdp_url = format!("http://{VIP}:{HTTP_PORT}/whoami");
     let ha_url = format!("http://{LB}:{HAPROXY_PORT}/whoami");
-    // [xdp keep-alive, xdp close, haproxy keep-alive, haproxy close]
+    // Closed loop (as fast as it goes): throughput and CPU. Paced (the same offered load for
+    // both, below HAProxy's capacity): latency.
+    // [xdp keep-alive, xdp close, haproxy keep-alive, haproxy close] x [closed, paced]
     let mut runs: [Vec<Run>; 4] = Default::default();
+    let mut paced: [Vec<Run>; 4] = Default::default();
+    const PACE_KEEPALIVE_MS: u32 = 2;
+    const PACE_CLOSE_MS: u32 = 10;
     for round in 0..rounds {
         if round > 0 {
             stack.start_balancer();
         }
-        runs[0].push(wrk(&stack, &xdp_url, false, secs));
-        runs[1].push(wrk(&stack, &xdp_url, true, secs));
+        runs[0].push(wrk(&stack, &xdp_url, false, secs, None));
+        runs[1].push(wrk(&stack, &xdp_url, true, secs, None));
+        paced[0].push(wrk(&stack, &xdp_url, false, secs, Some(PACE_KEEPALIVE_MS)));
+        paced[1].push(wrk(&stack, &xdp_url, true, secs, Some(PACE_CLOSE_MS)));
         // HAProxy alone: no XDP program on the balancer while it is measured.
         stack.stop_balancer(libc::SIGTERM);
         stack.spawn("lb", "haproxy", &["haproxy".into(), "-db".into(), "-f".into(), cfg.display().to_string()]);
         stack.wait_for("client", &format!("curl -sf -o /dev/null {ha_url}"), Duration::from_secs(10), "haproxy");
-        runs[2].push(wrk(&stack, &ha_url, false, secs));
-        runs[3].push(wrk(&stack, &ha_url, true, secs));
+        runs[2].push(wrk(&stack, &ha_url, false, secs, None));
+        runs[3].push(wrk(&stack, &ha_url, true, secs, None));
+        paced[2].push(wrk(&stack, &ha_url, false, secs, Some(PACE_KEEPALIVE_MS)));
+        paced[3].push(wrk(&stack, &ha_url, true, secs, Some(PACE_CLOSE_MS)));
         stack.stop_process("haproxy", libc::SIGTERM);
     }
     let avg = |v: &[Run]| {
@@ -126,21 +148,36 @@ fn main() {
         }
     };
     println!(
-        "\nEnd to end: wrk -t2 -c32 -d{secs}s GET /whoami from the client namespace, two web nodes, {rounds} rounds averaged, \
-         XDP in driver mode on veth; HAProxy: {}",
+        "\nEnd to end: wrk -t2 -c{CONNS} -d{secs}s GET /whoami from the client namespace, two web nodes, {rounds} rounds \
+         averaged, XDP in driver mode on veth; HAProxy: {}",
         version.trim()
     );
+    let names = ["XDP VIP, keep-alive", "XDP VIP, new conn/req", "HAProxy, keep-alive", "HAProxy, new conn/req"];
+    println!("\nClosed loop (as fast as it goes):");
     println!("{:<26} {:>10} {:>9} {:>9} {:>12} {:>7}", "", "req/s", "p50 ms", "p99 ms", "CPU ms/1k", "errors");
-    for (i, name) in ["XDP VIP, keep-alive", "XDP VIP, new conn/req", "HAProxy, keep-alive", "HAProxy, new conn/req"].iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let r = avg(&runs[i]);
         println!("{name:<26} {:>10.0} {:>9.3} {:>9.3} {:>12.1} {:>7}", r.rps, r.p50_ms, r.p99_ms, r.cpu_ms_per_1k, r.errors);
     }
+    println!(
+        "\nPaced, the same offered load for both (each connection waits {PACE_KEEPALIVE_MS} ms (keep-alive) or \
+         {PACE_CLOSE_MS} ms (new conn) between requests):"
+    );
+    println!("{:<26} {:>10} {:>9} {:>9} {:>12} {:>7}", "", "req/s", "p50 ms", "p99 ms", "CPU ms/1k", "errors");
+    for (i, name) in names.iter().enumerate() {
+        let r = avg(&paced[i]);
+        println!("{name:<26} {:>10.0} {:>9.3} {:>9.3} {:>12.1} {:>7}", r.rps, r.p50_ms, r.p99_ms, r.cpu_ms_per_1k, r.errors);
+    }
+    println!();
     for (label, ours, theirs, target) in [("keep-alive", 0, 2, 1.2), ("new conn/req", 1, 3, 1.5)] {
         let (o, t) = (avg(&runs[ours]), avg(&runs[theirs]));
+        let (po, pt) = (avg(&paced[ours]), avg(&paced[theirs]));
         println!(
-            "ours/HAProxy, {label:<13} req/s {:.2} (target >= {target}), p50 {:.2}, p99 {:.2} (target <= 1), CPU per request {:.2}",
+            "ours/HAProxy, {label:<13} req/s {:.2} (target >= {target}); at equal load p50 {:.2}, p99 {:.2} (target <= 1); \
+             closed-loop p99 {:.2}; CPU per request {:.2}",
             o.rps / t.rps,
-            o.p50_ms / t.p50_ms,
+            po.p50_ms / pt.p50_ms,
+            po.p99_ms / pt.p99_ms,
             o.p99_ms / t.p99_ms,
             o.cpu_ms_per_1k / t.cpu_ms_per_1k
         );
