@@ -29,7 +29,26 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 
-user_pod!(FlowKey, FlowValue);
+/// Slots of the per-CPU flow cache, direct-mapped by [`FlowKey::hash`].
+pub const FLOW_CACHE_SLOTS: u32 = 16384;
+
+/// A per-CPU cache entry in front of the flow table: an established packet that finds its
+/// flow here needs no hash-map helper call (the most expensive step left on its path). The
+/// flow table stays the authority: entries are filled from it and are valid only for the
+/// `LbConfig::generation` they were filled in; userspace bumps the generation at least once
+/// a second, so every cached flow is looked up in the table again (which also keeps it
+/// recent for the LRU) and any change userspace makes reaches the cache within that time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowCacheSlot {
+    /// [`FlowKey::words`]; all zero (never a real flow: protocol 0) when empty.
+    pub key: [u64; 2],
+    pub backend: u32,
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 24);
+
+user_pod!(FlowKey, FlowValue, FlowCacheSlot);
 
 #[inline(always)]
 pub(crate) fn fmix(mut h: u32) -> u32 {
@@ -43,6 +62,15 @@ pub(crate) fn fmix(mut h: u32) -> u32 {
 }
 
 impl FlowKey {
+    /// The key as two words, for a cheap comparison.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        [
+            u64::from_ne_bytes([self.src[0], self.src[1], self.src[2], self.src[3], self.dst[0], self.dst[1], self.dst[2], self.dst[3]]),
+            u64::from_ne_bytes([self.sport[0], self.sport[1], self.dport[0], self.dport[1], self.proto, 0, 0, 0]),
+        ]
+    }
+
     /// A deterministic hash of the 5-tuple, the same on every CPU, every balancer and after
     /// every restart. It places TCP packets that are not a SYN and have no flow entry
     /// (the entry was evicted, or the table was lost in a restart): the choice depends on
@@ -92,6 +120,16 @@ mod tests {
         }
         // Swapping ports is a different flow.
         assert_ne!(key([1, 2, 3, 4], 80, 40000, 6).hash(), key([1, 2, 3, 4], 40000, 80, 6).hash());
+    }
+
+    #[test]
+    fn words_distinguish_flows_and_are_never_empty() {
+        let a = key([192, 168, 1, 1], 40000, 80, 6);
+        assert_ne!(a.words(), [0, 0]);
+        assert_ne!(a.words(), key([192, 168, 1, 1], 40000, 80, 17).words());
+        assert_ne!(a.words(), key([192, 168, 1, 1], 40001, 80, 6).words());
+        assert_ne!(a.words(), FlowKey { dst: [10, 0, 0, 9], ..a }.words());
+        assert_eq!(a.words(), key([192, 168, 1, 1], 40000, 80, 6).words());
     }
 
     #[test]

@@ -122,8 +122,9 @@ impl Dataplane {
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
-    /// Makes the program ask the FIB again for every backend (after route or neighbour
-    /// changes; entries also expire on their own after `NEXTHOP_TTL_NS`).
+    /// Bumps `LbConfig::generation`: the program asks the FIB again for every backend (after
+    /// route or neighbour changes; entries also expire after `NEXTHOP_BUDGET` packets) and
+    /// re-reads every cached flow from the flow table. The daemon does it every second.
     pub fn invalidate_next_hops(&mut self) -> Result<(), DataplaneError> {
         let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
         cfg.generation = cfg.generation.wrapping_add(1);
@@ -185,13 +186,14 @@ impl Dataplane {
         self.flows.get(key, 0).ok()
     }
 
-    /// Forgets every pinned flow (as a restart without state would).
+    /// Forgets every pinned flow (as a restart without state would), including the
+    /// per-CPU flow caches (by a generation bump).
     pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
         let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = self.flows.remove(&k);
         }
-        Ok(())
+        self.invalidate_next_hops()
     }
 
     /// Global counters summed over CPUs.

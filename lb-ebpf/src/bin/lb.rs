@@ -19,7 +19,7 @@ use aya_ebpf::{
 use lb_common::{
     backend::{ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4, outer_len, LbConfig, IPIP_OVERHEAD},
-    flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
+    flow::{FlowCacheSlot, FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_SLOTS},
     packet::{parse_frame, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_TABLE_SIZE},
@@ -39,6 +39,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+/// Per-CPU cache in front of `FLOWS` (see `FlowCacheSlot`).
+#[map]
+static FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 /// Per-CPU cache of FIB answers, by backend index.
 #[map]
 static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -110,6 +113,15 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     // SAFETY: per-CPU value.
     let vip_stats = unsafe { &mut *vip_stats };
 
+    let Some(cfg) = CONFIG.get(0) else {
+        bump(stats, Counter::FibError);
+        return xdp_action::XDP_PASS;
+    };
+    let generation = cfg.generation;
+    let hash = p.key.hash();
+    let words = p.key.words();
+    let cache = FLOW_CACHE.get_ptr_mut(hash & (FLOW_CACHE_SLOTS - 1));
+
     let mut new_flow = false;
     let backend_idx = if p.opens_flow() && p.key.proto == PROTO_TCP {
         // A SYN: most are new, so insert first (one map operation, not a lookup and an
@@ -142,9 +154,16 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 }
             }
         }
+    } else if let Some(b) = cache.and_then(|c| {
+        // SAFETY: per-CPU value.
+        let c = unsafe { &*c };
+        (c.generation == generation && c.key == words).then_some(c.backend)
+    }) {
+        bump(stats, Counter::FlowHit);
+        b
     } else {
         // SAFETY: the value is copied out at once.
-        match unsafe { FLOWS.get(&p.key) } {
+        let found = match unsafe { FLOWS.get(&p.key) } {
             Some(v) => {
                 bump(stats, Counter::FlowHit);
                 v.backend
@@ -161,7 +180,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                     slot
                 } else {
                     bump(stats, Counter::HashFallback);
-                    p.key.hash() % vip.ring_len
+                    hash % vip.ring_len
                 };
                 let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
                     bump(stats, Counter::NoBackend);
@@ -173,7 +192,16 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 }
                 idx
             }
+        };
+        // Cache what the table said, for the flow's next packets. SYNs never fill the cache,
+        // so a SYN flood cannot push established flows out of it.
+        if p.tcp_flags & TCP_RST == 0 {
+            if let Some(c) = cache {
+                // SAFETY: per-CPU value.
+                unsafe { *c = FlowCacheSlot { key: words, backend: found, generation } };
+            }
         }
+        found
     };
     let (Some(backend), Some(backend_stats)) =
         (BACKENDS.get(backend_idx), BACKEND_STATS.get_ptr_mut(backend_idx))

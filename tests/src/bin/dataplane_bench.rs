@@ -53,14 +53,15 @@ fn main() {
     let cpu: usize = std::env::var("LB_BENCH_CPU").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     pin_to_cpu(cpu);
     let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(lb_common::flow::DEFAULT_FLOW_TABLE_SIZE) }).expect("load balancer");
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20) }).expect("load balancer");
     configure(&mut dp);
     let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
     let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
     floor.load().expect("load xdp_pass");
     let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
 
-    // Established flows: open 4096 flows once, then their ACKs are table hits.
+    // A flow table large enough that the new-flow path never evicts during the run
+    // (LB_BENCH_FLOWS to change). Established flows: 256 flows opened once, then their ACKs.
     let n_est: u32 = std::env::var("LB_BENCH_EST_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
     let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
     for &(i, port) in &est_flows {
