@@ -77,6 +77,30 @@ impl Counter {
         Counter::DecapMalformed,
     ];
 
+    /// The counters the balancer program keeps (the rest belong to the decapsulation program).
+    pub const BALANCER: &'static [Counter] = Counter::ALL.split_at(Counter::Decap as usize).0;
+
+    /// The XDP action a packet counted here left with, for the balancer's counters that
+    /// count packets (not `FlowHit`, `NewFlow`, `HashFallback`, which count placements).
+    pub const fn action(self) -> Option<&'static str> {
+        match self {
+            Counter::Tx => Some("tx"),
+            Counter::Redirect => Some("redirect"),
+            Counter::NoBackend => Some("drop"),
+            Counter::NotVip
+            | Counter::NotIp
+            | Counter::Ipv6
+            | Counter::OtherL4
+            | Counter::Fragment
+            | Counter::Malformed
+            | Counter::FibNoNeigh
+            | Counter::TooBig
+            | Counter::FibError
+            | Counter::EncapError => Some("pass"),
+            _ => None,
+        }
+    }
+
     /// Stable snake_case name, used as a metrics label.
     pub const fn name(self) -> &'static str {
         match self {
@@ -123,6 +147,17 @@ impl GlobalStats {
     pub fn get(&self, c: Counter) -> u64 {
         self.counters[c as usize]
     }
+
+    /// Sum of per-CPU values.
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a GlobalStats>) -> GlobalStats {
+        let mut sum = GlobalStats::default();
+        for s in per_cpu {
+            for (a, b) in sum.counters.iter_mut().zip(s.counters.iter()) {
+                *a += b;
+            }
+        }
+        sum
+    }
 }
 
 /// Traffic of one VIP or one backend: packets, bytes (of the frame as received) and new flows.
@@ -150,6 +185,22 @@ user_pod!(GlobalStats, TrafficStats);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balancer_counters_and_actions() {
+        assert_eq!(Counter::BALANCER.len(), 16);
+        assert!(!Counter::BALANCER.contains(&Counter::Decap));
+        assert_eq!(Counter::Tx.action(), Some("tx"));
+        assert_eq!(Counter::TooBig.action(), Some("pass"));
+        assert_eq!(Counter::NoBackend.action(), Some("drop"));
+        assert_eq!(Counter::FlowHit.action(), None);
+        // Every packet is counted under exactly one action: the action counters of the
+        // balancer partition its packets (placements are counted besides).
+        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback];
+        for c in Counter::BALANCER {
+            assert_eq!(c.action().is_none(), placements.contains(c), "{c:?}");
+        }
+    }
 
     #[test]
     fn all_is_in_index_order_with_unique_names() {

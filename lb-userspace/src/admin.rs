@@ -29,44 +29,9 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("valid response")
 }
 
-/// The counters the balancer program keeps (the decapsulation ones live on the backends).
-const BALANCER_COUNTERS: [Counter; 16] = [
-    Counter::NotVip,
-    Counter::FlowHit,
-    Counter::NewFlow,
-    Counter::Tx,
-    Counter::Redirect,
-    Counter::HashFallback,
-    Counter::NotIp,
-    Counter::Ipv6,
-    Counter::OtherL4,
-    Counter::Fragment,
-    Counter::Malformed,
-    Counter::NoBackend,
-    Counter::FibNoNeigh,
-    Counter::TooBig,
-    Counter::FibError,
-    Counter::EncapError,
-];
-
 /// Packets by XDP action, derived from the reason counters.
 pub fn actions(g: &GlobalStats) -> [(&'static str, u64); 4] {
-    let pass = [
-        Counter::NotVip,
-        Counter::NotIp,
-        Counter::Ipv6,
-        Counter::OtherL4,
-        Counter::Fragment,
-        Counter::Malformed,
-        Counter::FibNoNeigh,
-        Counter::TooBig,
-        Counter::FibError,
-        Counter::EncapError,
-    ]
-    .iter()
-    .map(|&c| g.get(c))
-    .sum();
-    [("pass", pass), ("tx", g.get(Counter::Tx)), ("redirect", g.get(Counter::Redirect)), ("drop", g.get(Counter::NoBackend))]
+    ["pass", "tx", "redirect", "drop"].map(|a| (a, Counter::BALANCER.iter().filter(|c| c.action() == Some(a)).map(|&c| g.get(c)).sum()))
 }
 
 struct LbCollector(Arc<Shared>);
@@ -99,7 +64,7 @@ impl Collector for LbCollector {
         let dp = self.0.dataplane.lock().expect("lock");
         let topo = self.0.topology.lock().expect("lock");
         let g = dp.global_stats().unwrap_or_default();
-        let rows: Vec<_> = BALANCER_COUNTERS.iter().map(|&c| (l(&[("reason", c.name())]), g.get(c))).collect();
+        let rows: Vec<_> = Counter::BALANCER.iter().map(|&c| (l(&[("reason", c.name())]), g.get(c))).collect();
         counter_family(&mut enc, "lb_xdp_packets", "Packets seen by the balancer program, by reason", &rows)?;
         let rows: Vec<_> = actions(&g).iter().map(|&(a, v)| (l(&[("action", a)]), v)).collect();
         counter_family(&mut enc, "lb_xdp_actions", "Packets by XDP action", &rows)?;
@@ -163,7 +128,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     let counters: serde_json::Map<String, serde_json::Value> =
-        BALANCER_COUNTERS.iter().map(|&c| (c.name().to_string(), json!(g.get(c)))).collect();
+        Counter::BALANCER.iter().map(|&c| (c.name().to_string(), json!(g.get(c)))).collect();
     json!({
         "version": topo.version,
         "ready": shared.ready.load(Ordering::SeqCst),

@@ -199,13 +199,7 @@ impl Dataplane {
     /// Global counters summed over CPUs.
     pub fn global_stats(&self) -> Result<GlobalStats, DataplaneError> {
         let per_cpu = self.stats.get(&0, 0).map_err(map_err("STATS"))?;
-        let mut sum = GlobalStats::default();
-        for s in per_cpu.iter() {
-            for (a, b) in sum.counters.iter_mut().zip(s.counters.iter()) {
-                *a += b;
-            }
-        }
-        Ok(sum)
+        Ok(GlobalStats::sum(per_cpu.iter()))
     }
 
     pub fn vip_stats(&self, vip_num: u32) -> Result<TrafficStats, DataplaneError> {

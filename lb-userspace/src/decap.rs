@@ -56,12 +56,6 @@ impl Decap {
 
     pub fn stats(&self) -> Result<GlobalStats, DecapError> {
         let per_cpu = self.stats.get(&0, 0).map_err(|e| DecapError::Map("STATS", e))?;
-        let mut sum = GlobalStats::default();
-        for s in per_cpu.iter() {
-            for (a, b) in sum.counters.iter_mut().zip(s.counters.iter()) {
-                *a += b;
-            }
-        }
-        Ok(sum)
+        Ok(GlobalStats::sum(per_cpu.iter()))
     }
 }

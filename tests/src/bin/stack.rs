@@ -2,17 +2,25 @@
 
 use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP};
 
-fn wait_for_signal() {
-    // SAFETY: plain signal-mask manipulation for this single-threaded wait.
+/// Blocks SIGINT and SIGTERM on this thread (and the threads it spawns later), so that
+/// they wait for `sigwait` instead of killing the process before it tears down.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-set manipulation.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let mut sig = 0;
-        libc::sigwait(&set, &mut sig);
+        set
     }
+}
+
+fn wait_for_signal() {
+    let set = block_signals();
+    let mut sig = 0;
+    // SAFETY: waits for one of the blocked signals.
+    unsafe { libc::sigwait(&set, &mut sig) };
 }
 
 fn main() {
@@ -25,15 +33,8 @@ fn main() {
     let skb = args.iter().any(|a| a == "--skb");
     let l2 = args.iter().any(|a| a == "--l2");
     let mut opts = Options::new(if skb { XdpMode::Skb } else { XdpMode::Driver }, if l2 { Forward::L2 } else { Forward::Ipip });
-    // Block the signals before any thread exists, so Ctrl-C reaches sigwait, not the default handler.
-    // SAFETY: signal mask of the main thread, inherited by threads spawned later.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    // Before any thread exists, so that Ctrl-C during setup also waits for the teardown.
+    block_signals();
     opts.balancer = true;
     eprintln!("stack: building the topology (client, balancer, web1, web2, switch)...");
     let stack = Stack::up(opts);
