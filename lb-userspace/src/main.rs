@@ -119,14 +119,18 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
         println!("{v:#}");
         return Ok(());
     }
-    println!("lbd {} ready={} encap_source={}", v["version"], v["ready"], v["encap_source"]);
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    println!("lbd {} ready={} encap_source={}", s(&v["version"]), v["ready"], s(&v["encap_source"]));
     for a in v["xdp"].as_array().into_iter().flatten() {
-        println!("  xdp on {} ({} mode)", a["interface"], a["mode"]);
+        println!("  xdp on {} ({} mode)", s(&a["interface"]), s(&a["mode"]));
     }
     for vip in v["vips"].as_array().into_iter().flatten() {
-        println!("  vip {} {} mode={} packets={} new_flows={}", vip["vip"], vip["name"], vip["mode"], vip["packets"], vip["new_flows"]);
+        println!("  vip {} ({}) mode={} packets={} new_flows={}", s(&vip["vip"]), s(&vip["name"]), s(&vip["mode"]), vip["packets"], vip["new_flows"]);
         for b in vip["backends"].as_array().into_iter().flatten() {
-            println!("    {} {} weight={} state={} packets={} new_flows={}", b["name"], b["address"], b["weight"], b["state"], b["packets"], b["new_flows"]);
+            println!(
+                "    backend {} {} weight={} state={} (per node, all VIPs: packets={} new_flows={})",
+                s(&b["name"]), s(&b["address"]), b["weight"], s(&b["state"]), b["packets"], b["new_flows"]
+            );
         }
     }
     println!("  actions {}", v["actions"]);
