@@ -179,11 +179,20 @@ impl Stack {
     /// Starts `args` in `role`'s namespace; its output goes to `<work>/<label>.log`.
     pub fn spawn(&mut self, role: &str, label: &str, args: &[String]) {
         let log = fs::File::create(self.work.join(format!("{label}.log"))).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(role)])
-            .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(role)]).args(args).stdout(log.try_clone().unwrap()).stderr(log);
+        // The caller may block SIGINT/SIGTERM (the `stack` binary does, to tear down in order);
+        // a child inherits the mask, and then would never see our SIGTERM.
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {label}: {e}"));
         self.procs.push((label.to_string(), child));
@@ -390,6 +399,11 @@ fn stop(child: &mut Child, signal: i32) -> Option<std::process::ExitStatus> {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // Signal every process first, then wait for each: they shut down side by side.
+        for (_, child) in &self.procs {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
         for (_, mut child) in self.procs.drain(..).rev() {
             stop(&mut child, libc::SIGTERM);
         }
