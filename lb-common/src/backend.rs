@@ -16,7 +16,20 @@ pub struct Backend {
     pub addr: [u8; 4],
     /// Ethernet address for `l2` mode VIPs (unused for `ipip`).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `BACKEND_DOWN`, ...
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// The backend failed its health checks: flows pinned to it are re-steered (its rings no
+/// longer hold it, so new flows never reach it).
+pub const BACKEND_DOWN: u8 = 1;
+
+impl Backend {
+    #[inline(always)]
+    pub fn is_down(&self) -> bool {
+        self.flags & BACKEND_DOWN != 0
+    }
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
 

@@ -19,6 +19,9 @@ pub enum Counter {
     Redirect,
     /// Non-SYN TCP without a flow entry, placed by the 5-tuple hash.
     HashFallback,
+    /// A flow pinned to a backend marked down, moved by the 5-tuple hash to a live one (whose
+    /// reset tells the client at once, instead of a hang).
+    Resteer,
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed untouched.
     NotIp,
     /// IPv6 (recognised; IPv6 VIPs come later): passed untouched.
@@ -61,6 +64,7 @@ impl Counter {
         Counter::Tx,
         Counter::Redirect,
         Counter::HashFallback,
+        Counter::Resteer,
         Counter::NotIp,
         Counter::Ipv6,
         Counter::OtherL4,
@@ -113,6 +117,7 @@ impl Counter {
             Counter::NewFlow => "new_flow",
             Counter::FlowHit => "flow_hit",
             Counter::HashFallback => "hash_fallback",
+            Counter::Resteer => "resteer",
             Counter::NoBackend => "no_backend",
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
@@ -188,7 +193,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 16);
+        assert_eq!(Counter::BALANCER.len(), 17);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));
@@ -196,7 +201,7 @@ mod tests {
         assert_eq!(Counter::FlowHit.action(), None);
         // Every packet is counted under exactly one action: the action counters of the
         // balancer partition its packets (placements are counted besides).
-        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback];
+        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer];
         for c in Counter::BALANCER {
             assert_eq!(c.action().is_none(), placements.contains(c), "{c:?}");
         }

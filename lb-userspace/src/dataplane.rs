@@ -8,7 +8,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    backend::{ring_index, Backend, MAX_BACKENDS, RING_SIZE},
+    backend::{ring_index, Backend, BACKEND_DOWN, MAX_BACKENDS, RING_SIZE},
     encap::LbConfig,
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
@@ -142,8 +142,21 @@ impl Dataplane {
         if index >= MAX_BACKENDS {
             return Err(DataplaneError::BackendIndex(index));
         }
-        let b = Backend { addr: addr.octets(), mac, _pad: [0; 2] };
+        let b = Backend { addr: addr.octets(), mac, flags: 0, _pad: 0 };
         self.backends.set(index, b, 0).map_err(map_err("BACKENDS"))
+    }
+
+    /// Marks a backend down (or up again). Take it out of its VIPs' rings first: flows still
+    /// pinned to a down backend are re-steered by the program, over the rings as they are.
+    /// Also invalidates the per-CPU flow caches, so the change applies to every packet now.
+    pub fn set_backend_down(&mut self, index: u32, down: bool) -> Result<(), DataplaneError> {
+        if index >= MAX_BACKENDS {
+            return Err(DataplaneError::BackendIndex(index));
+        }
+        let mut b = self.backends.get(&index, 0).map_err(map_err("BACKENDS"))?;
+        b.flags = if down { b.flags | BACKEND_DOWN } else { b.flags & !BACKEND_DOWN };
+        self.backends.set(index, b, 0).map_err(map_err("BACKENDS"))?;
+        self.invalidate_next_hops()
     }
 
     /// Installs or replaces a VIP with its ring of backend indexes (see

@@ -344,3 +344,48 @@ fn a_thousand_vips_and_vips_without_backends() {
         assert_eq!(testrun::run(dp.program(), &f, Some(ingress)).unwrap().action, XDP_TX, "VIP number {n}");
     }
 }
+
+/// A backend marked down: its pinned flows move (by hash) to a live backend of the ring,
+/// the move is remembered, new flows avoid it; back up, it takes new flows again.
+#[test]
+fn flows_of_a_dead_backend_are_resteered() {
+    use lb_common::vip::{ForwardMode, VipKey, PROTO_TCP};
+    if !privileged("flows_of_a_dead_backend_are_resteered") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+    let to = |b: usize, f: &[u8]| ipip(f, 14, LB_ADDR, REALS[b].addr, Some((LB_MAC, REALS[b].next_hop_mac)));
+    // Two flows: 41001 on A, 41002 on B.
+    for (sport, b) in [(41001u16, 0usize), (41002, 1)] {
+        let f = syn(sport).build();
+        assert_eq!(testrun::run(dp.program(), &f, Some(ingress)).unwrap().frame, to(b, &f), "SYN {sport}");
+    }
+    // A dies: rings first, then the flag.
+    let key = VipKey::new(VIP, 80, PROTO_TCP);
+    dp.set_vip(key, 0, ForwardMode::Ipip, &[1]).unwrap();
+    dp.set_backend_down(0, true).unwrap();
+    let ack_a = Pkt::tcp(CLIENT, 41001, VIP, 80, TCP_ACK).build();
+    let got = testrun::run(dp.program(), &ack_a, Some(ingress)).unwrap();
+    assert_eq!((got.action, &got.frame), (XDP_TX, &to(1, &ack_a)), "flow of the dead backend re-steered to B");
+    assert_eq!(dp.flow(&flow_key(41001)).map(|v| v.backend), Some(1), "the move is remembered");
+    let ack_b = Pkt::tcp(CLIENT, 41002, VIP, 80, TCP_ACK).build();
+    assert_eq!(testrun::run(dp.program(), &ack_b, Some(ingress)).unwrap().frame, to(1, &ack_b), "B's flow untouched");
+    let f = syn(41003).build();
+    assert_eq!(testrun::run(dp.program(), &f, Some(ingress)).unwrap().frame, to(1, &f), "new flow avoids A");
+    assert_eq!(dp.global_stats().unwrap().get(Counter::Resteer), 1);
+    // A is back: new flows reach it again; the moved flow stays where it went.
+    dp.set_backend_down(0, false).unwrap();
+    dp.set_vip(key, 0, ForwardMode::Ipip, &[0, 1]).unwrap();
+    assert_eq!(testrun::run(dp.program(), &ack_a, Some(ingress)).unwrap().frame, to(1, &ack_a));
+    let placed: Vec<usize> = (41010..41014u16)
+        .map(|sport| {
+            let f = syn(sport).build();
+            let out = testrun::run(dp.program(), &f, Some(ingress)).unwrap().frame;
+            (0..2).find(|&b| out == to(b, &f)).expect("to A or B")
+        })
+        .collect();
+    assert!(placed.contains(&0) && placed.contains(&1), "both in rotation again: {placed:?}");
+}

@@ -203,9 +203,33 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         }
         found
     };
-    let (Some(backend), Some(backend_stats)) =
-        (BACKENDS.get(backend_idx), BACKEND_STATS.get_ptr_mut(backend_idx))
-    else {
+    let Some(mut backend) = BACKENDS.get(backend_idx) else {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    let mut backend_idx = backend_idx;
+    if backend.is_down() && !new_flow {
+        // Pinned to a dead backend: move the flow by its hash over the VIP's ring (which no
+        // longer holds the dead one) and remember the move. The new backend answers with a
+        // reset, so the client learns at once.
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, hash % vip.ring_len)) else {
+            bump(stats, Counter::NoBackend);
+            return xdp_action::XDP_DROP;
+        };
+        let Some(b) = BACKENDS.get(idx) else {
+            bump(stats, Counter::NoBackend);
+            return xdp_action::XDP_DROP;
+        };
+        bump(stats, Counter::Resteer);
+        let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
+        if let Some(c) = cache {
+            // SAFETY: per-CPU value.
+            unsafe { *c = FlowCacheSlot { key: words, backend: idx, generation } };
+        }
+        backend_idx = idx;
+        backend = b;
+    }
+    let Some(backend_stats) = BACKEND_STATS.get_ptr_mut(backend_idx) else {
         bump(stats, Counter::NoBackend);
         return xdp_action::XDP_DROP;
     };
