@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod netutil;
 pub mod objects;
 pub mod testrun;
