@@ -96,6 +96,33 @@ impl Collector for LbCollector {
                 ConstGauge::new(i64::from(vb.weight)).encode(m.encode_family(&l(&[("vip", &v.vip), ("backend", &b.name)]))?)?;
             }
         }
+        let health = self.0.health.lock().expect("lock");
+        let mut m = enc.encode_descriptor("lb_backend_up", "1 if the backend passes its health checks", None, MetricType::Gauge)?;
+        for b in &topo.backends {
+            ConstGauge::new(i64::from(health[b.index as usize].up)).encode(m.encode_family(&l(&[("backend", &b.name)]))?)?;
+        }
+        let rows: Vec<_> = topo
+            .backends
+            .iter()
+            .flat_map(|b| {
+                let h = &health[b.index as usize];
+                [(l(&[("backend", &b.name), ("result", "ok")]), h.checks_ok), (l(&[("backend", &b.name), ("result", "failed")]), h.checks_failed)]
+            })
+            .collect();
+        counter_family(&mut enc, "lb_backend_checks", "Health checks, by result", &rows)?;
+        let rows: Vec<_> = topo.backends.iter().map(|b| (l(&[("backend", &b.name)]), health[b.index as usize].transitions)).collect();
+        counter_family(&mut enc, "lb_backend_transitions", "Health state changes (up to down or back)", &rows)?;
+        let mut m = enc.encode_descriptor("lb_backend_check_latency_seconds", "Duration of the last successful check", None, MetricType::Gauge)?;
+        for b in &topo.backends {
+            if let Some(ms) = health[b.index as usize].last_latency_ms {
+                ConstGauge::new(ms / 1000.0).encode(m.encode_family(&l(&[("backend", &b.name)]))?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("lb_vip_live_backends", "Backends of the VIP that take new flows", None, MetricType::Gauge)?;
+        for v in &topo.vips {
+            let live = v.backends.iter().filter(|m| health[m.backend as usize].up && m.weight > 0).count();
+            ConstGauge::new(live as i64).encode(m.encode_family(&l(&[("vip", &v.vip), ("name", &v.name)]))?)?;
+        }
         let mut m = enc.encode_descriptor("lb_xdp_attached", "XDP program attached to an interface, by mode", None, MetricType::Gauge)?;
         for a in &topo.xdp {
             ConstGauge::new(1i64).encode(m.encode_family(&l(&[("interface", &a.interface), ("mode", a.mode)]))?)?;
@@ -107,6 +134,7 @@ impl Collector for LbCollector {
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let dp = shared.dataplane.lock().expect("lock");
     let topo = shared.topology.lock().expect("lock");
+    let health = shared.health.lock().expect("lock");
     let g = dp.global_stats().unwrap_or_default();
     let vips: Vec<_> = topo
         .vips
@@ -119,11 +147,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 .map(|vb| {
                     let b = &topo.backends[vb.backend as usize];
                     let bs = dp.backend_stats(b.index).unwrap_or_default();
-                    json!({"name": b.name, "address": b.address, "mac": b.mac, "weight": vb.weight, "state": "up",
+                    let h = &health[b.index as usize];
+                    json!({"name": b.name, "address": b.address, "mac": b.mac, "weight": vb.weight,
+                           "state": if h.up { "up" } else { "down" }, "health": h,
                            "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows})
                 })
                 .collect();
-            json!({"name": v.name, "vip": v.vip, "mode": v.mode, "ring_len": v.ring_len, "packets": s.packets,
+            let live = v.backends.iter().filter(|m| health[m.backend as usize].up && m.weight > 0).count();
+            json!({"name": v.name, "vip": v.vip, "mode": v.mode, "ring_len": v.ring_len, "live_backends": live,
+                   "state": if live == 0 { "down: no live backend, packets dropped" } else { "up" }, "packets": s.packets,
                    "bytes": s.bytes, "new_flows": s.new_flows, "backends": backends})
         })
         .collect();

@@ -66,7 +66,31 @@ struct File {
     #[serde(default)]
     admin: Option<AdminFile>,
     #[serde(default)]
+    health: Option<HealthFile>,
+    #[serde(default)]
     vip: Vec<VipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthFile {
+    check: Spanned<String>,
+    #[serde(default)]
+    port: Option<Spanned<i64>>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    expect_status: Option<Spanned<i64>>,
+    #[serde(default)]
+    interval_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    fast_interval_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    timeout_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    rise: Option<Spanned<i64>>,
+    #[serde(default)]
+    fall: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,7 +137,26 @@ pub struct Config {
     pub flow_table_size: u32,
     pub encap_source: Option<Ipv4Addr>,
     pub admin_listen: SocketAddr,
+    /// Health checks of every backend; `None`: no checks, backends are always up.
+    pub health: Option<HealthSettings>,
     pub vips: Vec<VipConfig>,
+}
+
+/// `[health]`: how every backend is checked (HAProxy's meaning and defaults: interval
+/// 2000 ms, rise 2, fall 3; fast interval and timeout default to the interval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// `tcp` (connect) or `http` (GET `path`, expect `expect_status`).
+    pub http: bool,
+    /// Port to check; `None`: the port of the first VIP the backend serves.
+    pub port: Option<u16>,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval_ms: u64,
+    pub fast_interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +231,44 @@ impl Ctx<'_> {
 }
 
 impl Config {
+    fn health(cx: &Ctx, h: &HealthFile) -> Result<HealthSettings, ConfigError> {
+        let int = |v: &Option<Spanned<i64>>, name: &str, range: std::ops::RangeInclusive<i64>, default: i64| -> Result<i64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(x) if range.contains(x.get_ref()) => Ok(*x.get_ref()),
+                Some(x) => cx.err(x.span(), format!("{name} {} is out of range {}..={}", x.get_ref(), range.start(), range.end())),
+            }
+        };
+        let http = match h.check.get_ref().as_str() {
+            "http" => true,
+            "tcp" => false,
+            other => return cx.err(h.check.span(), format!("check {other:?}: expected tcp or http")),
+        };
+        if !http {
+            for (field, span) in [("path", h.path.as_ref().map(|p| p.span())), ("expect_status", h.expect_status.as_ref().map(|p| p.span()))] {
+                if let Some(span) = span {
+                    return cx.err(span, format!("{field} is only used by check = \"http\""));
+                }
+            }
+        }
+        let path = h.path.as_ref().map(|p| p.get_ref().clone()).unwrap_or_else(|| "/healthz".into());
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
+            return cx.err(h.path.as_ref().expect("given").span(), format!("path {path:?} must start with / and have no spaces"));
+        }
+        let interval_ms = int(&h.interval_ms, "interval_ms", 10..=3_600_000, 2000)? as u64;
+        Ok(HealthSettings {
+            http,
+            port: h.port.as_ref().map(|_| int(&h.port, "port", 1..=65535, 0)).transpose()?.map(|p| p as u16),
+            path,
+            expect_status: int(&h.expect_status, "expect_status", 100..=599, 200)? as u16,
+            interval_ms,
+            fast_interval_ms: int(&h.fast_interval_ms, "fast_interval_ms", 10..=3_600_000, interval_ms as i64)? as u64,
+            timeout_ms: int(&h.timeout_ms, "timeout_ms", 10..=3_600_000, interval_ms as i64)? as u64,
+            rise: int(&h.rise, "rise", 1..=100, 2)? as u32,
+            fall: int(&h.fall, "fall", 1..=100, 3)? as u32,
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.display().to_string(),
@@ -242,6 +323,11 @@ impl Config {
             Some(a) => a.listen.get_ref().parse().or_else(|_| {
                 cx.err(a.listen.span(), format!("admin listen {:?} is not an address:port", a.listen.get_ref()))
             })?,
+        };
+
+        let health = match &f.health {
+            None => None,
+            Some(h) => Some(Self::health(&cx, h)?),
         };
 
         if f.vip.len() > MAX_VIPS as usize {
@@ -312,6 +398,7 @@ impl Config {
             flow_table_size,
             encap_source,
             admin_listen,
+            health,
             vips,
         })
     }
@@ -409,6 +496,31 @@ mac = "02:00:00:00:00:11"
         let err = Config::parse("t.toml", "interfaces = [\"eth0\"]\n[[vip]]\nvip = \"1.2.3.4:80/tcp\"\n").unwrap_err();
         assert_eq!(err.line, Some(3));
         assert!(err.message.contains("no [[vip.backend]]"));
+    }
+
+    #[test]
+    fn health_section() {
+        let base = "interfaces = [\"eth0\"]\n[health]\n";
+        let c = Config::parse("t.toml", &format!("{base}check = \"http\"\ninterval_ms = 500\nrise = 1\n")).unwrap();
+        let h = c.health.unwrap();
+        assert!(h.http);
+        assert_eq!((h.interval_ms, h.fast_interval_ms, h.timeout_ms, h.rise, h.fall), (500, 500, 500, 1, 3));
+        assert_eq!((h.path.as_str(), h.expect_status, h.port), ("/healthz", 200, None));
+        let c = Config::parse("t.toml", &format!("{base}check = \"tcp\"\nport = 8080\n")).unwrap();
+        assert_eq!(c.health.unwrap().port, Some(8080));
+        assert_eq!(Config::parse("t.toml", "interfaces = [\"eth0\"]\n").unwrap().health, None);
+        for (body, line, fragment) in [
+            ("check = \"icmp\"\n", 3, "expected tcp or http"),
+            ("check = \"tcp\"\npath = \"/x\"\n", 4, "only used by check"),
+            ("check = \"http\"\nfall = 0\n", 4, "fall 0 is out of range"),
+            ("check = \"http\"\ninterval_ms = 1\n", 4, "out of range"),
+            ("check = \"http\"\npath = \"healthz\"\n", 4, "must start with /"),
+            ("check = \"http\"\nretries = 3\n", 4, "unknown field"),
+        ] {
+            let err = Config::parse("t.toml", &format!("{base}{body}")).unwrap_err();
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(fragment), "{err}");
+        }
     }
 
     #[test]

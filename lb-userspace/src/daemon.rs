@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, XdpModeSetting},
-    netutil, Dataplane, LoadOptions,
+    health, netutil, Dataplane, LoadOptions,
 };
 
 /// How often the next-hop cache is invalidated, bounding how long a changed neighbour MAC or
@@ -45,6 +45,27 @@ pub struct VipInfo {
     pub mode: &'static str,
     pub ring_len: usize,
     pub backends: Vec<VipBackend>,
+    #[serde(skip)]
+    pub key: VipKey,
+    #[serde(skip)]
+    pub forward: ForwardMode,
+}
+
+/// What the health checks say of a backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendHealth {
+    pub up: bool,
+    pub checks_ok: u64,
+    pub checks_failed: u64,
+    pub transitions: u64,
+    pub last_latency_ms: Option<f64>,
+    pub last_failure: Option<String>,
+}
+
+impl Default for BackendHealth {
+    fn default() -> Self {
+        Self { up: true, checks_ok: 0, checks_failed: 0, transitions: 0, last_latency_ms: None, last_failure: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +88,58 @@ pub struct Topology {
 pub struct Shared {
     pub dataplane: Mutex<Dataplane>,
     pub topology: Mutex<Topology>,
+    /// By backend index.
+    pub health: Mutex<Vec<BackendHealth>>,
     pub ready: AtomicBool,
+}
+
+/// Rebuilds the rings of the VIPs that use `backend` from the backends that are up, and flags
+/// the backend in the data plane. Going down: rings first, so that re-steered flows land on
+/// live backends; coming up: the flag first, then the rings.
+pub fn apply_health(shared: &Shared, backend: u32, up: bool) -> Result<()> {
+    let mut dp = shared.dataplane.lock().expect("lock");
+    let mut topo = shared.topology.lock().expect("lock");
+    let mut health = shared.health.lock().expect("lock");
+    health[backend as usize].up = up;
+    if up {
+        dp.set_backend_down(backend, false)?;
+    }
+    let names: Vec<String> = topo.backends.iter().map(|b| b.name.clone()).collect();
+    for v in topo.vips.iter_mut().filter(|v| v.backends.iter().any(|m| m.backend == backend)) {
+        let weights: Vec<(u32, u32)> =
+            v.backends.iter().filter(|m| health[m.backend as usize].up).map(|m| (m.backend, m.weight)).collect();
+        let ring = ring::build(&weights).unwrap_or_default();
+        dp.set_vip(v.key, v.vip_num, v.forward, &ring)?;
+        v.ring_len = ring.len();
+        if ring.is_empty() {
+            tracing::error!(vip = %v.vip, name = %v.name, "no live backend left: the VIP's packets are dropped until one comes back");
+        } else {
+            let live: Vec<&str> = weights.iter().map(|&(b, _)| names[b as usize].as_str()).collect();
+            info!(vip = %v.vip, name = %v.name, ?live, "ring rebuilt");
+        }
+    }
+    if !up {
+        dp.set_backend_down(backend, true)?;
+    }
+    Ok(())
+}
+
+/// Health-check settings of one backend: the port of the first VIP it serves unless given.
+fn check_config(h: &crate::config::HealthSettings, port: u16) -> health::CheckConfig {
+    let port = h.port.unwrap_or(port);
+    let kind = if h.http {
+        health::CheckKind::Http { port, path: h.path.clone(), expect_status: h.expect_status }
+    } else {
+        health::CheckKind::Tcp { port }
+    };
+    health::CheckConfig {
+        kind,
+        interval: Duration::from_millis(h.interval_ms),
+        fast_interval: Duration::from_millis(h.fast_interval_ms),
+        timeout: Duration::from_millis(h.timeout_ms),
+        rise: h.rise,
+        fall: h.fall,
+    }
 }
 
 fn mode_name(m: XdpMode) -> &'static str {
@@ -122,6 +194,8 @@ pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> R
             mode: if v.mode == ForwardMode::L2 { "l2" } else { "ipip" },
             ring_len: ring.len(),
             backends: members,
+            key,
+            forward: v.mode,
         });
     }
     Ok((vips, backends))
@@ -215,7 +289,24 @@ pub async fn run(config: Config) -> Result<()> {
         vips,
         backends,
     };
-    let shared = Arc::new(Shared { dataplane: Mutex::new(dp), topology: Mutex::new(topology), ready: AtomicBool::new(false) });
+    let health = Mutex::new(vec![BackendHealth::default(); topology.backends.len()]);
+    let shared = Arc::new(Shared { dataplane: Mutex::new(dp), topology: Mutex::new(topology), health, ready: AtomicBool::new(false) });
+
+    // Health checks: one task per backend; reports come back here.
+    let (report_tx, mut reports) = tokio::sync::mpsc::channel::<health::CheckReport>(256);
+    let mut checkers = Vec::new();
+    if let Some(h) = &config.health {
+        let topo = shared.topology.lock().expect("lock").clone();
+        for b in &topo.backends {
+            let port = config.vips.iter().find(|v| v.backends.iter().any(|x| x.addr == b.address)).map(|v| v.port).unwrap_or(80);
+            let cfg = check_config(h, port);
+            info!(backend = %b.name, address = %b.address, check = ?cfg.kind, interval_ms = h.interval_ms, rise = h.rise, fall = h.fall, "health checks on");
+            checkers.push(health::spawn(b.index, b.name.clone(), b.address, cfg, report_tx.clone()));
+        }
+    } else {
+        info!("no [health] section: backends are never checked and always up");
+    }
+    drop(report_tx);
 
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -229,6 +320,25 @@ pub async fn run(config: Config) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            Some(r) = reports.recv() => {
+                {
+                    let mut health = shared.health.lock().expect("lock");
+                    let h = &mut health[r.backend as usize];
+                    if r.ok { h.checks_ok += 1 } else { h.checks_failed += 1 }
+                    h.last_latency_ms = r.latency.map(|l| l.as_secs_f64() * 1000.0);
+                    if let Some(reason) = &r.reason {
+                        h.last_failure = Some(reason.clone());
+                    }
+                    if r.transition.is_some() {
+                        h.transitions += 1;
+                    }
+                }
+                if let Some(up) = r.transition {
+                    if let Err(e) = apply_health(&shared, r.backend, up) {
+                        warn!(backend = r.backend, error = %e, "could not apply a health change");
+                    }
+                }
+            }
             _ = refresh.tick() => {
                 if let Err(e) = shared.dataplane.lock().expect("lock").invalidate_next_hops() {
                     warn!(error = %e, "next-hop refresh failed");
@@ -240,6 +350,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin.abort();
+    for c in checkers {
+        c.abort();
+    }
     let mut dp = shared.dataplane.lock().expect("lock");
     for id in links {
         if let Err(e) = dp.program_mut().detach(id) {

@@ -19,14 +19,20 @@ fn cpus() -> u64 {
     std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
 }
 
+/// Next source port for `new_connections`: every batch uses ports no earlier batch used, so
+/// each connection is a new flow (a reused 5-tuple would keep its old backend).
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20_000);
+
 /// `n` new connections (one request each) from the client; requests served per node.
 fn new_connections(stack: &Stack, n: usize) -> HashMap<String, u64> {
+    let base = NEXT_PORT.fetch_add(n as u16, std::sync::atomic::Ordering::SeqCst);
+    assert!(base < 60_000, "test source ports exhausted");
     stack.in_ns("client", move || {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut per_node = HashMap::new();
         for i in 0..n {
             // Distinct source ports: n distinct flows.
-            let port = 20_000 + i as u16;
+            let port = base + i as u16;
             let mut c = Conn::open_from(port, vip).unwrap_or_else(|e| panic!("connection {i} (port {port}) to the VIP: {e}"));
             let (status, body) = c.get("/whoami", false).unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(status, 200);
@@ -195,4 +201,59 @@ fn a_bad_config_is_refused_naming_the_line() {
     }
     assert!(!xdp_attached(&stack));
     let _ = sh("true");
+}
+
+/// Health checks take a dead node out and put it back. web2 vanishes from the network (its
+/// link goes down: no FIN, no RST, the worst case); once detected, every new connection is
+/// served by web1, and a keep-alive connection pinned to web2 fails at once (re-steered to
+/// web1, which resets it) instead of hanging; when web2 returns it gets new connections again.
+#[test]
+fn a_dead_node_is_taken_out_and_comes_back() {
+    if !privileged("a_dead_node_is_taken_out_and_comes_back") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let state = |stack: &Stack, node: &str| -> String {
+        let s = stack.status();
+        let b = s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == node).unwrap().clone();
+        b["state"].as_str().unwrap().to_string()
+    };
+    let wait_state = |stack: &Stack, node: &str, want: &str| -> Duration {
+        let start = std::time::Instant::now();
+        while state(stack, node) != want {
+            assert!(start.elapsed() < Duration::from_secs(10), "{node} never became {want}:\n{}", stack.log("lbd"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    assert_eq!(state(&stack, "web2"), "up");
+    // A keep-alive connection that lands on web2, kept open across the failure.
+    let mut pinned = stack.in_ns("client", || {
+        for port in 30_000..30_050u16 {
+            let mut c = Conn::open_from(port, SocketAddr::from((VIP, HTTP_PORT))).unwrap();
+            if node_of(&c.get("/whoami", true).unwrap().1) == "web2" {
+                return c;
+            }
+        }
+        panic!("no connection landed on web2");
+    });
+    stack.exec("web2", "ip link set eth0 down");
+    let detection = wait_state(&stack, "web2", "down");
+    eprintln!("web2 marked down {} ms after it vanished", detection.as_millis());
+    let t = std::time::Instant::now();
+    let result = pinned.get("/whoami", true);
+    assert!(result.is_err(), "the connection pinned to the dead node must fail, got {result:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "it must fail promptly (reset), took {:?}", t.elapsed());
+    let served = new_connections(&stack, 200);
+    assert_eq!(served.get("web1"), Some(&200), "every new connection on web1 while web2 is down: {served:?}");
+    assert!(stack.status()["counters"]["resteer"].as_u64().unwrap() >= 1, "the pinned flow was re-steered");
+    // web2 comes back.
+    stack.exec("web2", "ip link set eth0 up");
+    let back = wait_state(&stack, "web2", "up");
+    eprintln!("web2 back in rotation {} ms after its link came up", back.as_millis());
+    let served = new_connections(&stack, 200);
+    for node in ["web1", "web2"] {
+        let got = served.get(node).copied().unwrap_or(0);
+        assert!(got.abs_diff(100) <= cpus(), "after web2's return {served:?}");
+    }
 }
