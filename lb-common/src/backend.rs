@@ -84,10 +84,11 @@ pub fn round_robin_slot(per_cpu_new_flows: u64, cpu: u32, ring_len: u32) -> u32 
     ((per_cpu_new_flows + u64::from(cpu)) % u64::from(ring_len)) as u32
 }
 
-/// Index into the flat ring array for `vip_num`'s `slot`.
+/// Index into the flat ring array for `slot` of ring `half` (0 or 1) of `vip_num`: every VIP
+/// has two rings, the active one and the one userspace writes next.
 #[inline(always)]
-pub fn ring_index(vip_num: u32, slot: u32) -> u32 {
-    vip_num * RING_SIZE + slot
+pub fn ring_index(vip_num: u32, half: u32, slot: u32) -> u32 {
+    (vip_num * 2 + (half & 1)) * RING_SIZE + slot
 }
 
 #[cfg(test)]
@@ -143,7 +144,9 @@ mod tests {
 
     #[test]
     fn ring_index_is_flat() {
-        assert_eq!(ring_index(0, 0), 0);
-        assert_eq!(ring_index(2, 5), 2 * RING_SIZE + 5);
+        assert_eq!(ring_index(0, 0, 0), 0);
+        assert_eq!(ring_index(0, 1, 3), RING_SIZE + 3);
+        assert_eq!(ring_index(2, 0, 5), 4 * RING_SIZE + 5);
+        assert_eq!(ring_index(2, 1, RING_SIZE - 1), 6 * RING_SIZE - 1);
     }
 }

@@ -101,10 +101,13 @@ pub enum ForwardMode {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipMeta {
-    /// Index of this VIP's ring (`RINGS[vip_num * RING_SIZE ..]`) and counters.
+    /// Index of this VIP's two rings and its counters.
     pub vip_num: u32,
-    /// Number of used slots in the ring; 0 means no backend (packets are dropped).
-    pub ring_len: u32,
+    /// The active ring: its length (low 16 bits; 0 means no backend, packets are dropped)
+    /// and which of the VIP's two rings it is (bit 16). One aligned word, so that a reader
+    /// never pairs one ring with the other's length: userspace writes the inactive ring, then
+    /// flips this word (double buffering; no packet sees a half-written ring).
+    pub ring: u32,
     /// A [`ForwardMode`] as u32.
     pub mode: u32,
     pub _pad: u32,
@@ -115,6 +118,18 @@ impl VipMeta {
     #[inline(always)]
     pub fn is_l2(&self) -> bool {
         self.mode == ForwardMode::L2 as u32
+    }
+    #[inline(always)]
+    pub fn ring_len(&self) -> u32 {
+        self.ring & 0xffff
+    }
+    /// 0 or 1: which of the VIP's two rings is active.
+    #[inline(always)]
+    pub fn ring_half(&self) -> u32 {
+        (self.ring >> 16) & 1
+    }
+    pub const fn ring_word(len: u32, half: u32) -> u32 {
+        (len & 0xffff) | ((half & 1) << 16)
     }
 }
 

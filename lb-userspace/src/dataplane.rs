@@ -160,9 +160,9 @@ impl Dataplane {
     }
 
     /// Installs or replaces a VIP with its ring of backend indexes (see
-    /// `lb_common::ring::build`). The ring is written before the VIP entry that announces
-    /// its length, so the program never indexes a slot that is not written yet. An empty
-    /// ring is a VIP without backends: its packets are dropped and counted.
+    /// `lb_common::ring::build`). The ring goes into the VIP's inactive ring, then one word of
+    /// the VIP entry switches to it: the program sees the old ring or the new one, never a
+    /// mix. An empty ring is a VIP without backends: its packets are dropped and counted.
     pub fn set_vip(&mut self, key: VipKey, vip_num: u32, mode: ForwardMode, ring: &[u32]) -> Result<(), DataplaneError> {
         if vip_num >= MAX_VIPS {
             return Err(DataplaneError::VipNumber(vip_num));
@@ -170,19 +170,20 @@ impl Dataplane {
         if ring.len() > RING_SIZE as usize {
             return Err(DataplaneError::RingLength(ring.len()));
         }
-        for (slot, &backend) in ring.iter().enumerate() {
-            if backend >= MAX_BACKENDS {
-                return Err(DataplaneError::BackendIndex(backend));
-            }
-            self.rings.set(ring_index(vip_num, slot as u32), backend, 0).map_err(map_err("RINGS"))?;
+        if let Some(&b) = ring.iter().find(|&&b| b >= MAX_BACKENDS) {
+            return Err(DataplaneError::BackendIndex(b));
         }
-        let meta = VipMeta { vip_num, ring_len: ring.len() as u32, mode: mode as u32, _pad: 0 };
         let (slot, new) = self.vip_table.place(&key).map_err(|_| DataplaneError::VipTableCrowded(key))?;
+        let current = self.vips.get(&slot, 0).map_err(map_err("VIPS"))?;
+        let half = if new { 0 } else { current.meta.ring_half() ^ 1 };
+        for (i, &backend) in ring.iter().enumerate() {
+            self.rings.set(ring_index(vip_num, half, i as u32), backend, 0).map_err(map_err("RINGS"))?;
+        }
+        let meta = VipMeta { vip_num, ring: VipMeta::ring_word(ring.len() as u32, half), mode: mode as u32, _pad: 0 };
         if new {
             // First the metadata under the old (free) key, then the key: a concurrent reader
             // sees either no VIP or the whole VIP, never the key with stale metadata.
-            let free = self.vips.get(&slot, 0).map_err(map_err("VIPS"))?.key;
-            self.vips.set(slot, VipSlot { key: free, meta }, 0).map_err(map_err("VIPS"))?;
+            self.vips.set(slot, VipSlot { key: current.key, meta }, 0).map_err(map_err("VIPS"))?;
         }
         self.vips.set(slot, VipSlot { key: key.packed(), meta }, 0).map_err(map_err("VIPS"))
     }

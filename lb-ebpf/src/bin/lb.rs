@@ -29,9 +29,9 @@ use lb_ebpf::{adjust_head, write_l2, XdpFrame};
 /// Open-addressing table of VIPs (see `lb_common::vip::find_vip`).
 #[map]
 static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
-/// `MAX_VIPS` rings of `RING_SIZE` backend indexes, flat.
+/// Two rings of `RING_SIZE` backend indexes per VIP (active and next), flat.
 #[map]
-static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_SIZE, 0);
+static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * RING_SIZE, 0);
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Established flows. LRU, so a full table evicts the coldest flow instead of failing; with
@@ -106,7 +106,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         bump(stats, Counter::NotVip);
         return xdp_action::XDP_PASS;
     };
-    let (Some(vip_stats), true) = (VIP_STATS.get_ptr_mut(vip.vip_num), vip.ring_len > 0) else {
+    let (Some(vip_stats), true) = (VIP_STATS.get_ptr_mut(vip.vip_num), vip.ring_len() > 0) else {
         bump(stats, Counter::NoBackend);
         return xdp_action::XDP_DROP;
     };
@@ -128,8 +128,8 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         // insert); a retransmitted SYN finds its flow there and keeps its backend.
         // SAFETY: plain helper call.
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
-        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
+        let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), slot)) else {
             bump(stats, Counter::NoBackend);
             return xdp_action::XDP_DROP;
         };
@@ -175,14 +175,14 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                     new_flow = true;
                     // SAFETY: plain helper call.
                     let cpu = unsafe { bpf_get_smp_processor_id() };
-                    let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len);
+                    let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
                     vip_stats.new_flows += 1;
                     slot
                 } else {
                     bump(stats, Counter::HashFallback);
-                    hash % vip.ring_len
+                    hash % vip.ring_len()
                 };
-                let Some(&idx) = RINGS.get(ring_index(vip.vip_num, slot)) else {
+                let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), slot)) else {
                     bump(stats, Counter::NoBackend);
                     return xdp_action::XDP_DROP;
                 };
@@ -212,7 +212,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         // Pinned to a dead backend: move the flow by its hash over the VIP's ring (which no
         // longer holds the dead one) and remember the move. The new backend answers with a
         // reset, so the client learns at once.
-        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, hash % vip.ring_len)) else {
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), hash % vip.ring_len())) else {
             bump(stats, Counter::NoBackend);
             return xdp_action::XDP_DROP;
         };
