@@ -135,6 +135,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let dp = shared.dataplane.lock().expect("lock");
     let topo = shared.topology.lock().expect("lock");
     let health = shared.health.lock().expect("lock");
+    let runtime = shared.runtime.lock().expect("lock");
     let g = dp.global_stats().unwrap_or_default();
     let vips: Vec<_> = topo
         .vips
@@ -148,12 +149,16 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                     let b = &topo.backends[vb.backend as usize];
                     let bs = dp.backend_stats(b.index).unwrap_or_default();
                     let h = &health[b.index as usize];
-                    json!({"name": b.name, "address": b.address, "mac": b.mac, "weight": vb.weight,
-                           "state": if h.up { "up" } else { "down" }, "health": h,
+                    let rt = runtime.get(&b.name).cloned().unwrap_or_default();
+                    json!({"name": b.name, "address": b.address, "mac": b.mac, "weight": rt.weight.unwrap_or(vb.weight),
+                           "state": if h.up { "up" } else { "down" }, "admin_state": rt.state, "health": h,
                            "packets": bs.packets, "bytes": bs.bytes, "new_flows": bs.new_flows})
                 })
                 .collect();
-            let live = v.backends.iter().filter(|m| health[m.backend as usize].up && m.weight > 0).count();
+            let live = v.ring_len.min(1) * v.backends.iter().filter(|m| {
+                let rt = runtime.get(&topo.backends[m.backend as usize].name).cloned().unwrap_or_default();
+                health[m.backend as usize].up && rt.state == crate::daemon::AdminState::Ready && rt.weight.unwrap_or(m.weight) > 0
+            }).count();
             json!({"name": v.name, "vip": v.vip, "mode": v.mode, "ring_len": v.ring_len, "live_backends": live,
                    "state": if live == 0 { "down: no live backend, packets dropped" } else { "up" }, "packets": s.packets,
                    "bytes": s.bytes, "new_flows": s.new_flows, "backends": backends})
@@ -173,10 +178,61 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// `POST /backends/<name>/state` (body `ready`, `drain` or `maint`) and
+/// `POST /backends/<name>/weight` (body 0..=256, or `config` for the configured weights),
+/// with `Authorization: Bearer <token>`.
+async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let authorized = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.trim() == shared.token);
+    if !authorized {
+        return reply(StatusCode::UNAUTHORIZED, "text/plain", "missing or wrong token: send Authorization: Bearer <token from the token file>\n");
+    }
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (name, what) = match parts.as_slice() {
+        ["backends", name, what] => (name.to_string(), what.to_string()),
+        _ => return reply(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {path:?}: POST /backends/<name>/state or /backends/<name>/weight\n")),
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), 1024).collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+        Err(_) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", "body too large (1 KiB at most)\n"),
+    };
+    let result = match what.as_str() {
+        "state" => match body.parse::<crate::daemon::AdminState>() {
+            Ok(state) => crate::daemon::set_runtime(&shared, &name, |r| r.state = state),
+            Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        },
+        "weight" => {
+            let weight = match body.as_str() {
+                "config" => None,
+                w => match w.parse::<u32>() {
+                    Ok(w) if w <= crate::config::MAX_WEIGHT => Some(w),
+                    _ => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("weight {body:?}: expected 0..=256 or config\n")),
+                },
+            };
+            crate::daemon::set_runtime(&shared, &name, |r| r.weight = weight)
+        }
+        other => return reply(StatusCode::NOT_FOUND, "text/plain", format!("no such setting {other:?}: state or weight\n")),
+    };
+    match result {
+        Ok(r) => reply(StatusCode::OK, "application/json", format!("{}\n", json!({"backend": name, "runtime": r}))),
+        Err(e) if e.starts_with("no backend") => reply(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+    }
+}
+
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>, registry: Arc<Registry>) -> Result<Response<Body>, Infallible> {
     debug!(method = %req.method(), path = req.uri().path(), "admin request");
+    if req.method() == Method::POST {
+        return Ok(mutate(req, shared).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", format!("{} is not allowed: the admin API is read-only (GET)\n", req.method())));
+        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", format!("{} is not allowed: GET to read, POST to change\n", req.method())));
     }
     Ok(match req.uri().path() {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n"),

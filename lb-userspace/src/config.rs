@@ -33,6 +33,8 @@ use serde_spanned::Spanned;
 
 pub const MAX_WEIGHT: u32 = 256;
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
+pub const DEFAULT_TOKEN_FILE: &str = "/run/lbd/admin.token";
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lbd/runtime-state.json";
 
 /// A configuration error, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +98,12 @@ struct HealthFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AdminFile {
-    listen: Spanned<String>,
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    state_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +144,10 @@ pub struct Config {
     pub flow_table_size: u32,
     pub encap_source: Option<Ipv4Addr>,
     pub admin_listen: SocketAddr,
+    /// Mutating admin calls need the token in this root-only file (created if missing).
+    pub token_file: std::path::PathBuf,
+    /// Runtime state (ready/drain/maint, weights) kept across restarts.
+    pub state_file: std::path::PathBuf,
     /// Health checks of every backend; `None`: no checks, backends are always up.
     pub health: Option<HealthSettings>,
     pub vips: Vec<VipConfig>,
@@ -318,12 +329,19 @@ impl Config {
             None => None,
             Some(a) => Some(a.get_ref().parse::<Ipv4Addr>().or_else(|_| cx.err(a.span(), format!("encap_source {:?} is not an IPv4 address", a.get_ref())))?),
         };
-        let admin_listen = match &f.admin {
+        let admin_listen = match f.admin.as_ref().and_then(|a| a.listen.as_ref()) {
             None => DEFAULT_ADMIN.parse().expect("valid default"),
-            Some(a) => a.listen.get_ref().parse().or_else(|_| {
-                cx.err(a.listen.span(), format!("admin listen {:?} is not an address:port", a.listen.get_ref()))
-            })?,
+            Some(l) => l.get_ref().parse().or_else(|_| cx.err(l.span(), format!("admin listen {:?} is not an address:port", l.get_ref())))?,
         };
+        let path = |v: Option<&Spanned<String>>, default: &str| -> Result<std::path::PathBuf, ConfigError> {
+            match v {
+                None => Ok(default.into()),
+                Some(p) if p.get_ref().starts_with('/') => Ok(p.get_ref().into()),
+                Some(p) => cx.err(p.span(), format!("{:?} must be an absolute path", p.get_ref())),
+            }
+        };
+        let token_file = path(f.admin.as_ref().and_then(|a| a.token_file.as_ref()), DEFAULT_TOKEN_FILE)?;
+        let state_file = path(f.admin.as_ref().and_then(|a| a.state_file.as_ref()), DEFAULT_STATE_FILE)?;
 
         let health = match &f.health {
             None => None,
@@ -398,6 +416,8 @@ impl Config {
             flow_table_size,
             encap_source,
             admin_listen,
+            token_file,
+            state_file,
             health,
             vips,
         })

@@ -51,6 +51,39 @@ pub struct VipInfo {
     pub forward: ForwardMode,
 }
 
+/// The operator's word on a backend (HAProxy's `set server ... state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes new flows.
+    #[default]
+    Ready,
+    /// No new flows; flows already pinned to it continue until they end.
+    Drain,
+    /// Out: no new flows, and pinned flows are moved to other backends (they get a reset).
+    Maint,
+}
+
+impl std::str::FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "ready" => Ok(AdminState::Ready),
+            "drain" => Ok(AdminState::Drain),
+            "maint" => Ok(AdminState::Maint),
+            other => Err(format!("state {other:?}: expected ready, drain or maint")),
+        }
+    }
+}
+
+/// Runtime settings of one backend, kept in the state file across restarts.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Runtime {
+    pub state: AdminState,
+    /// Overrides the configured weight in every VIP of the backend.
+    pub weight: Option<u32>,
+}
+
 /// What the health checks say of a backend.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendHealth {
@@ -90,38 +123,100 @@ pub struct Shared {
     pub topology: Mutex<Topology>,
     /// By backend index.
     pub health: Mutex<Vec<BackendHealth>>,
+    /// By backend name.
+    pub runtime: Mutex<BTreeMap<String, Runtime>>,
+    pub state_file: std::path::PathBuf,
+    pub token: String,
     pub ready: AtomicBool,
 }
 
-/// Rebuilds the rings of the VIPs that use `backend` from the backends that are up, and flags
-/// the backend in the data plane. Going down: rings first, so that re-steered flows land on
-/// live backends; coming up: the flag first, then the rings.
-pub fn apply_health(shared: &Shared, backend: u32, up: bool) -> Result<()> {
+/// Brings the data plane in line with health and runtime state: a backend is in its VIPs'
+/// rings when it passes its checks, is `ready` and has a nonzero weight; it is flagged down
+/// (pinned flows re-steered) when it fails its checks or is in `maint`. Flags are cleared
+/// before the rings are rebuilt and set after, so that re-steered flows land on live backends.
+pub fn reconcile(shared: &Shared) -> Result<()> {
     let mut dp = shared.dataplane.lock().expect("lock");
     let mut topo = shared.topology.lock().expect("lock");
-    let mut health = shared.health.lock().expect("lock");
-    health[backend as usize].up = up;
-    if up {
-        dp.set_backend_down(backend, false)?;
-    }
-    let names: Vec<String> = topo.backends.iter().map(|b| b.name.clone()).collect();
-    for v in topo.vips.iter_mut().filter(|v| v.backends.iter().any(|m| m.backend == backend)) {
-        let weights: Vec<(u32, u32)> =
-            v.backends.iter().filter(|m| health[m.backend as usize].up).map(|m| (m.backend, m.weight)).collect();
-        let ring = ring::build(&weights).unwrap_or_default();
-        dp.set_vip(v.key, v.vip_num, v.forward, &ring)?;
-        v.ring_len = ring.len();
-        if ring.is_empty() {
-            tracing::error!(vip = %v.vip, name = %v.name, "no live backend left: the VIP's packets are dropped until one comes back");
-        } else {
-            let live: Vec<&str> = weights.iter().map(|&(b, _)| names[b as usize].as_str()).collect();
-            info!(vip = %v.vip, name = %v.name, ?live, "ring rebuilt");
+    let health = shared.health.lock().expect("lock");
+    let runtime = shared.runtime.lock().expect("lock");
+    let rt = |name: &str| runtime.get(name).cloned().unwrap_or_default();
+    let down: Vec<bool> =
+        topo.backends.iter().map(|b| !health[b.index as usize].up || rt(&b.name).state == AdminState::Maint).collect();
+    for b in &topo.backends {
+        if !down[b.index as usize] {
+            dp.set_backend_down(b.index, false)?;
         }
     }
-    if !up {
-        dp.set_backend_down(backend, true)?;
+    let backends = topo.backends.clone();
+    for v in topo.vips.iter_mut() {
+        let weights: Vec<(u32, u32)> = v
+            .backends
+            .iter()
+            .filter_map(|m| {
+                let b = &backends[m.backend as usize];
+                let r = rt(&b.name);
+                let weight = r.weight.unwrap_or(m.weight);
+                (health[m.backend as usize].up && r.state == AdminState::Ready && weight > 0).then_some((m.backend, weight))
+            })
+            .collect();
+        let ring = ring::build(&weights).unwrap_or_default();
+        if ring.len() != v.ring_len || ring.is_empty() {
+            let live: Vec<&str> = weights.iter().map(|&(b, _)| backends[b as usize].name.as_str()).collect();
+            if ring.is_empty() {
+                tracing::error!(vip = %v.vip, name = %v.name, "no live backend left: the VIP's packets are dropped until one comes back");
+            } else {
+                info!(vip = %v.vip, name = %v.name, ?live, "ring rebuilt");
+            }
+        }
+        dp.set_vip(v.key, v.vip_num, v.forward, &ring)?;
+        v.ring_len = ring.len();
+    }
+    for b in &topo.backends {
+        if down[b.index as usize] {
+            dp.set_backend_down(b.index, true)?;
+        }
     }
     Ok(())
+}
+
+/// Applies an operator change to a backend, persists the runtime state, reconciles.
+pub fn set_runtime(shared: &Shared, name: &str, change: impl FnOnce(&mut Runtime)) -> Result<Runtime, String> {
+    if !shared.topology.lock().expect("lock").backends.iter().any(|b| b.name == name) {
+        return Err(format!("no backend named {name:?}"));
+    }
+    let new = {
+        let mut runtime = shared.runtime.lock().expect("lock");
+        let r = runtime.entry(name.to_string()).or_default();
+        change(r);
+        let new = r.clone();
+        let text = serde_json::to_vec_pretty(&*runtime).map_err(|e| e.to_string())?;
+        if let Some(dir) = shared.state_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(&shared.state_file, text).map_err(|e| format!("cannot save {}: {e}", shared.state_file.display()))?;
+        new
+    };
+    reconcile(shared).map_err(|e| format!("{e:#}"))?;
+    info!(backend = name, state = ?new.state, weight = ?new.weight, "runtime state changed");
+    Ok(new)
+}
+
+/// Reads the admin token, creating a random one (mode 0600) if the file does not exist.
+fn admin_token(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(t) = std::fs::read_to_string(path) {
+        return Ok(t.trim().to_string());
+    }
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).context("reading /dev/urandom")?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    info!(path = %path.display(), "admin token created");
+    Ok(token)
 }
 
 /// Health-check settings of one backend: the port of the first VIP it serves unless given.
@@ -290,7 +385,24 @@ pub async fn run(config: Config) -> Result<()> {
         backends,
     };
     let health = Mutex::new(vec![BackendHealth::default(); topology.backends.len()]);
-    let shared = Arc::new(Shared { dataplane: Mutex::new(dp), topology: Mutex::new(topology), health, ready: AtomicBool::new(false) });
+    let runtime: BTreeMap<String, Runtime> = match std::fs::read(&config.state_file) {
+        Ok(text) => serde_json::from_slice(&text).with_context(|| format!("{} is not a runtime state file", config.state_file.display()))?,
+        Err(_) => BTreeMap::new(),
+    };
+    if !runtime.is_empty() {
+        info!(state_file = %config.state_file.display(), ?runtime, "runtime state restored");
+    }
+    let token = admin_token(&config.token_file)?;
+    let shared = Arc::new(Shared {
+        dataplane: Mutex::new(dp),
+        topology: Mutex::new(topology),
+        health,
+        runtime: Mutex::new(runtime),
+        state_file: config.state_file.clone(),
+        token,
+        ready: AtomicBool::new(false),
+    });
+    reconcile(&shared)?;
 
     // Health checks: one task per backend; reports come back here.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel::<health::CheckReport>(256);
@@ -334,7 +446,8 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                 }
                 if let Some(up) = r.transition {
-                    if let Err(e) = apply_health(&shared, r.backend, up) {
+                    shared.health.lock().expect("lock")[r.backend as usize].up = up;
+                    if let Err(e) = reconcile(&shared) {
                         warn!(backend = r.backend, error = %e, "could not apply a health change");
                     }
                 }

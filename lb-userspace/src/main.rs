@@ -15,7 +15,8 @@ use lb_userspace::{backend_setup, config::{Config, XdpModeSetting, DEFAULT_ADMIN
     long_about = "XDP load balancer: steers each new flow of a VIP round-robin to a backend, with direct server return.\n\n\
                   On the balancer:   lbd check-config lbd.toml && sudo lbd run --config lbd.toml\n\
                   On each backend:   sudo lbd backend-setup --vip 10.0.100.1 --interface eth0   (--undo to revert)\n\
-                  Anywhere:          lbd status --admin 127.0.0.1:9100\n\n\
+                  Anywhere:          lbd status --admin 127.0.0.1:9100\n\
+                  Change it live:    sudo lbd ctl backend drain web1   (ready, maint; weight web1 3)\n\n\
                   The configuration format is documented in README.md (and in `lbd check-config --help`)."
 )]
 struct Cli {
@@ -64,6 +65,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change a running daemon: `lbd ctl backend drain web1`, `... ready web1`, `... maint web1`,
+    /// `lbd ctl backend weight web1 3` (or `config`). Needs the admin token.
+    Ctl {
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// The file holding the admin token (readable by root only).
+        #[arg(long, default_value = lb_userspace::config::DEFAULT_TOKEN_FILE)]
+        token_file: PathBuf,
+        #[command(subcommand)]
+        what: CtlCmd,
+    },
     /// Prepare this host as a backend for direct server return (run it on the backend).
     BackendSetup {
         /// A VIP this backend serves (repeatable); bound on loopback. Without any, only the
@@ -88,6 +100,53 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Backend state or weight.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendAction {
+    /// Takes new flows again.
+    Ready { name: String },
+    /// No new flows; pinned flows continue until they end.
+    Drain { name: String },
+    /// Out: no new flows, pinned flows moved elsewhere.
+    Maint { name: String },
+    /// Weight in every VIP of the backend (0..=256), or `config` to go back to the configured ones.
+    Weight { name: String, weight: String },
+}
+
+async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()> {
+    use http_body_util::{BodyExt, Full};
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the admin token {} (root only; --token-file)", token_file.display()))?;
+    let CtlCmd::Backend { action } = what;
+    let (name, setting, value) = match action {
+        BackendAction::Ready { name } => (name, "state", "ready".to_string()),
+        BackendAction::Drain { name } => (name, "state", "drain".to_string()),
+        BackendAction::Maint { name } => (name, "state", "maint".to_string()),
+        BackendAction::Weight { name, weight } => (name, "weight", weight),
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
+    let req = hyper::Request::post(format!("http://{admin}/backends/{name}/{setting}"))
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+        .body(Full::new(bytes::Bytes::from(value)))?;
+    let resp = client.request(req).await.with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", text.trim());
+    }
+    println!("{}", text.trim());
+    Ok(())
 }
 
 fn init_tracing() {
@@ -150,6 +209,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(status(admin, json))),
+        Cmd::Ctl { admin, token_file, what } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ctl(admin, token_file, what))),
         Cmd::BackendSetup { vips, interface, mode, xdp_mode, pin_dir, state_dir, undo } => {
             let o = backend_setup::Options {
                 vips,

@@ -257,3 +257,50 @@ fn a_dead_node_is_taken_out_and_comes_back() {
         assert!(got.abs_diff(100) <= cpus(), "after web2's return {served:?}");
     }
 }
+
+/// Runtime control: drain keeps pinned connections and sends new ones elsewhere, ready
+/// restores the split, the state survives a daemon restart, and bad requests get a 4xx with
+/// a reason.
+#[test]
+fn drain_ready_and_runtime_state() {
+    if !privileged("drain_ready_and_runtime_state") {
+        return;
+    }
+    let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let mut pinned = stack.in_ns("client", || {
+        for port in 31_000..31_050u16 {
+            let mut c = Conn::open_from(port, SocketAddr::from((VIP, HTTP_PORT))).unwrap();
+            if node_of(&c.get("/whoami", true).unwrap().1) == "web1" {
+                return c;
+            }
+        }
+        panic!("no connection landed on web1");
+    });
+    let out = stack.ctl("backend drain web1").expect("drain");
+    assert!(out.contains("drain"), "{out}");
+    let served = new_connections(&stack, 100);
+    assert_eq!(served.get("web2"), Some(&100), "new connections avoid the drained node: {served:?}");
+    for _ in 0..10 {
+        assert_eq!(node_of(&pinned.get("/whoami", true).expect("pinned connection keeps working").1), "web1");
+    }
+    // The state survives a restart of the daemon.
+    stack.stop_balancer(libc::SIGTERM);
+    stack.start_balancer();
+    let s = stack.status();
+    let web1 = s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == "web1").unwrap().clone();
+    assert_eq!(web1["admin_state"], "drain", "{web1}");
+    let served = new_connections(&stack, 50);
+    assert_eq!(served.get("web2"), Some(&50), "still drained after a restart: {served:?}");
+    stack.ctl("backend ready web1").expect("ready");
+    let served = new_connections(&stack, 200);
+    for node in ["web1", "web2"] {
+        assert!(served.get(node).copied().unwrap_or(0).abs_diff(100) <= cpus(), "ready restores the split: {served:?}");
+    }
+    // Bad requests: a reason and a 4xx.
+    let err = stack.ctl("backend drain web9").unwrap_err();
+    assert!(err.contains("404") && err.contains("no backend named"), "{err}");
+    let err = stack.ctl("backend weight web1 999").unwrap_err();
+    assert!(err.contains("400") && err.contains("0..=256"), "{err}");
+    let code = stack.exec("lb", &format!("curl -s -o /dev/null -w '%{{http_code}}' -X POST -d drain http://{}/backends/web1/state", tests::stack::ADMIN));
+    assert_eq!(code.trim(), "401", "no token");
+}
