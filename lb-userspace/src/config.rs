@@ -6,6 +6,7 @@
 //! xdp_mode = "auto"              # driver | skb | auto (driver, else skb; the outcome is logged)
 //! flow_table_size = 262144       # established flows held (LRU)
 //! encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
+//! pin_dir = "/sys/fs/bpf/lbd"    # optional: pin maps and links here; a restart adopts them
 //!
 //! [admin]
 //! listen = "127.0.0.1:9100"      # /metrics, /status, /live, /ready
@@ -65,6 +66,8 @@ struct File {
     flow_table_size: Option<Spanned<i64>>,
     #[serde(default)]
     encap_source: Option<Spanned<String>>,
+    #[serde(default)]
+    pin_dir: Option<Spanned<String>>,
     #[serde(default)]
     admin: Option<AdminFile>,
     #[serde(default)]
@@ -143,6 +146,9 @@ pub struct Config {
     pub xdp_mode: XdpModeSetting,
     pub flow_table_size: u32,
     pub encap_source: Option<Ipv4Addr>,
+    /// Where maps and XDP links are pinned (bpffs), so that a restart adopts them; `None`:
+    /// nothing outlives the daemon.
+    pub pin_dir: Option<std::path::PathBuf>,
     pub admin_listen: SocketAddr,
     /// Mutating admin calls need the token in this root-only file (created if missing).
     pub token_file: std::path::PathBuf,
@@ -340,6 +346,7 @@ impl Config {
                 Some(p) => cx.err(p.span(), format!("{:?} must be an absolute path", p.get_ref())),
             }
         };
+        let pin_dir = f.pin_dir.as_ref().map(|p| path(Some(p), "")).transpose()?;
         let token_file = path(f.admin.as_ref().and_then(|a| a.token_file.as_ref()), DEFAULT_TOKEN_FILE)?;
         let state_file = path(f.admin.as_ref().and_then(|a| a.state_file.as_ref()), DEFAULT_STATE_FILE)?;
 
@@ -415,6 +422,7 @@ impl Config {
             xdp_mode,
             flow_table_size,
             encap_source,
+            pin_dir,
             admin_listen,
             token_file,
             state_file,

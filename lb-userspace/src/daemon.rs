@@ -328,15 +328,20 @@ pub async fn run(config: Config) -> Result<()> {
             .first()
             .ok_or_else(|| anyhow!("interface {} has no IPv4 address: set encap_source", config.interfaces[0]))?,
     };
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: config.flow_table_size })
+    if let Some(d) = &config.pin_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {} (a bpffs directory)", d.display()))?;
+    }
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: config.flow_table_size, pin_dir: config.pin_dir.clone() })
         .context("loading the XDP program (are we root, with CAP_BPF and CAP_NET_ADMIN?)")?;
     let (vips, backends) = program(&mut dp, &config, encap_source)?;
 
     // The FIB lookup runs from the ingress interface's point of view: it must forward.
     let mut sysctls = SysctlGuard(Vec::new());
     let mut links: Vec<XdpLinkId> = Vec::new();
+    let mut pinned_links: Vec<aya::programs::links::PinnedLink> = Vec::new();
     let mut xdp = Vec::new();
     for iface in &config.interfaces {
+        let link_pin = config.pin_dir.as_ref().map(|d| d.join(format!("link-{iface}")));
         let index = netutil::ifindex(iface)?;
         dp.add_tx_port(index)?;
         sysctls.set(&format!("net.ipv4.conf.{iface}.forwarding"), "1")?;
@@ -350,6 +355,16 @@ pub async fn run(config: Config) -> Result<()> {
             XdpModeSetting::Skb => &[XdpMode::Skb],
             XdpModeSetting::Auto => &[XdpMode::Driver, XdpMode::Skb],
         };
+        if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+            // A previous daemon left the program attached: swap ours in atomically.
+            let link = aya::programs::links::PinnedLink::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+            let fd: aya::programs::links::FdLink = link.into();
+            let xdp_link = aya::programs::xdp::XdpLink::try_from(fd).context("pinned link is not an XDP link")?;
+            links.push(dp.program_mut().attach_to_link(xdp_link).context("replacing the program in the pinned link")?);
+            info!(interface = %iface, pin = %pin.display(), "adopted the running XDP link: program replaced in place, flows and counters kept");
+            xdp.push(Attachment { interface: iface.clone(), mode: "adopted" });
+            continue;
+        }
         let mut attached = None;
         let mut last_err = None;
         for &m in modes {
@@ -372,7 +387,13 @@ pub async fn run(config: Config) -> Result<()> {
             );
         };
         info!(interface = %iface, mode = mode_name(m), "XDP program attached");
-        links.push(id);
+        if let Some(pin) = &link_pin {
+            let link = dp.program_mut().take_link(id)?;
+            let fd: aya::programs::links::FdLink = link.try_into().context("XDP link is not a bpf_link (kernel older than 5.9?)")?;
+            pinned_links.push(fd.pin(pin).with_context(|| format!("pinning the XDP link at {}", pin.display()))?);
+        } else {
+            links.push(id);
+        }
         xdp.push(Attachment { interface: iface.clone(), mode: mode_name(m) });
     }
 
@@ -430,6 +451,8 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut refresh = tokio::time::interval(NEXTHOP_REFRESH);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let mut keep = false;
     loop {
         tokio::select! {
             Some(r) = reports.recv() => {
@@ -459,6 +482,15 @@ pub async fn run(config: Config) -> Result<()> {
             }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = usr1.recv() => {
+                if config.pin_dir.is_some() {
+                    info!("SIGUSR1: exiting for a restart; the program stays attached and pinned, the next lbd adopts it");
+                    keep = true;
+                } else {
+                    warn!("SIGUSR1 without pin_dir: nothing can outlive this daemon, shutting down");
+                }
+                break;
+            }
         }
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -466,10 +498,29 @@ pub async fn run(config: Config) -> Result<()> {
     for c in checkers {
         c.abort();
     }
+    if keep {
+        // Traffic keeps flowing through the pinned program; the next daemon needs the sysctls.
+        std::mem::forget(sysctls);
+        return Ok(());
+    }
     let mut dp = shared.dataplane.lock().expect("lock");
     for id in links {
         if let Err(e) = dp.program_mut().detach(id) {
             warn!(error = %e, "detach failed");
+        }
+    }
+    for link in pinned_links {
+        if let Err(e) = link.unpin() {
+            warn!(error = %e, "unpin failed");
+        }
+    }
+    if let Some(d) = &config.pin_dir {
+        // The adopted link (if any) is held by the program: remove its pin so it goes with us.
+        for iface in &config.interfaces {
+            let _ = std::fs::remove_file(d.join(format!("link-{iface}")));
+        }
+        for m in crate::dataplane::MAPS {
+            let _ = std::fs::remove_file(d.join(m));
         }
     }
     info!("XDP program detached");

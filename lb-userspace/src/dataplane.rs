@@ -45,13 +45,20 @@ pub enum DataplaneError {
 pub struct LoadOptions {
     /// Entries of the flow table (LRU).
     pub flow_table_size: u32,
+    /// Pin every map under this bpffs directory, or reuse the maps already pinned there
+    /// (a restarted daemon keeps the flow table, the rings and the counters).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_table_size: DEFAULT_FLOW_TABLE_SIZE }
+        Self { flow_table_size: DEFAULT_FLOW_TABLE_SIZE, pin_dir: None }
     }
 }
+
+/// The balancer's maps, by name (also their pin file names).
+pub const MAPS: [&str; 11] =
+    ["VIPS", "RINGS", "BACKENDS", "FLOWS", "FLOW_CACHE", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -83,9 +90,14 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 impl Dataplane {
     /// Loads the object and the program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("FLOWS", opts.flow_table_size)
-            .load(objects::balancer())?;
+        let pins: Vec<(&str, std::path::PathBuf)> =
+            opts.pin_dir.iter().flat_map(|d| MAPS.iter().map(move |&m| (m, d.join(m)))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries("FLOWS", opts.flow_table_size);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(objects::balancer())?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::MissingMap(PROGRAM))?

@@ -34,7 +34,9 @@ impl Conn {
     /// Sends a GET and reads the whole response: `(status, body)`.
     pub fn get(&mut self, path: &str, keep_alive: bool) -> std::io::Result<(u16, Vec<u8>)> {
         let conn = if keep_alive { "keep-alive" } else { "close" };
-        write!(self.reader.get_mut(), "GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: {conn}\r\n\r\n")?;
+        // One write: several small ones would wait on Nagle and the peer's delayed ACK.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: vip\r\nConnection: {conn}\r\n\r\n");
+        self.reader.get_mut().write_all(req.as_bytes())?;
         self.read_response()
     }
 

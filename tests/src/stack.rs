@@ -76,11 +76,13 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// Start the balancer daemon (benchmarks may want HAProxy instead).
     pub balancer: bool,
+    /// Give lbd a `pin_dir`, so that a restart (SIGUSR1, then start again) adopts the program.
+    pub pinned: bool,
 }
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false }
     }
 }
 
@@ -317,6 +319,9 @@ impl Stack {
             name = self.name,
             work = self.work.display()
         );
+        if self.opts.pinned {
+            c = c.replacen("flow_table_size", &format!("pin_dir = \"{}/lbd\"\nflow_table_size", self.pin_dir.display()), 1);
+        }
         for (vip, name) in [(format!("{VIP}:{HTTP_PORT}/tcp"), "web"), (format!("{VIP}:{UDP_PORT}/udp"), "echo")] {
             c += &format!("\n[[vip]]\nname = \"{name}\"\nvip = \"{vip}\"\nmode = \"{mode}\"\n");
             for (i, addr) in WEB.iter().enumerate() {

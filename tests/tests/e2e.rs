@@ -304,3 +304,62 @@ fn drain_ready_and_runtime_state() {
     let code = stack.exec("lb", &format!("curl -s -o /dev/null -w '%{{http_code}}' -X POST -d drain http://{}/backends/web1/state", tests::stack::ADMIN));
     assert_eq!(code.trim(), "401", "no token");
 }
+
+/// A daemon restart under load drops nothing: lbd exits with SIGUSR1 leaving the program
+/// attached and pinned, a new lbd adopts it (replacing the program in place), and meanwhile
+/// new connections and a keep-alive connection keep being served. SIGTERM then removes all.
+#[test]
+fn a_daemon_restart_under_load_drops_nothing() {
+    if !privileged("a_daemon_restart_under_load_drops_nothing") {
+        return;
+    }
+    let mut stack = Stack::up(Options { pinned: true, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let netns = format!("/run/netns/{}", stack.ns("client"));
+    let load = std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).unwrap();
+        // SAFETY: this thread only.
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        let vip = SocketAddr::from((VIP, HTTP_PORT));
+        let mut keep = Conn::open_from(39_999, vip).unwrap();
+        let keep_node = node_of(&keep.get("/whoami", true).unwrap().1);
+        let (mut ok, mut failed, mut moved) = (0u32, Vec::new(), 0u32);
+        let start = std::time::Instant::now();
+        for i in 0..20_000u32 {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) || start.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            let port = 40_000 + (i % 20_000) as u16;
+            match Conn::open_from(port, vip).and_then(|mut c| c.get("/whoami", false)) {
+                Ok((200, _)) => ok += 1,
+                other => failed.push(format!("{i}: {other:?}")),
+            }
+            match keep.get("/whoami", true) {
+                Ok((200, body)) if node_of(&body) == keep_node => ok += 1,
+                Ok(_) => moved += 1,
+                Err(e) => failed.push(format!("keep-alive {i}: {e}")),
+            }
+        }
+        (ok, failed, moved)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let status = stack.stop_balancer(libc::SIGUSR1).expect("lbd was running");
+    assert!(status.success(), "SIGUSR1: {status}");
+    assert!(stack.exec("lb", "ip -d link show dev eth0").contains("prog/xdp"), "still attached between daemons");
+    std::thread::sleep(Duration::from_millis(300));
+    stack.start_balancer();
+    assert_eq!(stack.status()["xdp"][0]["mode"], "adopted");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, moved) = load.join().unwrap();
+    eprintln!("{ok} requests served across the restart, {} failed, {moved} moved", failed.len());
+    assert!(ok > 100, "the load must have run ({ok})");
+    assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
+    assert_eq!(moved, 0, "the keep-alive connection must stay on its node");
+    // A real stop removes everything.
+    stack.stop_balancer(libc::SIGTERM);
+    assert!(!stack.exec("lb", "ip -d link show dev eth0").contains("prog/xdp"), "SIGTERM must detach");
+    let left = stack.exec("lb", &format!("ls {}/lbd", stack.pin_dir.display()));
+    assert!(left.trim().is_empty(), "pins left behind: {left}");
+}

@@ -53,7 +53,7 @@ fn main() {
     let cpu: usize = std::env::var("LB_BENCH_CPU").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     pin_to_cpu(cpu);
     let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20) }).expect("load balancer");
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20), pin_dir: None }).expect("load balancer");
     configure(&mut dp);
     let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
     let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
