@@ -96,6 +96,8 @@ struct HealthFile {
     rise: Option<Spanned<i64>>,
     #[serde(default)]
     fall: Option<Spanned<i64>>,
+    #[serde(default)]
+    on_marked_down: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +176,9 @@ pub struct HealthSettings {
     pub timeout_ms: u64,
     pub rise: u32,
     pub fall: u32,
+    /// HAProxy's `on-marked-down shutdown-sessions` (default): flows pinned to a backend that
+    /// fails its checks are moved (and so reset) at once; `false` (`"none"`): they stay.
+    pub shutdown_sessions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +288,11 @@ impl Config {
             timeout_ms: int(&h.timeout_ms, "timeout_ms", 10..=3_600_000, interval_ms as i64)? as u64,
             rise: int(&h.rise, "rise", 1..=100, 2)? as u32,
             fall: int(&h.fall, "fall", 1..=100, 3)? as u32,
+            shutdown_sessions: match h.on_marked_down.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+                None | Some(("shutdown-sessions", _)) => true,
+                Some(("none", _)) => false,
+                Some((other, span)) => return cx.err(span, format!("on_marked_down {other:?}: expected shutdown-sessions or none")),
+            },
         })
     }
 
@@ -544,6 +554,7 @@ mac = "02:00:00:00:00:11"
             ("check = \"http\"\ninterval_ms = 1\n", 4, "out of range"),
             ("check = \"http\"\npath = \"healthz\"\n", 4, "must start with /"),
             ("check = \"http\"\nretries = 3\n", 4, "unknown field"),
+            ("check = \"http\"\non_marked_down = \"kill\"\n", 4, "expected shutdown-sessions or none"),
         ] {
             let err = Config::parse("t.toml", &format!("{base}{body}")).unwrap_err();
             assert_eq!(err.line, Some(line), "{err}");

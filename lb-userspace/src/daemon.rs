@@ -127,6 +127,8 @@ pub struct Shared {
     pub runtime: Mutex<BTreeMap<String, Runtime>>,
     pub state_file: std::path::PathBuf,
     pub token: String,
+    /// Flag backends that fail their checks down, so that their pinned flows move.
+    pub shutdown_sessions: bool,
     pub ready: AtomicBool,
 }
 
@@ -140,8 +142,11 @@ pub fn reconcile(shared: &Shared) -> Result<()> {
     let health = shared.health.lock().expect("lock");
     let runtime = shared.runtime.lock().expect("lock");
     let rt = |name: &str| runtime.get(name).cloned().unwrap_or_default();
-    let down: Vec<bool> =
-        topo.backends.iter().map(|b| !health[b.index as usize].up || rt(&b.name).state == AdminState::Maint).collect();
+    let down: Vec<bool> = topo
+        .backends
+        .iter()
+        .map(|b| (!health[b.index as usize].up && shared.shutdown_sessions) || rt(&b.name).state == AdminState::Maint)
+        .collect();
     for b in &topo.backends {
         if !down[b.index as usize] {
             dp.set_backend_down(b.index, false)?;
@@ -421,6 +426,7 @@ pub async fn run(config: Config) -> Result<()> {
         runtime: Mutex::new(runtime),
         state_file: config.state_file.clone(),
         token,
+        shutdown_sessions: config.health.as_ref().is_none_or(|h| h.shutdown_sessions),
         ready: AtomicBool::new(false),
     });
     reconcile(&shared)?;

@@ -22,12 +22,17 @@ impl Conn {
     /// 5-tuples (the kernel may otherwise reuse a port at once, and a reused 5-tuple is,
     /// to the balancer, the same flow).
     pub fn open_from(local_port: u16, addr: SocketAddr) -> std::io::Result<Conn> {
+        Self::open_from_within(local_port, addr, Duration::from_secs(5))
+    }
+
+    /// [`Conn::open_from`] with a bound on connecting and on each read.
+    pub fn open_from_within(local_port: u16, addr: SocketAddr, timeout: Duration) -> std::io::Result<Conn> {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         s.set_reuse_address(true)?;
         s.bind(&SocketAddr::from(([0, 0, 0, 0], local_port)).into())?;
-        s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        s.connect_timeout(&addr.into(), timeout)?;
         let s: TcpStream = s.into();
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(timeout * 2))?;
         Ok(Conn { reader: BufReader::new(s) })
     }
 

@@ -363,3 +363,82 @@ fn a_daemon_restart_under_load_drops_nothing() {
     let left = stack.exec("lb", &format!("ls {}/lbd", stack.pin_dir.display()));
     assert!(left.trim().is_empty(), "pins left behind: {left}");
 }
+
+/// Failover under continuous load: web2 vanishes; once it is detected no request fails, and
+/// the failures before were requests sent to web2 in that window. Then web1 vanishes too:
+/// the VIP is reported down; web1 returns: the VIP recovers without a restart.
+#[test]
+fn failover_under_load_and_all_backends_down() {
+    if !privileged("failover_under_load_and_all_backends_down") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let netns = format!("/run/netns/{}", stack.ns("client"));
+    let t0 = std::time::Instant::now();
+    // (start offset, ok) of every request, new connection each, bounded in count and time.
+    let load = std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).unwrap();
+        // SAFETY: this thread only.
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        let vip = SocketAddr::from((VIP, HTTP_PORT));
+        let mut log = Vec::new();
+        for i in 0..20_000u32 {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) || t0.elapsed() > Duration::from_secs(40) {
+                break;
+            }
+            let start = t0.elapsed();
+            let port = 41_000 + (i % 20_000) as u16;
+            let ok = Conn::open_from_within(port, vip, Duration::from_millis(300))
+                .and_then(|mut c| c.get("/whoami", false))
+                .is_ok_and(|(status, _)| status == 200);
+            log.push((start, ok));
+        }
+        log
+    });
+    let state = |node: &str| -> String {
+        let s = stack.status();
+        s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == node).unwrap()["state"].as_str().unwrap().to_string()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = t0.elapsed();
+    stack.exec("web2", "ip link set eth0 down");
+    while state("web2") != "down" {
+        assert!(t0.elapsed() < Duration::from_secs(20), "web2 never marked down");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let detected = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let log = load.join().unwrap();
+    let failed: Vec<_> = log.iter().filter(|(_, ok)| !ok).collect();
+    let in_window = log.iter().filter(|(t, _)| *t >= killed && *t < detected).count();
+    let after = log.iter().filter(|(t, _)| *t >= detected).count();
+    eprintln!(
+        "detection {} ms; {} requests, {} failed, all started within the {} requests of the detection window; {after} after it",
+        (detected - killed).as_millis(), log.len(), failed.len(), in_window
+    );
+    assert!(after > 50, "load continued after detection ({after})");
+    assert!(failed.iter().all(|(t, _)| *t < detected), "a request failed after detection: {failed:?}");
+    assert!(failed.len() <= in_window, "failures ({}) beyond the requests sent during detection ({in_window})", failed.len());
+
+    // Every backend down: reported, packets dropped; one back: the VIP recovers by itself.
+    stack.exec("web1", "ip link set eth0 down");
+    let start = std::time::Instant::now();
+    while stack.status()["vips"][0]["live_backends"] != 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "web1 never marked down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = stack.status();
+    assert!(s["vips"][0]["state"].as_str().unwrap().starts_with("down"), "{}", s["vips"][0]);
+    assert!(stack.log("lbd").contains("no live backend left"), "logged loudly");
+    stack.exec("web1", "ip link set eth0 up");
+    let start = std::time::Instant::now();
+    while state("web1") != "up" {
+        assert!(start.elapsed() < Duration::from_secs(10), "web1 never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served = new_connections(&stack, 20);
+    assert_eq!(served.get("web1"), Some(&20), "the VIP recovered without a restart: {served:?}");
+}
