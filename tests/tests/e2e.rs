@@ -19,14 +19,20 @@ fn cpus() -> u64 {
     std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
 }
 
-/// Next source port for `new_connections`: every batch uses ports no earlier batch used, so
-/// each connection is a new flow (a reused 5-tuple would keep its old backend).
+/// Source ports the tests choose stay below the kernel's ephemeral range (32768 and up):
+/// binding a port some earlier curl left in TIME_WAIT there fails with EADDRINUSE.
+/// Load loops (one stack each) use LOOP_PORT_BASE.., bounded by LOOP_PORTS connections.
+const LOOP_PORT_BASE: u16 = 1100;
+const LOOP_PORTS: u32 = 18_000;
+
+/// Next source port for `new_connections` (20000..32767): every batch uses ports no earlier
+/// batch used, so each connection is a new flow (a reused 5-tuple would keep its old backend).
 static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20_000);
 
 /// `n` new connections (one request each) from the client; requests served per node.
 fn new_connections(stack: &Stack, n: usize) -> HashMap<String, u64> {
     let base = NEXT_PORT.fetch_add(n as u16, std::sync::atomic::Ordering::SeqCst);
-    assert!(base < 60_000, "test source ports exhausted");
+    assert!(u32::from(base) + n as u32 <= 32_000, "test source ports exhausted");
     stack.in_ns("client", move || {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut per_node = HashMap::new();
@@ -229,7 +235,7 @@ fn a_dead_node_is_taken_out_and_comes_back() {
     assert_eq!(state(&stack, "web2"), "up");
     // A keep-alive connection that lands on web2, kept open across the failure.
     let mut pinned = stack.in_ns("client", || {
-        for port in 30_000..30_050u16 {
+        for port in 32_100..32_150u16 {
             let mut c = Conn::open_from(port, SocketAddr::from((VIP, HTTP_PORT))).unwrap();
             if node_of(&c.get("/whoami", true).unwrap().1) == "web2" {
                 return c;
@@ -268,7 +274,7 @@ fn drain_ready_and_runtime_state() {
     }
     let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
     let mut pinned = stack.in_ns("client", || {
-        for port in 31_000..31_050u16 {
+        for port in 32_200..32_250u16 {
             let mut c = Conn::open_from(port, SocketAddr::from((VIP, HTTP_PORT))).unwrap();
             if node_of(&c.get("/whoami", true).unwrap().1) == "web1" {
                 return c;
@@ -322,15 +328,15 @@ fn a_daemon_restart_under_load_drops_nothing() {
         // SAFETY: this thread only.
         assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
         let vip = SocketAddr::from((VIP, HTTP_PORT));
-        let mut keep = Conn::open_from(39_999, vip).unwrap();
+        let mut keep = Conn::open_from(19_999, vip).unwrap();
         let keep_node = node_of(&keep.get("/whoami", true).unwrap().1);
         let (mut ok, mut failed, mut moved) = (0u32, Vec::new(), 0u32);
         let start = std::time::Instant::now();
-        for i in 0..20_000u32 {
+        for i in 0..LOOP_PORTS {
             if flag.load(std::sync::atomic::Ordering::SeqCst) || start.elapsed() > Duration::from_secs(30) {
                 break;
             }
-            let port = 40_000 + (i % 20_000) as u16;
+            let port = LOOP_PORT_BASE + i as u16;
             match Conn::open_from(port, vip).and_then(|mut c| c.get("/whoami", false)) {
                 Ok((200, _)) => ok += 1,
                 other => failed.push(format!("{i}: {other:?}")),
@@ -384,12 +390,12 @@ fn failover_under_load_and_all_backends_down() {
         assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut log = Vec::new();
-        for i in 0..20_000u32 {
+        for i in 0..LOOP_PORTS {
             if flag.load(std::sync::atomic::Ordering::SeqCst) || t0.elapsed() > Duration::from_secs(40) {
                 break;
             }
             let start = t0.elapsed();
-            let port = 41_000 + (i % 20_000) as u16;
+            let port = LOOP_PORT_BASE + i as u16;
             let ok = Conn::open_from_within(port, vip, Duration::from_millis(300))
                 .and_then(|mut c| c.get("/whoami", false))
                 .is_ok_and(|(status, _)| status == 200);
