@@ -13,5 +13,7 @@ pub fn run() -> Result<()> {
     cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "dataplane-bench"])?;
     eprintln!("xtask: end to end: wrk through our VIP and through HAProxy, same topology, same run");
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app"])?;
-    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "e2e-bench"])
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "e2e-bench"])?;
+    eprintln!("xtask: failover: detection time and failed requests, lbd and HAProxy, same run");
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "failover-bench"])
 }
