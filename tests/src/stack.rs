@@ -398,6 +398,12 @@ impl Stack {
 
     /// Runs `f` on a thread that has entered `role`'s network namespace.
     pub fn in_ns<T: Send + 'static>(&self, role: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in_ns(role, f).join().expect("namespace thread panicked")
+    }
+
+    /// Starts `f` on a thread that has entered `role`'s network namespace (sockets it opens
+    /// belong to that namespace, whichever thread uses them later).
+    pub fn spawn_in_ns<T: Send + 'static>(&self, role: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.ns(role));
         std::thread::spawn(move || {
             let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -406,8 +412,23 @@ impl Stack {
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("namespace thread panicked")
+    }
+
+    /// Health state (`up`/`down`) of a backend of the first VIP, from `/status`.
+    pub fn backend_state(&self, node: &str) -> String {
+        let s = self.status();
+        let b = s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == node).cloned().expect("backend in status");
+        b["state"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until a backend's health state is `want`; how long it took.
+    pub fn wait_backend_state(&self, node: &str, want: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        while self.backend_state(node) != want {
+            assert!(start.elapsed() < timeout, "{node} never became {want}:\n{}", self.log("lbd"));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        start.elapsed()
     }
 }
 

@@ -219,20 +219,7 @@ fn a_dead_node_is_taken_out_and_comes_back() {
         return;
     }
     let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
-    let state = |stack: &Stack, node: &str| -> String {
-        let s = stack.status();
-        let b = s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == node).unwrap().clone();
-        b["state"].as_str().unwrap().to_string()
-    };
-    let wait_state = |stack: &Stack, node: &str, want: &str| -> Duration {
-        let start = std::time::Instant::now();
-        while state(stack, node) != want {
-            assert!(start.elapsed() < Duration::from_secs(10), "{node} never became {want}:\n{}", stack.log("lbd"));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        start.elapsed()
-    };
-    assert_eq!(state(&stack, "web2"), "up");
+    assert_eq!(stack.backend_state("web2"), "up");
     // A keep-alive connection that lands on web2, kept open across the failure.
     let mut pinned = stack.in_ns("client", || {
         for port in 32_100..32_150u16 {
@@ -244,7 +231,7 @@ fn a_dead_node_is_taken_out_and_comes_back() {
         panic!("no connection landed on web2");
     });
     stack.exec("web2", "ip link set eth0 down");
-    let detection = wait_state(&stack, "web2", "down");
+    let detection = stack.wait_backend_state("web2", "down", Duration::from_secs(10));
     eprintln!("web2 marked down {} ms after it vanished", detection.as_millis());
     let t = std::time::Instant::now();
     let result = pinned.get("/whoami", true);
@@ -255,7 +242,7 @@ fn a_dead_node_is_taken_out_and_comes_back() {
     assert!(stack.status()["counters"]["resteer"].as_u64().unwrap() >= 1, "the pinned flow was re-steered");
     // web2 comes back.
     stack.exec("web2", "ip link set eth0 up");
-    let back = wait_state(&stack, "web2", "up");
+    let back = stack.wait_backend_state("web2", "up", Duration::from_secs(10));
     eprintln!("web2 back in rotation {} ms after its link came up", back.as_millis());
     let served = new_connections(&stack, 200);
     for node in ["web1", "web2"] {
@@ -322,11 +309,7 @@ fn a_daemon_restart_under_load_drops_nothing() {
     let mut stack = Stack::up(Options { pinned: true, ..Options::new(XdpMode::Driver, Forward::Ipip) });
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
-    let netns = format!("/run/netns/{}", stack.ns("client"));
-    let load = std::thread::spawn(move || {
-        let f = std::fs::File::open(&netns).unwrap();
-        // SAFETY: this thread only.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+    let load = stack.spawn_in_ns("client", move || {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut keep = Conn::open_from(19_999, vip).unwrap();
         let keep_node = node_of(&keep.get("/whoami", true).unwrap().1);
@@ -381,13 +364,9 @@ fn failover_under_load_and_all_backends_down() {
     let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
-    let netns = format!("/run/netns/{}", stack.ns("client"));
     let t0 = std::time::Instant::now();
     // (start offset, ok) of every request, new connection each, bounded in count and time.
-    let load = std::thread::spawn(move || {
-        let f = std::fs::File::open(&netns).unwrap();
-        // SAFETY: this thread only.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+    let load = stack.spawn_in_ns("client", move || {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut log = Vec::new();
         for i in 0..LOOP_PORTS {
@@ -403,17 +382,10 @@ fn failover_under_load_and_all_backends_down() {
         }
         log
     });
-    let state = |node: &str| -> String {
-        let s = stack.status();
-        s["vips"][0]["backends"].as_array().unwrap().iter().find(|b| b["name"] == node).unwrap()["state"].as_str().unwrap().to_string()
-    };
     std::thread::sleep(Duration::from_millis(500));
     let killed = t0.elapsed();
     stack.exec("web2", "ip link set eth0 down");
-    while state("web2") != "down" {
-        assert!(t0.elapsed() < Duration::from_secs(20), "web2 never marked down");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    stack.wait_backend_state("web2", "down", Duration::from_secs(20));
     let detected = t0.elapsed();
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -440,11 +412,7 @@ fn failover_under_load_and_all_backends_down() {
     assert!(s["vips"][0]["state"].as_str().unwrap().starts_with("down"), "{}", s["vips"][0]);
     assert!(stack.log("lbd").contains("no live backend left"), "logged loudly");
     stack.exec("web1", "ip link set eth0 up");
-    let start = std::time::Instant::now();
-    while state("web1") != "up" {
-        assert!(start.elapsed() < Duration::from_secs(10), "web1 never came back");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stack.wait_backend_state("web1", "up", Duration::from_secs(10));
     let served = new_connections(&stack, 20);
     assert_eq!(served.get("web1"), Some(&20), "the VIP recovered without a restart: {served:?}");
 }

@@ -27,11 +27,7 @@ struct Outcome {
 
 /// Load on `target` from the client until `stop`; (start offset, ok) per request.
 fn load(stack: &Stack, target: SocketAddr, stop: Arc<AtomicBool>, t0: Instant) -> std::thread::JoinHandle<Vec<(Duration, bool)>> {
-    let netns = format!("/run/netns/{}", stack.ns("client"));
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&netns).unwrap();
-        // SAFETY: this thread only.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+    stack.spawn_in_ns("client", move || {
         let mut log = Vec::new();
         for i in 0..18_000u32 {
             if stop.load(Ordering::SeqCst) || t0.elapsed() > Duration::from_secs(60) {
@@ -66,11 +62,6 @@ fn run(stack: &Stack, target: SocketAddr, is_down: impl Fn() -> bool) -> Outcome
     Outcome { detection, requests: log.len(), failed: log.iter().filter(|(_, ok)| !ok).count() }
 }
 
-fn lbd_down(stack: &Stack) -> bool {
-    let s = stack.status();
-    s["vips"][0]["backends"].as_array().unwrap().iter().any(|b| b["name"] == "web2" && b["state"] == "down")
-}
-
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -81,7 +72,7 @@ fn main() {
     let mut rows = Vec::new();
     for (name, health) in [("lbd, fast checks (100 ms, fall 2)", (100, 50, 100, 2, 2)), ("lbd, HAProxy's default checks", (2000, 2000, 2000, 2, 3))] {
         let stack = Stack::up(Options { health, ..Options::new(XdpMode::Driver, Forward::Ipip) });
-        let o = run(&stack, vip, || lbd_down(&stack));
+        let o = run(&stack, vip, || stack.backend_state("web2") == "down");
         rows.push((name.to_string(), o));
     }
     let mut stack = Stack::up(Options { balancer: false, ..Options::new(XdpMode::Driver, Forward::Ipip) });
