@@ -7,6 +7,35 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::vip::ForwardMode;
 use lb_userspace::{backend_setup, config::{Config, XdpModeSetting, DEFAULT_ADMIN}, daemon};
 
+const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
+
+  interfaces = ["eth0"]          # where VIP traffic arrives; the program attaches here
+  xdp_mode = "auto"              # driver | skb | auto (driver, else skb)
+  flow_table_size = 262144       # established flows held (LRU)
+  encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
+  pin_dir = "/sys/fs/bpf/lbd"    # optional: pin maps and links; a restart (SIGUSR1) adopts them
+
+  [admin]
+  listen = "127.0.0.1:9100"      # GET /metrics /status /live /ready; POST with the token
+  token_file = "/run/lbd/admin.token"
+  state_file = "/var/lib/lbd/runtime-state.json"
+
+  [health]                       # optional: HAProxy's meaning and defaults
+  check = "http"                 # or "tcp"
+  path = "/healthz"
+  interval_ms = 2000             # also fast_interval_ms, timeout_ms, rise = 2, fall = 3,
+                                 # on_marked_down = "shutdown-sessions" | "none"
+  [[vip]]
+  name = "web"
+  vip = "10.0.100.1:80/tcp"      # address:port/protocol
+  mode = "ipip"                  # or "l2"
+
+  [[vip.backend]]
+  name = "web1"
+  address = "10.0.0.11"
+  weight = 1                     # 0..=256
+"#;
+
 #[derive(Parser)]
 #[command(
     name = "lbd",
@@ -17,7 +46,7 @@ use lb_userspace::{backend_setup, config::{Config, XdpModeSetting, DEFAULT_ADMIN
                   On each backend:   sudo lbd backend-setup --vip 10.0.100.1 --interface eth0   (--undo to revert)\n\
                   Anywhere:          lbd status --admin 127.0.0.1:9100\n\
                   Change it live:    sudo lbd ctl backend drain web1   (ready, maint; weight web1 3)\n\n\
-                  The configuration format is documented in README.md (and in `lbd check-config --help`)."
+                  The configuration format: `lbd check-config --help` and README.md."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,12 +78,14 @@ impl From<XdpModeArg> for XdpModeSetting {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load and attach the balancer, serve the admin API; SIGINT/SIGTERM detach and exit.
+    /// Load and attach the balancer, serve the admin API; SIGINT/SIGTERM detach and exit,
+    /// SIGUSR1 exits leaving the program attached for the next `lbd run` (needs `pin_dir`).
     Run {
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a configuration file and print what it defines; errors name the line.
+    #[command(after_long_help = CONFIG_EXAMPLE)]
     CheckConfig { file: PathBuf },
     /// Ask a running daemon for its state.
     Status {
