@@ -268,3 +268,15 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The example in `check-config --help` is a valid configuration.
+    #[test]
+    fn help_example_parses() {
+        let text: String = super::CONFIG_EXAMPLE.lines().skip(1).map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l))).collect();
+        let c = lb_userspace::config::Config::parse("help", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.vips.len(), 1);
+        assert!(c.health.is_some() && c.pin_dir.is_some());
+    }
+}
