@@ -110,7 +110,7 @@ impl Collector for LbCollector {
             })
             .collect();
         counter_family(&mut enc, "lb_backend_checks", "Health checks, by result", &rows)?;
-        let rows: Vec<_> = topo.backends.iter().map(|b| (l(&[("backend", &b.name)]), health[b.index as usize].transitions)).collect();
+        let rows: Vec<_> = topo.backends.iter().filter(|b| !b.removed).map(|b| (l(&[("backend", &b.name)]), health[b.index as usize].transitions)).collect();
         counter_family(&mut enc, "lb_backend_transitions", "Health state changes (up to down or back)", &rows)?;
         let mut m = enc.encode_descriptor("lb_backend_check_latency_seconds", "Duration of the last successful check", None, MetricType::Gauge)?;
         for b in &topo.backends {
@@ -178,9 +178,11 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-/// `POST /backends/<name>/state` (body `ready`, `drain` or `maint`) and
+/// `POST /backends/<name>/state` (body `ready`, `drain` or `maint`),
 /// `POST /backends/<name>/weight` (body 0..=256, or `config` for the configured weights),
-/// with `Authorization: Bearer <token>`.
+/// `POST /vips` (JSON `VipSpec`), `DELETE /vips/<name>`, `POST /vips/<name>/backends` (JSON
+/// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`; all with
+/// `Authorization: Bearer <token>`.
 async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     use http_body_util::BodyExt;
     let authorized = req
@@ -193,14 +195,46 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         return reply(StatusCode::UNAUTHORIZED, "text/plain", "missing or wrong token: send Authorization: Bearer <token from the token file>\n");
     }
     let path = req.uri().path().to_string();
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (name, what) = match parts.as_slice() {
-        ["backends", name, what] => (name.to_string(), what.to_string()),
-        _ => return reply(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {path:?}: POST /backends/<name>/state or /backends/<name>/weight\n")),
-    };
-    let body = match http_body_util::Limited::new(req.into_body(), 1024).collect().await {
+    let method = req.method().clone();
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
-        Err(_) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", "body too large (1 KiB at most)\n"),
+        Err(_) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", "body too large (64 KiB at most)\n"),
+    };
+    let parts: Vec<String> = path.trim_matches('/').split('/').map(str::to_string).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let done = |r: Result<(), crate::daemon::ApiError>, what: String| match r {
+        Ok(()) => reply(StatusCode::OK, "application/json", format!("{}\n", json!({"done": what}))),
+        Err(crate::daemon::ApiError(code, msg)) => {
+            reply(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST), "text/plain", format!("{msg}\n"))
+        }
+    };
+    let json_err = |e: serde_json::Error| reply(StatusCode::BAD_REQUEST, "text/plain", format!("body is not the expected JSON: {e}\n"));
+    let (name, what) = match (method.as_str(), parts.as_slice()) {
+        ("POST", ["backends", name, what]) => (name.to_string(), what.to_string()),
+        ("POST", ["vips"]) => {
+            return match serde_json::from_str::<crate::daemon::VipSpec>(&body) {
+                Ok(spec) => done(crate::daemon::add_vip(&shared, &spec), format!("added VIP {}", spec.name)),
+                Err(e) => json_err(e),
+            }
+        }
+        ("DELETE", ["vips", vip]) => return done(crate::daemon::remove_vip(&shared, vip), format!("removed VIP {vip}")),
+        ("POST", ["vips", vip, "backends"]) => {
+            return match serde_json::from_str::<crate::daemon::BackendSpec>(&body) {
+                Ok(spec) => done(crate::daemon::add_member(&shared, vip, &spec), format!("added {} to {vip}", spec.name)),
+                Err(e) => json_err(e),
+            }
+        }
+        ("DELETE", ["vips", vip, "backends", b]) => return done(crate::daemon::remove_member(&shared, vip, b), format!("removed {b} from {vip}")),
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                format!(
+                    "no such endpoint {method} {path:?}: POST /backends/<name>/state|weight, POST /vips, DELETE /vips/<name>, \
+                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>\n"
+                ),
+            )
+        }
     };
     let result = match what.as_str() {
         "state" => match body.parse::<crate::daemon::AdminState>() {
@@ -228,7 +262,7 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
 
 async fn handle(req: Request<Incoming>, shared: Arc<Shared>, registry: Arc<Registry>) -> Result<Response<Body>, Infallible> {
     debug!(method = %req.method(), path = req.uri().path(), "admin request");
-    if req.method() == Method::POST {
+    if req.method() == Method::POST || req.method() == Method::DELETE {
         return Ok(mutate(req, shared).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {

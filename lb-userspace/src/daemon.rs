@@ -29,6 +29,9 @@ pub struct BackendInfo {
     pub name: String,
     pub address: Ipv4Addr,
     pub mac: Option<String>,
+    /// In no VIP any more (removed at runtime); its index stays reserved.
+    #[serde(skip)]
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,6 +132,13 @@ pub struct Shared {
     pub token: String,
     /// Flag backends that fail their checks down, so that their pinned flows move.
     pub shutdown_sessions: bool,
+    /// Health settings and where checkers report, for backends added at runtime.
+    pub health_settings: Option<crate::config::HealthSettings>,
+    pub reports: tokio::sync::mpsc::Sender<health::CheckReport>,
+    /// Running checkers, by backend index.
+    pub checkers: Mutex<BTreeMap<u32, tokio::task::JoinHandle<()>>>,
+    /// The VIPs were changed at runtime: the state file keeps the whole set.
+    pub vips_changed: AtomicBool,
     pub ready: AtomicBool,
 }
 
@@ -145,7 +155,7 @@ pub fn reconcile(shared: &Shared) -> Result<()> {
     let down: Vec<bool> = topo
         .backends
         .iter()
-        .map(|b| (!health[b.index as usize].up && shared.shutdown_sessions) || rt(&b.name).state == AdminState::Maint)
+        .map(|b| b.removed || (!health[b.index as usize].up && shared.shutdown_sessions) || rt(&b.name).state == AdminState::Maint)
         .collect();
     for b in &topo.backends {
         if !down[b.index as usize] {
@@ -193,17 +203,268 @@ pub fn set_runtime(shared: &Shared, name: &str, change: impl FnOnce(&mut Runtime
         let mut runtime = shared.runtime.lock().expect("lock");
         let r = runtime.entry(name.to_string()).or_default();
         change(r);
-        let new = r.clone();
-        let text = serde_json::to_vec_pretty(&*runtime).map_err(|e| e.to_string())?;
-        if let Some(dir) = shared.state_file.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        std::fs::write(&shared.state_file, text).map_err(|e| format!("cannot save {}: {e}", shared.state_file.display()))?;
-        new
+        r.clone()
     };
+    save_state(shared)?;
     reconcile(shared).map_err(|e| format!("{e:#}"))?;
     info!(backend = name, state = ?new.state, weight = ?new.weight, "runtime state changed");
     Ok(new)
+}
+
+/// What the state file holds.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct SavedState {
+    #[serde(default)]
+    pub backends: BTreeMap<String, Runtime>,
+    /// The whole VIP set, when it was changed at runtime (it then replaces the config's).
+    #[serde(default)]
+    pub vips: Option<Vec<VipSpec>>,
+}
+
+/// A VIP as the admin API and the state file spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSpec {
+    pub name: String,
+    /// `address:port/protocol`.
+    pub vip: String,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An admin request that cannot be carried out: an HTTP status and why.
+#[derive(Debug)]
+pub struct ApiError(pub u16, pub String);
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(400, msg.into())
+}
+
+impl VipSpec {
+    /// Validates and converts (the same rules as the configuration file).
+    pub fn to_config(&self) -> Result<crate::config::VipConfig, ApiError> {
+        let (addr, port, proto) = crate::config::parse_vip(&self.vip).map_err(|e| bad(format!("vip {:?}: {e}", self.vip)))?;
+        let mode = match self.mode.as_deref() {
+            None | Some("ipip") => ForwardMode::Ipip,
+            Some("l2") => ForwardMode::L2,
+            Some(m) => return Err(bad(format!("mode {m:?}: expected ipip or l2"))),
+        };
+        if self.name.is_empty() {
+            return Err(bad("name is empty"));
+        }
+        let mut backends = Vec::new();
+        for b in &self.backends {
+            backends.push(b.to_config(mode)?);
+            if backends.iter().filter(|x: &&crate::config::BackendConfig| x.addr == b.address).count() > 1 {
+                return Err(bad(format!("backend {} listed twice", b.address)));
+            }
+        }
+        Ok(crate::config::VipConfig { name: self.name.clone(), addr, port, proto, mode, backends })
+    }
+
+    fn from_topology(v: &VipInfo, backends: &[BackendInfo]) -> VipSpec {
+        VipSpec {
+            name: v.name.clone(),
+            vip: v.vip.clone(),
+            mode: Some(v.mode.to_string()),
+            backends: v
+                .backends
+                .iter()
+                .map(|m| {
+                    let b = &backends[m.backend as usize];
+                    BackendSpec { name: b.name.clone(), address: b.address, weight: m.weight, mac: b.mac.clone() }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl BackendSpec {
+    fn to_config(&self, mode: ForwardMode) -> Result<crate::config::BackendConfig, ApiError> {
+        if self.weight > crate::config::MAX_WEIGHT {
+            return Err(bad(format!("weight {} is out of range 0..=256", self.weight)));
+        }
+        let mac = match (&self.mac, mode) {
+            (None, _) => None,
+            (Some(m), ForwardMode::L2) => Some(crate::config::parse_mac(m).map_err(bad)?),
+            (Some(_), _) => return Err(bad("mac is only used by l2-mode VIPs")),
+        };
+        Ok(crate::config::BackendConfig { name: self.name.clone(), addr: self.address, weight: self.weight, mac })
+    }
+}
+
+/// Writes the state file (runtime states and weights; the VIP set if changed at runtime).
+pub fn save_state(shared: &Shared) -> Result<(), String> {
+    let state = SavedState {
+        backends: shared.runtime.lock().expect("lock").clone(),
+        vips: shared.vips_changed.load(std::sync::atomic::Ordering::SeqCst).then(|| {
+            let topo = shared.topology.lock().expect("lock");
+            topo.vips.iter().map(|v| VipSpec::from_topology(v, &topo.backends)).collect()
+        }),
+    };
+    let text = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
+    if let Some(dir) = shared.state_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&shared.state_file, text).map_err(|e| format!("cannot save {}: {e}", shared.state_file.display()))
+}
+
+fn start_checker(shared: &Shared, b: &BackendInfo, port: u16) {
+    if let Some(h) = &shared.health_settings {
+        let cfg = check_config(h, port);
+        info!(backend = %b.name, address = %b.address, check = ?cfg.kind, interval_ms = h.interval_ms, rise = h.rise, fall = h.fall, "health checks on");
+        let task = health::spawn(b.index, b.name.clone(), b.address, cfg, shared.reports.clone());
+        if let Some(old) = shared.checkers.lock().expect("lock").insert(b.index, task) {
+            old.abort();
+        }
+    }
+}
+
+/// The backend index for `b` in a VIP of `mode` on `port`: an existing backend with that
+/// address, or a new one.
+fn ensure_backend(shared: &Shared, dp: &mut Dataplane, topo: &mut Topology, b: &crate::config::BackendConfig, mode: ForwardMode, port: u16) -> Result<u32, ApiError> {
+    let l2 = mode == ForwardMode::L2;
+    if let Some(info) = topo.backends.iter_mut().find(|x| x.address == b.addr) {
+        if !info.removed && info.name != b.name {
+            return Err(ApiError(409, format!("address {} already belongs to backend {:?}", b.addr, info.name)));
+        }
+        let revived = info.removed;
+        info.removed = false;
+        info.name = b.name.clone();
+        if l2 && info.mac.is_none() {
+            let mac = b.mac.map(Ok).unwrap_or_else(|| netutil::resolve_mac(b.addr)).map_err(|e| bad(format!("{e:#}")))?;
+            info.mac = Some(netutil::format_mac(&mac));
+            dp.set_backend(info.index, b.addr, mac).map_err(|e| ApiError(500, e.to_string()))?;
+        }
+        let info = info.clone();
+        if revived {
+            shared.health.lock().expect("lock")[info.index as usize] = BackendHealth::default();
+            start_checker(shared, &info, port);
+        }
+        return Ok(info.index);
+    }
+    if topo.backends.iter().any(|x| !x.removed && x.name == b.name) {
+        return Err(ApiError(409, format!("a backend named {:?} already exists with another address", b.name)));
+    }
+    let index = topo.backends.len() as u32;
+    if index >= lb_common::backend::MAX_BACKENDS {
+        return Err(bad("no room for another backend"));
+    }
+    let mac = if l2 { Some(b.mac.map(Ok).unwrap_or_else(|| netutil::resolve_mac(b.addr)).map_err(|e| bad(format!("{e:#}")))?) } else { None };
+    dp.set_backend(index, b.addr, mac.unwrap_or([0; 6])).map_err(|e| ApiError(500, e.to_string()))?;
+    let info = BackendInfo { index, name: b.name.clone(), address: b.addr, mac: mac.as_ref().map(netutil::format_mac), removed: false };
+    topo.backends.push(info.clone());
+    shared.health.lock().expect("lock").push(BackendHealth::default());
+    start_checker(shared, &info, port);
+    Ok(index)
+}
+
+/// Backends in no VIP any more: stop checking them and flag them down (pinned flows move).
+fn retire_unused(shared: &Shared, topo: &mut Topology) {
+    let used: Vec<u32> = topo.vips.iter().flat_map(|v| v.backends.iter().map(|m| m.backend)).collect();
+    for b in topo.backends.iter_mut().filter(|b| !b.removed && !used.contains(&b.index)) {
+        b.removed = true;
+        if let Some(task) = shared.checkers.lock().expect("lock").remove(&b.index) {
+            task.abort();
+        }
+        info!(backend = %b.name, "backend removed: in no VIP any more");
+    }
+}
+
+/// Applies a topology change, then persists the VIP set and reconciles.
+fn change_topology(shared: &Shared, f: impl FnOnce(&mut Dataplane, &mut Topology) -> Result<(), ApiError>) -> Result<(), ApiError> {
+    {
+        let mut dp = shared.dataplane.lock().expect("lock");
+        let mut topo = shared.topology.lock().expect("lock");
+        f(&mut dp, &mut topo)?;
+        retire_unused(shared, &mut topo);
+    }
+    shared.vips_changed.store(true, std::sync::atomic::Ordering::SeqCst);
+    save_state(shared).map_err(|e| ApiError(500, e))?;
+    reconcile(shared).map_err(|e| ApiError(500, format!("{e:#}")))
+}
+
+pub fn add_vip(shared: &Shared, spec: &VipSpec) -> Result<(), ApiError> {
+    let v = spec.to_config()?;
+    change_topology(shared, |dp, topo| {
+        if topo.vips.iter().any(|x| x.name == v.name || x.vip == v.spec()) {
+            return Err(ApiError(409, format!("VIP {} ({}) already exists", v.name, v.spec())));
+        }
+        let vip_num = (0..lb_common::vip::MAX_VIPS).find(|n| !topo.vips.iter().any(|x| x.vip_num == *n)).ok_or_else(|| bad("no room for another VIP"))?;
+        let mut members = Vec::new();
+        for b in &v.backends {
+            let index = ensure_backend(shared, dp, topo, b, v.mode, v.port)?;
+            members.push(VipBackend { backend: index, weight: b.weight });
+        }
+        info!(vip = %v.spec(), name = %v.name, backends = members.len(), "VIP added at runtime");
+        topo.vips.push(VipInfo {
+            vip_num,
+            name: v.name.clone(),
+            vip: v.spec(),
+            mode: if v.mode == ForwardMode::L2 { "l2" } else { "ipip" },
+            ring_len: 0,
+            backends: members,
+            key: VipKey::new(v.addr.octets(), v.port, v.proto),
+            forward: v.mode,
+        });
+        Ok(())
+    })
+}
+
+pub fn remove_vip(shared: &Shared, name: &str) -> Result<(), ApiError> {
+    change_topology(shared, |dp, topo| {
+        let i = topo.vips.iter().position(|v| v.name == name).ok_or_else(|| ApiError(404, format!("no VIP named {name:?}")))?;
+        let v = topo.vips.remove(i);
+        dp.remove_vip(&v.key).map_err(|e| ApiError(500, e.to_string()))?;
+        info!(vip = %v.vip, name = %v.name, "VIP removed at runtime");
+        Ok(())
+    })
+}
+
+pub fn add_member(shared: &Shared, vip: &str, spec: &BackendSpec) -> Result<(), ApiError> {
+    change_topology(shared, |dp, topo| {
+        let i = topo.vips.iter().position(|v| v.name == vip).ok_or_else(|| ApiError(404, format!("no VIP named {vip:?}")))?;
+        let (mode, port) = (topo.vips[i].forward, topo.vips[i].key.port);
+        let b = spec.to_config(mode)?;
+        let index = ensure_backend(shared, dp, topo, &b, mode, u16::from_be_bytes(port))?;
+        if topo.vips[i].backends.iter().any(|m| m.backend == index) {
+            return Err(ApiError(409, format!("backend {:?} is already in VIP {vip:?}", b.name)));
+        }
+        topo.vips[i].backends.push(VipBackend { backend: index, weight: b.weight });
+        info!(vip, backend = %b.name, "backend added at runtime");
+        Ok(())
+    })
+}
+
+pub fn remove_member(shared: &Shared, vip: &str, backend: &str) -> Result<(), ApiError> {
+    change_topology(shared, |_, topo| {
+        let names: Vec<String> = topo.backends.iter().map(|b| b.name.clone()).collect();
+        let v = topo.vips.iter_mut().find(|v| v.name == vip).ok_or_else(|| ApiError(404, format!("no VIP named {vip:?}")))?;
+        let before = v.backends.len();
+        v.backends.retain(|m| names[m.backend as usize] != backend);
+        if v.backends.len() == before {
+            return Err(ApiError(404, format!("VIP {vip:?} has no backend named {backend:?}")));
+        }
+        info!(vip, backend, "backend removed from the VIP at runtime");
+        Ok(())
+    })
 }
 
 /// Reads the admin token, creating a random one (mode 0600) if the file does not exist.
@@ -265,7 +526,7 @@ pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> R
                 None => {
                     let i = backends.len() as u32;
                     by_addr.insert(b.addr, i);
-                    backends.push(BackendInfo { index: i, name: b.name.clone(), address: b.addr, mac: None });
+                    backends.push(BackendInfo { index: i, name: b.name.clone(), address: b.addr, mac: None, removed: false });
                     i
                 }
             };
@@ -326,7 +587,16 @@ impl Drop for SysctlGuard {
     }
 }
 
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(mut config: Config) -> Result<()> {
+    let saved: SavedState = match std::fs::read(&config.state_file) {
+        Ok(text) => serde_json::from_slice(&text).with_context(|| format!("{} is not a runtime state file", config.state_file.display()))?,
+        Err(_) => SavedState::default(),
+    };
+    let vips_changed = saved.vips.is_some();
+    if let Some(vips) = &saved.vips {
+        info!(state_file = %config.state_file.display(), vips = vips.len(), "using the VIP set changed at runtime (remove its \"vips\" from the state file to go back to the configuration's)");
+        config.vips = vips.iter().map(|v| v.to_config().map_err(|e| anyhow!("state file: VIP {}: {}", v.name, e.1))).collect::<Result<_>>()?;
+    }
     let encap_source = match config.encap_source {
         Some(a) => a,
         None => *netutil::ipv4_addresses(&config.interfaces[0])?
@@ -411,14 +681,13 @@ pub async fn run(config: Config) -> Result<()> {
         backends,
     };
     let health = Mutex::new(vec![BackendHealth::default(); topology.backends.len()]);
-    let runtime: BTreeMap<String, Runtime> = match std::fs::read(&config.state_file) {
-        Ok(text) => serde_json::from_slice(&text).with_context(|| format!("{} is not a runtime state file", config.state_file.display()))?,
-        Err(_) => BTreeMap::new(),
-    };
+    let runtime = saved.backends;
     if !runtime.is_empty() {
         info!(state_file = %config.state_file.display(), ?runtime, "runtime state restored");
     }
     let token = admin_token(&config.token_file)?;
+    // Health checks: one task per backend; reports come back here.
+    let (report_tx, mut reports) = tokio::sync::mpsc::channel::<health::CheckReport>(256);
     let shared = Arc::new(Shared {
         dataplane: Mutex::new(dp),
         topology: Mutex::new(topology),
@@ -427,25 +696,22 @@ pub async fn run(config: Config) -> Result<()> {
         state_file: config.state_file.clone(),
         token,
         shutdown_sessions: config.health.as_ref().is_none_or(|h| h.shutdown_sessions),
+        health_settings: config.health.clone(),
+        reports: report_tx,
+        checkers: Mutex::new(BTreeMap::new()),
+        vips_changed: AtomicBool::new(vips_changed),
         ready: AtomicBool::new(false),
     });
     reconcile(&shared)?;
-
-    // Health checks: one task per backend; reports come back here.
-    let (report_tx, mut reports) = tokio::sync::mpsc::channel::<health::CheckReport>(256);
-    let mut checkers = Vec::new();
-    if let Some(h) = &config.health {
+    if config.health.is_some() {
         let topo = shared.topology.lock().expect("lock").clone();
         for b in &topo.backends {
             let port = config.vips.iter().find(|v| v.backends.iter().any(|x| x.addr == b.address)).map(|v| v.port).unwrap_or(80);
-            let cfg = check_config(h, port);
-            info!(backend = %b.name, address = %b.address, check = ?cfg.kind, interval_ms = h.interval_ms, rise = h.rise, fall = h.fall, "health checks on");
-            checkers.push(health::spawn(b.index, b.name.clone(), b.address, cfg, report_tx.clone()));
+            start_checker(&shared, b, port);
         }
     } else {
         info!("no [health] section: backends are never checked and always up");
     }
-    drop(report_tx);
 
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -501,7 +767,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin.abort();
-    for c in checkers {
+    for (_, c) in std::mem::take(&mut *shared.checkers.lock().expect("lock")) {
         c.abort();
     }
     if keep {

@@ -140,6 +140,48 @@ enum CtlCmd {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// Add or remove VIPs, or backends of a VIP (kept across restarts).
+    Vip {
+        #[command(subcommand)]
+        action: VipAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipAction {
+    /// Add a VIP: `lbd ctl vip add web2 10.0.100.2:80/tcp --backend web1=10.0.0.11 --backend web2=10.0.0.12:3`.
+    Add {
+        name: String,
+        /// address:port/protocol
+        vip: String,
+        #[arg(long, default_value = "ipip")]
+        mode: String,
+        /// name=address[:weight], repeatable.
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Remove a VIP.
+    Remove { name: String },
+    /// Add a backend to a VIP.
+    AddBackend {
+        vip: String,
+        name: String,
+        address: Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend from a VIP.
+    RemoveBackend { vip: String, name: String },
+}
+
+fn backend_arg(s: &str) -> Result<serde_json::Value> {
+    let (name, rest) = s.split_once('=').with_context(|| format!("--backend {s:?}: expected name=address[:weight]"))?;
+    let (addr, weight) = match rest.split_once(':') {
+        Some((a, w)) => (a, w.parse::<u32>().with_context(|| format!("--backend {s:?}: bad weight"))?),
+        None => (rest, 1),
+    };
+    let addr: Ipv4Addr = addr.parse().with_context(|| format!("--backend {s:?}: bad address"))?;
+    Ok(serde_json::json!({"name": name, "address": addr, "weight": weight}))
 }
 
 #[derive(Subcommand)]
@@ -158,15 +200,34 @@ async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()>
     use http_body_util::{BodyExt, Full};
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {} (root only; --token-file)", token_file.display()))?;
-    let CtlCmd::Backend { action } = what;
-    let (name, setting, value) = match action {
-        BackendAction::Ready { name } => (name, "state", "ready".to_string()),
-        BackendAction::Drain { name } => (name, "state", "drain".to_string()),
-        BackendAction::Maint { name } => (name, "state", "maint".to_string()),
-        BackendAction::Weight { name, weight } => (name, "weight", weight),
+    let (method, path, value) = match what {
+        CtlCmd::Backend { action } => {
+            let (name, setting, value) = match action {
+                BackendAction::Ready { name } => (name, "state", "ready".to_string()),
+                BackendAction::Drain { name } => (name, "state", "drain".to_string()),
+                BackendAction::Maint { name } => (name, "state", "maint".to_string()),
+                BackendAction::Weight { name, weight } => (name, "weight", weight),
+            };
+            ("POST", format!("/backends/{name}/{setting}"), value)
+        }
+        CtlCmd::Vip { action } => match action {
+            VipAction::Add { name, vip, mode, backends } => {
+                let backends = backends.iter().map(|b| backend_arg(b)).collect::<Result<Vec<_>>>()?;
+                ("POST", "/vips".to_string(), serde_json::json!({"name": name, "vip": vip, "mode": mode, "backends": backends}).to_string())
+            }
+            VipAction::Remove { name } => ("DELETE", format!("/vips/{name}"), String::new()),
+            VipAction::AddBackend { vip, name, address, weight } => (
+                "POST",
+                format!("/vips/{vip}/backends"),
+                serde_json::json!({"name": name, "address": address, "weight": weight}).to_string(),
+            ),
+            VipAction::RemoveBackend { vip, name } => ("DELETE", format!("/vips/{vip}/backends/{name}"), String::new()),
+        },
     };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let req = hyper::Request::post(format!("http://{admin}/backends/{name}/{setting}"))
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
         .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
         .body(Full::new(bytes::Bytes::from(value)))?;
     let resp = client.request(req).await.with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;

@@ -31,10 +31,13 @@ static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::n
 
 /// `n` new connections (one request each) from the client; requests served per node.
 fn new_connections(stack: &Stack, n: usize) -> HashMap<String, u64> {
+    new_connections_to(stack, SocketAddr::from((VIP, HTTP_PORT)), n)
+}
+
+fn new_connections_to(stack: &Stack, vip: SocketAddr, n: usize) -> HashMap<String, u64> {
     let base = NEXT_PORT.fetch_add(n as u16, std::sync::atomic::Ordering::SeqCst);
     assert!(u32::from(base) + n as u32 <= 32_000, "test source ports exhausted");
     stack.in_ns("client", move || {
-        let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut per_node = HashMap::new();
         for i in 0..n {
             // Distinct source ports: n distinct flows.
@@ -415,4 +418,52 @@ fn failover_under_load_and_all_backends_down() {
     stack.wait_backend_state("web1", "up", Duration::from_secs(10));
     let served = new_connections(&stack, 20);
     assert_eq!(served.get("web1"), Some(&20), "the VIP recovered without a restart: {served:?}");
+}
+
+/// VIPs and backends added and removed while running, kept across a restart; bad requests
+/// get a 4xx with a reason.
+#[test]
+fn vips_and_backends_change_at_runtime() {
+    if !privileged("vips_and_backends_change_at_runtime") {
+        return;
+    }
+    let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    stack.ctl("vip remove-backend web web2").expect("remove web2");
+    assert_eq!(new_connections(&stack, 50).get("web1"), Some(&50), "web2 removed from the VIP");
+    assert_eq!(stack.status()["vips"][0]["backends"].as_array().unwrap().len(), 1);
+    stack.ctl("vip add-backend web web2 10.77.0.12").expect("add web2 back");
+    let served = new_connections(&stack, 200);
+    for node in ["web1", "web2"] {
+        assert!(served.get(node).copied().unwrap_or(0).abs_diff(100) <= cpus(), "web2 back: {served:?}");
+    }
+    // A new VIP: the nodes and the client are told about its address (outside lbd's job).
+    let vip_b = std::net::Ipv4Addr::new(10, 77, 100, 2);
+    for node in ["web1", "web2"] {
+        stack.exec(node, &format!("ip addr add {vip_b}/32 dev lo"));
+    }
+    stack.exec("client", &format!("ip route add {vip_b}/32 via {}", tests::stack::LB));
+    stack
+        .ctl(&format!("vip add web-b {vip_b}:{HTTP_PORT}/tcp --backend web1=10.77.0.11 --backend web2=10.77.0.12:1"))
+        .expect("add VIP");
+    let target = SocketAddr::from((vip_b, HTTP_PORT));
+    let served = new_connections_to(&stack, target, 100);
+    for node in ["web1", "web2"] {
+        assert!(served.get(node).copied().unwrap_or(0).abs_diff(50) <= cpus(), "new VIP: {served:?}");
+    }
+    // Kept across a restart.
+    stack.stop_balancer(libc::SIGTERM);
+    stack.start_balancer();
+    assert_eq!(new_connections_to(&stack, target, 20).values().sum::<u64>(), 20, "the added VIP survived a restart");
+    // Bad requests.
+    let err = stack.ctl(&format!("vip add web-b {vip_b}:{HTTP_PORT}/tcp")).unwrap_err();
+    assert!(err.contains("409") && err.contains("already exists"), "{err}");
+    let err = stack.ctl("vip add web-c 10.77.100.3/tcp").unwrap_err();
+    assert!(err.contains("400") && err.contains("address:port/protocol"), "{err}");
+    let err = stack.ctl("vip remove nope").unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    // Removed: no longer served (the client's connection attempt fails), gone from /status.
+    stack.ctl("vip remove web-b").expect("remove VIP");
+    assert!(stack.status()["vips"].as_array().unwrap().iter().all(|v| v["name"] != "web-b"));
+    let refused = stack.in_ns("client", move || Conn::open_from_within(19_000, target, Duration::from_millis(500)).and_then(|mut c| c.get("/whoami", false)).is_err());
+    assert!(refused, "a removed VIP must not be served");
 }
