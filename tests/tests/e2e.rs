@@ -335,13 +335,20 @@ fn a_daemon_restart_under_load_drops_nothing() {
         }
         (ok, failed, moved)
     });
+    let prog_id = |stack: &Stack| -> String {
+        let link = stack.exec("lb", "ip -d link show dev eth0");
+        link.split("prog/xdp id ").nth(1).and_then(|r| r.split_whitespace().next()).expect("an XDP program attached").to_string()
+    };
     std::thread::sleep(Duration::from_millis(500));
+    let before = prog_id(&stack);
     let status = stack.stop_balancer(libc::SIGUSR1).expect("lbd was running");
     assert!(status.success(), "SIGUSR1: {status}");
-    assert!(stack.exec("lb", "ip -d link show dev eth0").contains("prog/xdp"), "still attached between daemons");
+    assert_eq!(prog_id(&stack), before, "still attached between daemons");
     std::thread::sleep(Duration::from_millis(300));
     stack.start_balancer();
     assert_eq!(stack.status()["xdp"][0]["mode"], "adopted");
+    // The new daemon's program replaced the old one in the same link: an upgrade in place.
+    assert_ne!(prog_id(&stack), before, "the program must have been replaced in place");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed, moved) = load.join().unwrap();
