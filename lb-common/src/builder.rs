@@ -68,7 +68,7 @@ impl Pkt {
         self
     }
     pub fn ip_options(mut self, options: &[u8]) -> Self {
-        assert!(options.len() % 4 == 0 && options.len() <= 40);
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40);
         self.options = options.to_vec();
         self
     }

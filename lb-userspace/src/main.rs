@@ -248,7 +248,7 @@ fn init_tracing() {
         .init();
 }
 
-fn check_config(file: &PathBuf) -> Result<()> {
+fn check_config(file: &std::path::Path) -> Result<()> {
     let c = Config::load(file)?;
     println!("{}: ok", file.display());
     println!("  interfaces {:?}, xdp_mode {:?}, flow table {}, admin {}", c.interfaces, c.xdp_mode, c.flow_table_size, c.admin_listen);
