@@ -236,7 +236,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let (action, sent) = if vip.is_l2() {
         forward_l2(&frame, &p, backend, stats)
     } else {
-        forward_ipip(ctx, &frame, &p, backend_idx, backend, stats)
+        forward_ipip(ctx, &frame, &p, cfg, backend_idx, backend, stats)
     };
     // Count what left towards the backend (not what was passed back untouched).
     let bytes = (p.l3_off + usize::from(p.ip_len)) as u64;
@@ -343,14 +343,11 @@ fn forward_ipip(
     ctx: &XdpContext,
     frame: &XdpFrame,
     p: &Parsed,
+    cfg: &LbConfig,
     backend_idx: u32,
     backend: &Backend,
     stats: &mut GlobalStats,
 ) -> (u32, bool) {
-    let Some(cfg) = CONFIG.get(0) else {
-        bump(stats, Counter::FibError);
-        return (xdp_action::XDP_PASS, false);
-    };
     let Some(total) = outer_len(p.ip_len) else {
         bump(stats, Counter::TooBig);
         return (xdp_action::XDP_PASS, false);
