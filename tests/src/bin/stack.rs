@@ -60,6 +60,7 @@ fn main() {
          \x20 echo hi | sudo ip netns exec {client} nc -u -w1 {VIP} {UDP_PORT}\n\
          \x20 sudo ip netns exec {lb} curl http://{ADMIN}/status      # or /metrics\n\
          \x20 sudo ip netns exec {lb} {lbd} status\n\
+         \x20 sudo ip netns exec {lb} {lbd} ctl --token-file {work}/admin.token backend drain web1   # then: ready web1\n\
          \x20 sudo ip netns exec {client} curl http://{LB}:{LB_LOCAL_PORT}/whoami   # the balancer's own service, not a VIP\n\
          Logs: {work}\n\nCtrl-C tears everything down.",
         name = stack.name,
