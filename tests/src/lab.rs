@@ -8,7 +8,7 @@ use lb_common::{
     ring,
     vip::{ForwardMode, VipKey, PROTO_TCP, PROTO_UDP},
 };
-use lb_userspace::Dataplane;
+use lb_userspace::{Dataplane, LoadOptions};
 
 use crate::{ifindex, private_netns, sh};
 
@@ -81,3 +81,12 @@ pub fn configure(dp: &mut Dataplane) {
     dp.set_vip(VipKey::new(VIP_L2, 80, PROTO_TCP), 5, ForwardMode::L2, &[5]).unwrap();
 }
 
+
+/// The lab's namespace (entered by the calling thread) and a balancer configured against
+/// it: the ingress ifindex and the dataplane.
+pub fn loaded() -> (u32, Dataplane) {
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut dp);
+    (ingress, dp)
+}

@@ -14,7 +14,6 @@ use lb_common::{
 use lb_userspace::{
     decap::Decap,
     testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    Dataplane, LoadOptions,
 };
 use tests::{hex, lab::*, pin_to_cpu, privileged};
 
@@ -125,9 +124,7 @@ fn balancer_fixtures() {
         return;
     }
     pin_to_cpu(0);
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, dp) = loaded();
 
     let mut sent = [(0u64, 0u64); 6];
     let table = fixtures();
@@ -178,9 +175,7 @@ fn lost_flow_state_falls_back_to_the_hash_and_recreates_the_entry() {
         return;
     }
     pin_to_cpu(0);
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, mut dp) = loaded();
     let ring = [0u32, 1];
     for sport in 41000..41040u16 {
         let ack = Pkt::tcp(CLIENT, sport, VIP, 80, TCP_ACK).build();
@@ -272,9 +267,7 @@ fn round_robin_spread_across_cpus() {
     if !privileged("round_robin_spread_across_cpus") {
         return;
     }
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, mut dp) = loaded();
     let vip = [10, 100, 0, 9];
     let ring = lb_common::ring::build(&[(0, 1), (1, 1), (2, 1)]).unwrap();
     dp.set_vip(lb_common::vip::VipKey::new(vip, 80, lb_common::vip::PROTO_TCP), 9, lb_common::vip::ForwardMode::Ipip, &ring)
@@ -313,9 +306,7 @@ fn a_thousand_vips_and_vips_without_backends() {
     if !privileged("a_thousand_vips") {
         return;
     }
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, mut dp) = loaded();
     let key = |n: u32| VipKey::new([10, 200, (n >> 8) as u8, n as u8], 443, PROTO_TCP);
     // configure() installed 6 VIPs with numbers 0..=5; fill every other number.
     for n in 6..MAX_VIPS {
@@ -354,9 +345,7 @@ fn flows_of_a_dead_backend_are_resteered() {
         return;
     }
     pin_to_cpu(0);
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, mut dp) = loaded();
     let to = |b: usize, f: &[u8]| ipip(f, 14, LB_ADDR, REALS[b].addr, Some((LB_MAC, REALS[b].next_hop_mac)));
     // Two flows: 41001 on A, 41002 on B.
     for (sport, b) in [(41001u16, 0usize), (41002, 1)] {

@@ -10,7 +10,6 @@ use lb_common::{
 };
 use lb_userspace::{
     testrun::{self, action_name, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    Dataplane, LoadOptions,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tests::{hex, lab::*, privileged};
@@ -112,9 +111,7 @@ fn random_and_mutated_frames() {
     }
     let seed: u64 = std::env::var("LB_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1b);
     let count: usize = std::env::var("LB_FUZZ_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions::default()).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, dp) = loaded();
     let vips = vip_keys();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut by_action = [0u64; 5];
