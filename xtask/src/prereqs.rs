@@ -19,6 +19,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("haproxy", "haproxy"),
     ("wrk", "wrk"),
+    ("mariadbd", "mariadb-server"),
+    ("mariadb", "mariadb-client"),
+    ("sysbench", "sysbench"),
+    ("nginx", "nginx"),
+    ("openssl", "openssl"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
