@@ -238,16 +238,21 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-struct Ctx<'a> {
-    file: &'a str,
-    text: &'a str,
+/// A file being parsed: turns byte spans into line numbers for errors.
+pub(crate) struct Ctx<'a> {
+    pub(crate) file: &'a str,
+    pub(crate) text: &'a str,
 }
 
 impl Ctx<'_> {
-    fn line_of(&self, offset: usize) -> usize {
+    pub(crate) fn line_of(&self, offset: usize) -> usize {
         self.text[..offset.min(self.text.len())].matches('\n').count() + 1
     }
-    fn err<T>(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+    /// A `toml` error (syntax, unknown key, wrong type), located.
+    pub(crate) fn toml_error(&self, e: toml::de::Error) -> ConfigError {
+        ConfigError { file: self.file.into(), line: e.span().map(|s| self.line_of(s.start)), message: e.message().trim().to_string() }
+    }
+    pub(crate) fn err<T>(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
         Err(ConfigError { file: self.file.into(), line: Some(self.line_of(span.start)), message: message.into() })
     }
 }
@@ -307,11 +312,7 @@ impl Config {
 
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { file, text };
-        let f: File = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.into(),
-            line: e.span().map(|s| cx.line_of(s.start)),
-            message: e.message().trim().to_string(),
-        })?;
+        let f: File = toml::from_str(text).map_err(|e| cx.toml_error(e))?;
 
         if f.interfaces.get_ref().is_empty() {
             return cx.err(f.interfaces.span(), "interfaces is empty: name at least one, e.g. [\"eth0\"]");

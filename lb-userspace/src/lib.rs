@@ -4,10 +4,12 @@
 
 pub mod admin;
 pub mod backend_setup;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod deploy;
 pub mod health;
 pub mod netutil;
 pub mod objects;

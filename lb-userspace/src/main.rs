@@ -5,7 +5,7 @@ use std::{net::{Ipv4Addr, SocketAddr}, path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::vip::ForwardMode;
-use lb_userspace::{backend_setup, config::{Config, XdpModeSetting, DEFAULT_ADMIN}, daemon};
+use lb_userspace::{backend_setup, client, config::{Config, XdpModeSetting, DEFAULT_ADMIN}, daemon, deploy};
 
 const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
 
@@ -34,6 +34,22 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   name = "web1"
   address = "10.0.0.11"
   weight = 1                     # 0..=256
+"#;
+
+const DEPLOY_EXAMPLE: &str = r#"Plan (TOML):
+
+  admin = "127.0.0.1:9100"            # the lbd admin API
+  token_file = "/run/lbd/admin.token"
+  verify = ["web-app", "release", "verify"]   # optional; the release directory is appended
+  drain_timeout_ms = 10000            # wait at most this long for a drained node's traffic to stop
+  quiet_ms = 500                      # no packets for this long: drained
+  health_timeout_ms = 20000           # a reloaded node must be healthy on the new release by then
+
+  [[node]]
+  backend = "web1"                    # its name in lbd
+  releases = "/srv/web1/releases"     # holds <version>/ directories and the `current` symlink
+  url = "http://10.0.0.11:80"         # GET /healthz (200) and /whoami ("release") are read here
+  reload = ["systemctl", "reload", "web-app"]
 "#;
 
 #[derive(Parser)]
@@ -106,6 +122,19 @@ enum Cmd {
         token_file: PathBuf,
         #[command(subcommand)]
         what: CtlCmd,
+    },
+    /// Rolling deploy of a web release: node by node, drain at the balancer, wait for its
+    /// traffic to stop, switch its `current` release, reload, wait healthy on the new
+    /// release, put it back; roll every node back if one fails. The plan format:
+    /// `lbd deploy --help` and README.md.
+    #[command(after_long_help = DEPLOY_EXAMPLE)]
+    Deploy {
+        /// The deploy plan (TOML): the lbd admin API and, per node, its releases directory,
+        /// URL and reload command.
+        #[arg(long)]
+        plan: PathBuf,
+        /// The release (a directory name under each node's releases directory).
+        version: String,
     },
     /// Prepare this host as a backend for direct server return (run it on the backend).
     BackendSetup {
@@ -197,7 +226,6 @@ enum BackendAction {
 }
 
 async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()> {
-    use http_body_util::{BodyExt, Full};
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {} (root only; --token-file)", token_file.display()))?;
     let (method, path, value) = match what {
@@ -224,16 +252,10 @@ async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()>
             VipAction::RemoveBackend { vip, name } => ("DELETE", format!("/vips/{vip}/backends/{name}"), String::new()),
         },
     };
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{admin}{path}"))
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
-        .body(Full::new(bytes::Bytes::from(value)))?;
-    let resp = client.request(req).await.with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&body);
+    let method: hyper::Method = method.parse().expect("a method");
+    let (status, text) = client::request(method, &format!("http://{admin}{path}"), Some(&token), value)
+        .await
+        .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
     if !status.is_success() {
         anyhow::bail!("{status}: {}", text.trim());
     }
@@ -260,12 +282,10 @@ fn check_config(file: &std::path::Path) -> Result<()> {
 }
 
 async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
-    use http_body_util::{BodyExt, Empty};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-    let uri: hyper::Uri = format!("http://{admin}/status").parse()?;
-    let resp = client.get(uri).await.with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
-    let body = resp.into_body().collect().await?.to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).context("status is not JSON")?;
+    let body = client::get_ok(&format!("http://{admin}/status"))
+        .await
+        .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("status is not JSON")?;
     if raw {
         println!("{v:#}");
         return Ok(());
@@ -306,6 +326,14 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ctl(admin, token_file, what))),
+        Cmd::Deploy { plan, version } => deploy::Plan::load(&plan).map_err(anyhow::Error::from).and_then(|p| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match rt.block_on(deploy::deploy(&p, &version, &mut |line| println!("{line}")))? {
+                deploy::Outcome::Deployed => Ok(()),
+                deploy::Outcome::Refused(why) => Err(anyhow::anyhow!("deploy refused, nothing changed: {why}")),
+                deploy::Outcome::RolledBack(why) => Err(anyhow::anyhow!("deploy failed and was rolled back: {why}")),
+            }
+        }),
         Cmd::BackendSetup { vips, interface, mode, xdp_mode, pin_dir, state_dir, undo } => {
             let o = backend_setup::Options {
                 vips,
@@ -339,5 +367,14 @@ mod tests {
         let c = lb_userspace::config::Config::parse("help", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(c.vips.len(), 1);
         assert!(c.health.is_some() && c.pin_dir.is_some());
+    }
+
+    /// The plan in `deploy --help` is a valid plan.
+    #[test]
+    fn deploy_example_parses() {
+        let text: String = super::DEPLOY_EXAMPLE.lines().skip(1).map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l))).collect();
+        let p = lb_userspace::deploy::Plan::parse("help", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(p.nodes.len(), 1);
+        assert!(p.verify.is_some());
     }
 }
