@@ -1,7 +1,17 @@
 //! db-router: a MySQL-protocol router in front of a MariaDB primary and replica.
 //!
 //! - [`topology`]: where writes and reads go right now; the monitor publishes, sessions read.
+//! - [`classify`]: which backend a statement may run on (tokenizer plus rules).
+//! - [`protocol`], [`backend`], [`session`], [`router`]: the MySQL-protocol relay: client
+//!   login, per-session backend connections, response relay, routing and session state.
+//! - [`config`]: the `db-router` TOML configuration.
 //! - [`tier`]: starts and wires real `mariadbd` instances (tests, `cargo xtask run`, benches).
 
+pub mod backend;
+pub mod classify;
+pub mod config;
+pub mod protocol;
+pub mod router;
+pub mod session;
 pub mod tier;
 pub mod topology;

@@ -1,1 +1,77 @@
-fn main(){}
+//! `db-router`: the MySQL-protocol read/write-split proxy.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use db_router::{
+    config::Config,
+    router::{self, Metrics, Shared},
+    topology::{self, Routing},
+};
+use prometheus_client::registry::Registry;
+
+#[derive(Parser)]
+#[command(name = "db-router", version, about = "MySQL-protocol read/write-split router for a MariaDB primary and replica")]
+#[command(after_help = concat!("Example configuration (router.toml):\n\n", include_str!("config_example.toml")))]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve clients until stopped (SIGINT/SIGTERM).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration file and exit (errors name the line).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => Config::load(&config).map(|_| println!("{}: ok", config.display())).map_err(anyhow::Error::from),
+        Command::Run { config } => run(&config),
+    };
+    if let Err(e) = result {
+        eprintln!("db-router: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(path: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (_publisher, subscriber) = topology::channel(Routing { primary: Some(cfg.primary), replica: cfg.replica, generation: 0 });
+        let shared = Shared::new(cfg.users.clone(), cfg.settings.clone(), metrics, subscriber);
+        let addr = router::spawn(cfg.listen, Arc::clone(&shared))
+            .await
+            .with_context(|| format!("cannot listen on {}: is another process using it?", cfg.listen))?;
+        tracing::info!(listen = %addr, primary = %cfg.primary, replica = ?cfg.replica, "db-router serving");
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,230 @@
+//! The `db-router` configuration file. Unknown keys, duplicates and impossible values are
+//! errors that name the line.
+//!
+//! ```toml
+//! listen = "127.0.0.1:3307"          # where clients connect (MySQL protocol)
+//! admin_listen = "127.0.0.1:9104"    # /metrics and /status (optional)
+//! primary = "127.0.0.1:33061"        # the writable server at start; the monitor follows failovers
+//! replica = "127.0.0.1:33062"        # serves autocommit reads
+//! read_your_writes = true            # a session's reads wait on the replica for its own writes
+//! ryw_timeout_ms = 1000              # ... this long, then go to the primary
+//! max_replication_lag_s = 10         # a replica further behind gets no reads
+//! failover_wait_ms = 10000           # writes wait this long for a new primary, then fail
+//! connect_timeout_ms = 2000
+//!
+//! [[user]]                           # accounts clients log in with; the same accounts
+//! name = "app"                       # (same passwords) must exist on both servers
+//! password = "apppw"
+//!
+//! [[user]]
+//! name = "report"
+//! password_hash = "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"   # SELECT PASSWORD('...')
+//! ```
+
+use std::{collections::HashMap, fmt, net::SocketAddr, ops::Range, path::Path, time::Duration};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use crate::{
+    protocol,
+    router::{Settings, User},
+};
+
+/// The example above, checked by a test so that `--help` never shows a broken one.
+pub const EXAMPLE: &str = include_str!("config_example.toml");
+
+/// A configuration error, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} line {}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Spanned<String>,
+    #[serde(default)]
+    admin_listen: Option<Spanned<String>>,
+    primary: Spanned<String>,
+    #[serde(default)]
+    replica: Option<Spanned<String>>,
+    #[serde(default)]
+    read_your_writes: Option<bool>,
+    #[serde(default)]
+    ryw_timeout_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    max_replication_lag_s: Option<Spanned<i64>>,
+    #[serde(default)]
+    failover_wait_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    connect_timeout_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    user: Vec<UserFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserFile {
+    name: Spanned<String>,
+    #[serde(default)]
+    password: Option<Spanned<String>>,
+    #[serde(default)]
+    password_hash: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub primary: SocketAddr,
+    pub replica: Option<SocketAddr>,
+    pub max_replication_lag: Duration,
+    pub settings: Settings,
+    pub users: HashMap<String, User>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+    fn err<T>(&self, span: Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError { file: self.file.into(), line: Some(self.line_of(span.start)), message: message.into() })
+    }
+    fn addr(&self, v: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref()
+            .parse()
+            .or_else(|_| self.err(v.span(), format!("{what} {:?} is not an address:port such as \"127.0.0.1:3307\"", v.get_ref())))
+    }
+    fn int(&self, v: &Option<Spanned<i64>>, what: &str, range: Range<i64>, default: i64) -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default as u64),
+            Some(x) if range.contains(x.get_ref()) => Ok(*x.get_ref() as u64),
+            Some(x) => self.err(x.span(), format!("{what} {} is out of range {}..{}", x.get_ref(), range.start, range.end)),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text };
+        let f: File = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.into(),
+            line: e.span().map(|s| cx.line_of(s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let listen = cx.addr(&f.listen, "listen")?;
+        let admin_listen = f.admin_listen.as_ref().map(|a| cx.addr(a, "admin_listen")).transpose()?;
+        let primary = cx.addr(&f.primary, "primary")?;
+        let replica = f.replica.as_ref().map(|a| cx.addr(a, "replica")).transpose()?;
+        if replica == Some(primary) {
+            return cx.err(f.replica.as_ref().expect("set").span(), "replica is the same address as primary");
+        }
+        if let Some(a) = &f.admin_listen {
+            if admin_listen == Some(listen) {
+                return cx.err(a.span(), "admin_listen is the same address as listen");
+            }
+        }
+        let defaults = Settings::default();
+        let settings = Settings {
+            read_your_writes: f.read_your_writes.unwrap_or(defaults.read_your_writes),
+            ryw_timeout: Duration::from_millis(cx.int(&f.ryw_timeout_ms, "ryw_timeout_ms", 0..600_001, 1000)?),
+            failover_wait: Duration::from_millis(cx.int(&f.failover_wait_ms, "failover_wait_ms", 0..600_001, 10_000)?),
+            connect_timeout: Duration::from_millis(cx.int(&f.connect_timeout_ms, "connect_timeout_ms", 1..600_001, 2000)?),
+            max_packet: defaults.max_packet,
+        };
+        let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
+        if f.user.is_empty() {
+            return cx.err(0..0, "no [[user]]: clients log in with the accounts listed here");
+        }
+        let mut users = HashMap::new();
+        for u in &f.user {
+            let name = u.name.get_ref();
+            if name.is_empty() || name.len() > 80 {
+                return cx.err(u.name.span(), format!("user name {name:?} must have 1 to 80 characters"));
+            }
+            let stored = match (&u.password, &u.password_hash) {
+                (Some(_), Some(h)) => return cx.err(h.span(), format!("user {name:?}: give password or password_hash, not both")),
+                (None, None) => return cx.err(u.name.span(), format!("user {name:?}: password or password_hash is required (password = \"\" for none)")),
+                (Some(p), None) => (!p.get_ref().is_empty()).then(|| protocol::native_stored_hash(p.get_ref().as_bytes())),
+                (None, Some(h)) => Some(protocol::parse_native_hash(h.get_ref()).ok_or_else(|| ConfigError {
+                    file: file.into(),
+                    line: Some(cx.line_of(h.span().start)),
+                    message: format!("user {name:?}: password_hash must be '*' and 40 hex digits, as SELECT PASSWORD('...') prints"),
+                })?),
+            };
+            if users.insert(name.clone(), User { stored }).is_some() {
+                return cx.err(u.name.span(), format!("user {name:?} is listed twice"));
+            }
+        }
+        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, settings, users })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses() {
+        let c = Config::parse("ex.toml", EXAMPLE).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:3307".parse().unwrap());
+        assert_eq!(c.replica, Some("127.0.0.1:33062".parse().unwrap()));
+        assert_eq!(c.users.len(), 2);
+        assert_eq!(c.users["app"].stored, Some(protocol::native_stored_hash(b"apppw")));
+        assert!(c.settings.read_your_writes);
+    }
+
+    fn err_line(text: &str) -> (Option<usize>, String) {
+        let e = Config::parse("t.toml", text).unwrap_err();
+        (e.line, e.message)
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let base = "listen = \"127.0.0.1:3307\"\nprimary = \"127.0.0.1:1\"\n";
+        let users = "[[user]]\nname = \"a\"\npassword = \"b\"\n";
+        let (line, msg) = err_line(&format!("{base}lisen = 3\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("lisen"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}replica = \"nowhere\"\n{users}"));
+        assert_eq!(line, Some(3));
+        assert!(msg.contains("not an address"), "{msg}");
+        let (line, _) = err_line(&format!("{base}ryw_timeout_ms = -1\n{users}"));
+        assert_eq!(line, Some(3));
+        let (line, msg) = err_line(&format!("{base}{users}[[user]]\nname = \"a\"\npassword_hash = \"*00\"\n"));
+        assert_eq!(line, Some(8), "{msg}");
+        let (line, msg) = err_line(&format!("{base}{users}[[user]]\nname = \"a\"\npassword = \"x\"\n"));
+        assert_eq!(line, Some(7));
+        assert!(msg.contains("twice"), "{msg}");
+        let (_, msg) = err_line(base);
+        assert!(msg.contains("[[user]]"), "{msg}");
+    }
+}

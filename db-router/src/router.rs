@@ -1,0 +1,138 @@
+//! The listener and what every session shares: users, settings, metrics, the routing view.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, RwLock,
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::topology::Subscriber;
+
+/// An account clients log in with; the same account (same password) must exist on the
+/// backends, because the router logs in to them as the client's user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// `SHA1(SHA1(password))`; `None` for an account without a password.
+    pub stored: Option<[u8; 20]>,
+}
+
+/// Per-session behaviour, from the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Reads after a write wait on the replica for the write's GTID (else go to the primary).
+    pub read_your_writes: bool,
+    /// How long a read waits on the replica for the session's last write.
+    pub ryw_timeout: Duration,
+    /// How long a write waits for a primary while there is none (failover), before an error.
+    pub failover_wait: Duration,
+    pub connect_timeout: Duration,
+    /// Largest packet accepted from a client.
+    pub max_packet: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            read_your_writes: true,
+            ryw_timeout: Duration::from_secs(1),
+            failover_wait: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            max_packet: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Router counters, registered in the admin endpoint's registry.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub to_primary: Counter,
+    pub to_replica: Counter,
+    /// Session commands (SET, USE, ...) sent to every backend connection of a session.
+    pub to_all: Counter,
+    pub ryw_waits: Counter,
+    pub ryw_fallbacks: Counter,
+    pub sessions: Counter,
+    pub sessions_active: Gauge,
+    pub errors_client: Counter,
+    pub errors_backend: Counter,
+    pub auth_failures: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Arc<Metrics> {
+        let statements = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register("db_router_statements", "Statements routed, by target: primary, replica, or all (session commands such as SET and USE)", statements.clone());
+        // A family's counters share their value with their clones: keep one per target.
+        let target = |t: &'static str| statements.get_or_create(&vec![("target", t)]).clone();
+        let m = Arc::new(Metrics { to_primary: target("primary"), to_replica: target("replica"), to_all: target("all"), ..Default::default() });
+        registry.register("db_router_ryw_waits", "Reads that waited on the replica for the session's last write and got it", m.ryw_waits.clone());
+        registry.register("db_router_ryw_fallbacks", "Reads sent to the primary because the replica had not applied the session's last write in time", m.ryw_fallbacks.clone());
+        registry.register("db_router_sessions", "Client sessions accepted", m.sessions.clone());
+        registry.register("db_router_sessions_active", "Client sessions open now", m.sessions_active.clone());
+        registry.register("db_router_client_errors", "Sessions ended or statements refused because of the client (malformed packets, unknown commands)", m.errors_client.clone());
+        registry.register("db_router_backend_errors", "Backend connections that failed or were lost", m.errors_backend.clone());
+        registry.register("db_router_auth_failures", "Client logins refused", m.auth_failures.clone());
+        m
+    }
+}
+
+pub struct Shared {
+    pub users: HashMap<String, User>,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub routing: Subscriber,
+    /// The version string clients see: the last one a backend announced.
+    pub server_version: RwLock<String>,
+    conn_ids: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(users: HashMap<String, User>, settings: Settings, metrics: Arc<Metrics>, routing: Subscriber) -> Arc<Shared> {
+        Arc::new(Shared {
+            users,
+            settings,
+            metrics,
+            routing,
+            server_version: RwLock::new("5.5.5-10.11.0-MariaDB-db-router".into()),
+            conn_ids: AtomicU32::new(1),
+        })
+    }
+
+    pub fn next_conn_id(&self) -> u32 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Accepts clients until the listener fails for good; one task per session.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(crate::session::run(stream, peer, shared.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: keep serving the sessions we have, retry shortly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
+pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(serve(listener, shared));
+    Ok(local)
+}

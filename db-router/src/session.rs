@@ -1,0 +1,964 @@
+//! One client session: login, then a command loop that picks a backend per statement.
+//!
+//! State kept per session, so that the split is invisible to the client:
+//! - the backend connections, opened lazily: one to the primary, one to the replica;
+//! - the session-command history (`SET ...`), run on every open connection and replayed on
+//!   connections opened later, and the current database;
+//! - transaction state, from the server's own status flags (`IN_TRANS`, `AUTOCOMMIT`) in every
+//!   OK/EOF, so that `BEGIN`, `SET autocommit=0`, implicit commits all behave as on a direct
+//!   connection; pins (temporary tables, `LOCK TABLES`);
+//! - the GTID of the session's last write (read-your-writes);
+//! - prepared statements: client ids mapped to per-connection ids, prepared on a backend the
+//!   first time an execution goes there.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use bytes::{Buf, BytesMut};
+use mysql_common::{
+    constants::{CapabilityFlags, StatusFlags},
+    io::ParseBuf,
+    packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse},
+    proto::MySerialize,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    backend::{Backend, BackendError, Expect, Login, RelayError, Sink, Summary},
+    classify::{self, Class},
+    protocol::{self, codes, frame_header, MAX_FRAME},
+    router::Shared,
+};
+
+const COM_QUIT: u8 = 0x01;
+const COM_INIT_DB: u8 = 0x02;
+const COM_QUERY: u8 = 0x03;
+const COM_FIELD_LIST: u8 = 0x04;
+const COM_STATISTICS: u8 = 0x09;
+const COM_PING: u8 = 0x0e;
+const COM_STMT_PREPARE: u8 = 0x16;
+const COM_STMT_EXECUTE: u8 = 0x17;
+const COM_STMT_SEND_LONG_DATA: u8 = 0x18;
+const COM_STMT_CLOSE: u8 = 0x19;
+const COM_STMT_RESET: u8 = 0x1a;
+const COM_SET_OPTION: u8 = 0x1b;
+const COM_STMT_FETCH: u8 = 0x1c;
+const COM_RESET_CONNECTION: u8 = 0x1f;
+
+/// Session commands kept for replay before the session gives up replaying and stays on the
+/// primary (an application that sets a user variable per request would grow it forever).
+const MAX_HISTORY: usize = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Primary = 0,
+    Replica = 1,
+}
+
+/// The session ends (client gone, or a protocol violation the session cannot recover from).
+#[derive(Debug)]
+struct End;
+
+struct Prepared {
+    sql: Vec<u8>,
+    class: Class,
+    params: u16,
+    /// Per target: (connection serial, backend statement id).
+    on: [Option<(u64, u32)>; 2],
+    /// Parameter types from the last execution that sent them.
+    types: Option<Vec<u8>>,
+    /// Per target: the connection has the current parameter types.
+    types_on: [bool; 2],
+    long_data: Vec<Vec<u8>>,
+    last: Target,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    cbuf: BytesMut,
+    out: BytesMut,
+    caps: CapabilityFlags,
+    collation: u8,
+    user: Vec<u8>,
+    sha1_password: Option<[u8; 20]>,
+    db: Option<Vec<u8>>,
+    routing: crate::topology::Subscriber,
+    primary: Option<Backend>,
+    primary_generation: u64,
+    replica: Option<Backend>,
+    history: Vec<Vec<u8>>,
+    history_overflow: bool,
+    /// Where the open transaction runs.
+    trx: Option<Target>,
+    autocommit: bool,
+    temp_tables: bool,
+    locked_tables: bool,
+    last_target: Target,
+    /// GTID of the session's last write not yet seen on the replica connection.
+    pending_gtid: Option<String>,
+    /// The last wait for `pending_gtid` timed out: check without waiting until it arrives.
+    ryw_timed_out: bool,
+    stmts: HashMap<u32, Prepared>,
+    next_stmt: u32,
+}
+
+pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let metrics = shared.metrics.clone();
+    metrics.sessions.inc();
+    metrics.sessions_active.inc();
+    let mut s = Session {
+        routing: shared.routing.clone(),
+        shared,
+        client: stream,
+        peer,
+        cbuf: BytesMut::with_capacity(16 * 1024),
+        out: BytesMut::with_capacity(64 * 1024),
+        caps: CapabilityFlags::empty(),
+        collation: 45,
+        user: Vec::new(),
+        sha1_password: None,
+        db: None,
+        primary: None,
+        primary_generation: 0,
+        replica: None,
+        history: Vec::new(),
+        history_overflow: false,
+        trx: None,
+        autocommit: true,
+        temp_tables: false,
+        locked_tables: false,
+        last_target: Target::Primary,
+        pending_gtid: None,
+        ryw_timed_out: false,
+        stmts: HashMap::new(),
+        next_stmt: 1,
+    };
+    if s.login().await.is_ok() {
+        let _ = s.command_loop().await;
+    }
+    metrics.sessions_active.dec();
+}
+
+impl Session {
+    // ---- client side -------------------------------------------------------------------
+
+    /// Reads one packet from the client: (first sequence id, payload). `Ok(None)` at a clean
+    /// end of stream.
+    async fn read_client(&mut self) -> Result<Option<(u8, Vec<u8>)>, End> {
+        let mut payload = Vec::new();
+        let mut first_seq = None;
+        loop {
+            if let Some((len, seq)) = frame_header(&self.cbuf) {
+                if payload.len() + len > self.shared.settings.max_packet {
+                    self.shared.metrics.errors_client.inc();
+                    let msg = format!("db-router: packet larger than {} bytes", self.shared.settings.max_packet);
+                    let _ = self.send_err(seq.wrapping_add(1), codes::MALFORMED, &msg).await;
+                    return Err(End);
+                }
+                if self.cbuf.len() >= 4 + len {
+                    first_seq.get_or_insert(seq);
+                    payload.extend_from_slice(&self.cbuf[4..4 + len]);
+                    self.cbuf.advance(4 + len);
+                    if len < MAX_FRAME {
+                        return Ok(Some((first_seq.unwrap_or(seq), payload)));
+                    }
+                    continue;
+                }
+            }
+            self.cbuf.reserve(16 * 1024);
+            match self.client.read_buf(&mut self.cbuf).await {
+                Ok(0) if self.cbuf.is_empty() && payload.is_empty() => return Ok(None),
+                Ok(0) => {
+                    // Truncated packet: the client went away mid-packet.
+                    self.shared.metrics.errors_client.inc();
+                    return Err(End);
+                }
+                Ok(_) => {}
+                Err(_) => return Err(End),
+            }
+        }
+    }
+
+    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), End> {
+        self.out.clear();
+        protocol::put_packet(&mut self.out, seq, payload);
+        let r = self.client.write_all(&self.out).await;
+        self.out.clear();
+        r.map_err(|_| End)
+    }
+
+    async fn send_err(&mut self, seq: u8, (code, state): (u16, &[u8; 5]), message: &str) -> Result<(), End> {
+        self.send_packet(seq, &protocol::err_payload(code, state, message)).await
+    }
+
+    async fn send_ok(&mut self, seq: u8) -> Result<(), End> {
+        let mut status = StatusFlags::empty();
+        if self.autocommit {
+            status |= StatusFlags::SERVER_STATUS_AUTOCOMMIT;
+        }
+        if self.trx.is_some() {
+            status |= StatusFlags::SERVER_STATUS_IN_TRANS;
+        }
+        self.send_packet(seq, &protocol::ok_payload(status)).await
+    }
+
+    async fn login(&mut self) -> Result<(), End> {
+        let conn_id = self.shared.next_conn_id();
+        let scramble = protocol::new_scramble();
+        let mut part2 = scramble[8..].to_vec();
+        part2.push(0);
+        let version = self.shared.server_version.read().map(|v| v.clone()).unwrap_or_default();
+        let hs = HandshakePacket::new(
+            10,
+            version.as_bytes(),
+            conn_id,
+            scramble[..8].try_into().expect("8 bytes"),
+            Some(part2),
+            protocol::server_capabilities(),
+            45, // utf8mb4_general_ci
+            StatusFlags::SERVER_STATUS_AUTOCOMMIT,
+            Some(&b"mysql_native_password"[..]),
+        );
+        let mut payload = Vec::with_capacity(96);
+        hs.serialize(&mut payload);
+        self.send_packet(0, &payload).await?;
+
+        let Some((seq, reply)) = self.read_client().await? else { return Err(End) };
+        let resp = match ParseBuf(&reply).parse::<HandshakeResponse>(()) {
+            Ok(r) => r,
+            Err(_) => {
+                self.shared.metrics.errors_client.inc();
+                let tls = reply.len() >= 4 && u32::from_le_bytes(reply[..4].try_into().expect("4")) & CapabilityFlags::CLIENT_SSL.bits() != 0;
+                let msg = if tls { "db-router: TLS is not supported; connect without TLS" } else { "db-router: bad handshake" };
+                let _ = self.send_err(seq.wrapping_add(1), codes::BAD_HANDSHAKE, msg).await;
+                return Err(End);
+            }
+        };
+        self.caps = resp.capabilities() & protocol::server_capabilities();
+        if !self.caps.contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
+            let _ = self.send_err(seq.wrapping_add(1), codes::BAD_HANDSHAKE, "db-router: clients must speak protocol 4.1").await;
+            return Err(End);
+        }
+        self.collation = resp.collation();
+        self.user = resp.user().to_vec();
+        self.db = resp.db_name().filter(|d| !d.is_empty()).map(<[u8]>::to_vec);
+        let native = matches!(resp.auth_plugin(), None | Some(AuthPlugin::MysqlNativePassword));
+        let mut token = resp.scramble_buf().to_vec();
+        let mut next = seq.wrapping_add(1);
+        if !native {
+            let mut data = scramble.to_vec();
+            data.push(0);
+            let mut p = Vec::new();
+            AuthSwitchRequest::new(&b"mysql_native_password"[..], data).serialize(&mut p);
+            self.send_packet(next, &p).await?;
+            let Some((seq, t)) = self.read_client().await? else { return Err(End) };
+            token = t;
+            next = seq.wrapping_add(1);
+        }
+        let user = self.shared.users.get(&*String::from_utf8_lossy(&self.user)).cloned();
+        let verified = match user {
+            Some(u) => match u.stored {
+                None => token.is_empty().then_some(None),
+                Some(stored) => protocol::verify_native(&scramble, &token, &stored).map(Some),
+            },
+            None => None,
+        };
+        match verified {
+            Some(sha1) => {
+                self.sha1_password = sha1;
+                self.send_ok(next).await
+            }
+            None => {
+                self.shared.metrics.auth_failures.inc();
+                let msg = format!(
+                    "Access denied for user '{}'@'{}' (using password: {})",
+                    String::from_utf8_lossy(&self.user),
+                    self.peer.ip(),
+                    if token.is_empty() { "NO" } else { "YES" }
+                );
+                let _ = self.send_err(next, codes::ACCESS_DENIED, &msg).await;
+                Err(End)
+            }
+        }
+    }
+
+    async fn command_loop(&mut self) -> Result<(), End> {
+        loop {
+            let Some((seq, payload)) = self.read_client().await? else { return Ok(()) };
+            if seq != 0 {
+                self.shared.metrics.errors_client.inc();
+                let _ = self.send_err(seq.wrapping_add(1), codes::MALFORMED, "db-router: packets out of order").await;
+                return Err(End);
+            }
+            let Some(&cmd) = payload.first() else {
+                self.shared.metrics.errors_client.inc();
+                self.send_err(1, codes::MALFORMED, "db-router: empty command packet").await?;
+                continue;
+            };
+            match cmd {
+                COM_QUIT => return Ok(()),
+                COM_PING => self.send_ok(1).await?,
+                COM_QUERY => self.query(&payload).await?,
+                COM_INIT_DB => self.session_command(&payload, Expect::Single, None).await?,
+                COM_SET_OPTION => self.session_command(&payload, Expect::Single, None).await?,
+                COM_FIELD_LIST => {
+                    let target = self.route(Class::Read).await;
+                    self.execute(target, &payload, Expect::FieldList, Class::Read).await?;
+                }
+                COM_STATISTICS => self.execute(Target::Primary, &payload, Expect::Single, Class::Write).await?,
+                COM_RESET_CONNECTION => self.reset_connection(&payload).await?,
+                COM_STMT_PREPARE => self.prepare(&payload).await?,
+                COM_STMT_EXECUTE => self.stmt_execute(&payload).await?,
+                COM_STMT_SEND_LONG_DATA => self.stmt_long_data(payload),
+                COM_STMT_CLOSE => self.stmt_close(&payload).await,
+                COM_STMT_RESET => self.stmt_reset(&payload).await?,
+                COM_STMT_FETCH => self.stmt_fetch(&payload).await?,
+                other => {
+                    self.shared.metrics.errors_client.inc();
+                    let msg = format!("db-router: command 0x{other:02x} is not supported");
+                    self.send_err(1, codes::UNKNOWN_COMMAND, &msg).await?;
+                }
+            }
+        }
+    }
+
+    // ---- routing -----------------------------------------------------------------------
+
+    /// The backend a statement of `class` goes to, before replica availability and RYW.
+    fn sticky(&self) -> Option<Target> {
+        if self.trx.is_some() {
+            return self.trx;
+        }
+        (self.temp_tables || self.locked_tables || !self.autocommit || self.history_overflow).then_some(Target::Primary)
+    }
+
+    /// Picks the backend for a statement of `class`; for the replica, checks it is there and
+    /// (read-your-writes) has the session's last write.
+    async fn route(&mut self, class: Class) -> Target {
+        let target = match class {
+            Class::Read | Class::Begin { read_only: true } => self.sticky().unwrap_or(Target::Replica),
+            Class::Previous => self.sticky().unwrap_or(self.last_target),
+            Class::Begin { read_only: false } => Target::Primary,
+            _ => self.trx.unwrap_or(Target::Primary),
+        };
+        if target == Target::Primary {
+            return target;
+        }
+        if self.ensure_replica().await.is_err() {
+            return Target::Primary;
+        }
+        if self.trx.is_none() && self.shared.settings.read_your_writes && !self.replica_has_writes().await {
+            return Target::Primary;
+        }
+        Target::Replica
+    }
+
+    /// Read-your-writes: waits (bounded) on the replica connection for the GTID of the
+    /// session's last write. Only this session waits; others keep going.
+    async fn replica_has_writes(&mut self) -> bool {
+        let Some(gtid) = self.pending_gtid.clone() else { return true };
+        if !gtid.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b',') {
+            return false;
+        }
+        let timeout = if self.ryw_timed_out { 0.0 } else { self.shared.settings.ryw_timeout.as_secs_f64() };
+        let sql = format!("SELECT MASTER_GTID_WAIT('{gtid}', {timeout:.3})");
+        let Some(replica) = self.replica.as_mut() else { return false };
+        match replica.query(&sql, true).await {
+            Ok(sum) if sum.error.is_none() && sum.first_value.as_ref().and_then(|v| v.as_deref()) == Some(b"0") => {
+                self.shared.metrics.ryw_waits.inc();
+                self.pending_gtid = None;
+                self.ryw_timed_out = false;
+                true
+            }
+            Ok(_) => {
+                self.shared.metrics.ryw_fallbacks.inc();
+                self.ryw_timed_out = true;
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replica lost during read-your-writes wait");
+                self.shared.metrics.errors_backend.inc();
+                self.replica = None;
+                self.shared.metrics.ryw_fallbacks.inc();
+                false
+            }
+        }
+    }
+
+    fn login_params(&self, session_track: bool) -> Login<'_> {
+        Login {
+            user: &self.user,
+            sha1_password: self.sha1_password.as_ref(),
+            database: self.db.as_deref(),
+            client_caps: self.caps,
+            collation: self.collation,
+            session_track,
+            timeout: self.shared.settings.connect_timeout,
+        }
+    }
+
+    /// Runs the setup and the session history on a new connection.
+    async fn prepare_connection(&self, be: &mut Backend, primary: bool) -> Result<(), String> {
+        if let Ok(mut v) = self.shared.server_version.write() {
+            if *v != be.server_version {
+                *v = be.server_version.clone();
+            }
+        }
+        if primary && self.shared.settings.read_your_writes {
+            let sql = "SET SESSION session_track_system_variables = CONCAT_WS(',', NULLIF(@@session.session_track_system_variables, ''), 'last_gtid')";
+            match be.query(sql, false).await {
+                Ok(s) if s.error.is_none() => {}
+                Ok(s) => return Err(format!("session tracking setup failed: {}", s.error.map(|e| e.2).unwrap_or_default())),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        for cmd in &self.history {
+            let expect = if cmd.first() == Some(&COM_QUERY) { Expect::Results } else { Expect::Single };
+            be.send_command(cmd).await.map_err(|e| e.to_string())?;
+            let sum = be.relay(expect, &mut Sink::Discard, false).await.map_err(|e| e.to_string())?;
+            if let Some((_, _, msg)) = sum.error {
+                return Err(format!("replaying {:?}: {msg}", String::from_utf8_lossy(&cmd[1..])));
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_replica(&mut self) -> Result<(), String> {
+        let want = self.routing.borrow().replica;
+        let Some(addr) = want else {
+            self.replica = None;
+            return Err("no replica".into());
+        };
+        if self.replica.as_ref().is_some_and(|b| b.addr == addr) {
+            return Ok(());
+        }
+        self.replica = None;
+        let login = self.login_params(false);
+        match Backend::connect(addr, &login).await {
+            Ok(mut be) => match self.prepare_connection(&mut be, false).await {
+                Ok(()) => {
+                    self.replica = Some(be);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(replica = %addr, error = %e, "cannot restore the session on the replica; reading from the primary");
+                    self.shared.metrics.errors_backend.inc();
+                    Err(e)
+                }
+            },
+            Err(e) => {
+                tracing::warn!(replica = %addr, error = %e, "replica unreachable; reading from the primary");
+                self.shared.metrics.errors_backend.inc();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Makes sure the primary connection matches the current routing view; waits up to
+    /// `failover_wait` while there is no primary or it cannot be reached.
+    async fn ensure_primary(&mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.shared.settings.failover_wait;
+        let mut last_error = String::from("no primary (failover in progress)");
+        loop {
+            let r = self.routing.borrow_and_update().clone();
+            if let Some(addr) = r.primary {
+                if let Some(be) = &self.primary {
+                    if be.addr == addr && self.primary_generation == r.generation {
+                        return Ok(());
+                    }
+                    self.drop_primary();
+                }
+                let login = self.login_params(self.shared.settings.read_your_writes);
+                match Backend::connect(addr, &login).await {
+                    Ok(mut be) => match self.prepare_connection(&mut be, true).await {
+                        Ok(()) => {
+                            self.primary = Some(be);
+                            self.primary_generation = r.generation;
+                            return Ok(());
+                        }
+                        Err(e) => return Err(format!("cannot set up the session on primary {addr}: {e}")),
+                    },
+                    Err(BackendError::Login { message, .. }) => return Err(format!("primary {addr} refused the login: {message}")),
+                    Err(e) => {
+                        self.shared.metrics.errors_backend.inc();
+                        last_error = e.to_string();
+                    }
+                }
+            }
+            // Wait for the monitor to publish a (new) primary.
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(last_error);
+            }
+            let wait = (deadline - now).min(std::time::Duration::from_millis(500));
+            let _ = tokio::time::timeout(wait, self.routing.changed()).await;
+        }
+    }
+
+    fn drop_primary(&mut self) {
+        if self.primary.take().is_some() && self.trx == Some(Target::Primary) {
+            // The transaction died with the connection; the client learns it on its next
+            // statement (the server rolled it back).
+            self.trx = None;
+        }
+    }
+
+    fn backend(&mut self, t: Target) -> Option<&mut Backend> {
+        match t {
+            Target::Primary => self.primary.as_mut(),
+            Target::Replica => self.replica.as_mut(),
+        }
+    }
+
+    fn drop_backend(&mut self, t: Target) {
+        self.shared.metrics.errors_backend.inc();
+        match t {
+            Target::Primary => self.drop_primary(),
+            Target::Replica => self.replica = None,
+        }
+    }
+
+    async fn ensure(&mut self, t: Target) -> Result<(), String> {
+        match t {
+            Target::Primary => self.ensure_primary().await,
+            Target::Replica => self.ensure_replica().await,
+        }
+    }
+
+    fn note_response(&mut self, t: Target, sum: &Summary, class: Class) {
+        if let Some(st) = sum.status {
+            self.autocommit = st.contains(StatusFlags::SERVER_STATUS_AUTOCOMMIT);
+            if st.contains(StatusFlags::SERVER_STATUS_IN_TRANS) {
+                self.trx = Some(t);
+            } else if self.trx == Some(t) {
+                self.trx = None;
+            }
+        }
+        if let (Some(g), Target::Primary) = (&sum.gtid, t) {
+            self.pending_gtid = Some(g.clone());
+            self.ryw_timed_out = false;
+        }
+        self.last_target = t;
+        if sum.error.is_none() {
+            match class {
+                Class::TempTable => self.temp_tables = true,
+                Class::LockTables => self.locked_tables = true,
+                Class::UnlockTables => self.locked_tables = false,
+                _ => {}
+            }
+        }
+    }
+
+    // ---- commands ----------------------------------------------------------------------
+
+    async fn query(&mut self, payload: &[u8]) -> Result<(), End> {
+        let class = classify::classify(&payload[1..]);
+        if class.is_session_command() {
+            return self.session_command(payload, Expect::Results, Some(class)).await;
+        }
+        let target = self.route(class).await;
+        self.execute(target, payload, Expect::Results, class).await
+    }
+
+    /// Sends one command to `target` and relays the response to the client.
+    async fn execute(&mut self, target: Target, payload: &[u8], expect: Expect, class: Class) -> Result<(), End> {
+        if let Err(e) = self.ensure(target).await {
+            let code = if target == Target::Primary { codes::NO_PRIMARY } else { codes::BACKEND_LOST };
+            return self.send_err(1, code, &format!("db-router: {e}")).await;
+        }
+        match target {
+            Target::Primary => self.shared.metrics.to_primary.inc(),
+            Target::Replica => self.shared.metrics.to_replica.inc(),
+        };
+        let sum = self.forward(target, payload, expect, None).await?;
+        if let Some(sum) = sum {
+            self.note_response(target, &sum, class);
+        }
+        Ok(())
+    }
+
+    /// Sends `payload` to an open backend and relays the answer; `Ok(None)` when the backend
+    /// failed (the client got an ERR packet, the connection is dropped).
+    async fn forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>) -> Result<Option<Summary>, End> {
+        let strip_state = !self.caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK);
+        let Some(be) = (match target {
+            Target::Primary => self.primary.as_mut(),
+            Target::Replica => self.replica.as_mut(),
+        }) else {
+            self.send_err(1, codes::BACKEND_LOST, "db-router: no backend connection").await?;
+            return Ok(None);
+        };
+        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id };
+        let mut result = match be.send_command(payload).await {
+            Ok(()) => be.relay(expect, &mut sink, false).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
+        // LOCAL INFILE: the client streams the file, ending with an empty packet.
+        while let Ok(sum) = &result {
+            if !sum.local_infile {
+                break;
+            }
+            result = self.pump_infile(target).await;
+        }
+        match result {
+            Ok(sum) => Ok(Some(sum)),
+            Err(RelayError::Client(_)) => Err(End),
+            Err(RelayError::Backend(e)) => {
+                tracing::warn!(backend = ?target, error = %e, "backend failed during a statement");
+                self.drop_backend(target);
+                self.out.clear();
+                // The client may have received part of the answer; the ERR ends it.
+                let msg = format!("db-router: {e}; the statement may or may not have run");
+                self.send_err(1, codes::BACKEND_LOST, &msg).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn pump_infile(&mut self, target: Target) -> Result<Summary, RelayError> {
+        loop {
+            let (len, frame) = loop {
+                if let Some((len, _)) = frame_header(&self.cbuf) {
+                    if self.cbuf.len() >= 4 + len {
+                        break (len, self.cbuf.split_to(4 + len));
+                    }
+                }
+                self.cbuf.reserve(64 * 1024);
+                match self.client.read_buf(&mut self.cbuf).await {
+                    Ok(0) => return Err(RelayError::Client(std::io::ErrorKind::UnexpectedEof.into())),
+                    Ok(_) => {}
+                    Err(e) => return Err(RelayError::Client(e)),
+                }
+            };
+            let be = self.backend(target).expect("open");
+            be.send_raw(&frame).await?;
+            if len == 0 {
+                break;
+            }
+        }
+        let strip_state = !self.caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK);
+        let be = match target {
+            Target::Primary => self.primary.as_mut(),
+            Target::Replica => self.replica.as_mut(),
+        }
+        .expect("open");
+        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id: None };
+        be.relay(Expect::Results, &mut sink, false).await
+    }
+
+    /// A command for every backend connection of the session (SET, USE, COM_INIT_DB,
+    /// COM_SET_OPTION): the primary's answer (else the replica's) goes to the client.
+    async fn session_command(&mut self, payload: &[u8], expect: Expect, class: Option<Class>) -> Result<(), End> {
+        if self.primary.is_none() && self.replica.is_none() {
+            // Nothing open yet: the replica answers if there is one, the primary otherwise;
+            // the other connection gets the command from the history when it opens.
+            let first = if self.sticky().is_none() && self.ensure_replica().await.is_ok() { Target::Replica } else { Target::Primary };
+            if first == Target::Primary {
+                if let Err(e) = self.ensure_primary().await {
+                    return self.send_err(1, codes::NO_PRIMARY, &format!("db-router: {e}")).await;
+                }
+            }
+        }
+        if let Some(p) = &self.primary {
+            // A stale primary (failover) is replaced before it gets session commands.
+            let r = self.routing.borrow().clone();
+            if r.primary != Some(p.addr) || r.generation != self.primary_generation {
+                self.drop_primary();
+                if let Err(e) = self.ensure_primary().await {
+                    return self.send_err(1, codes::NO_PRIMARY, &format!("db-router: {e}")).await;
+                }
+            }
+        }
+        self.shared.metrics.to_all.inc();
+        let responder = if self.primary.is_some() { Target::Primary } else { Target::Replica };
+        let other = match responder {
+            Target::Primary => Target::Replica,
+            Target::Replica => Target::Primary,
+        };
+        // The other connection first, its answer discarded; then the answering one.
+        if let Some(be) = self.backend(other) {
+            let ok = match be.send_command(payload).await {
+                Ok(()) => match be.relay(expect, &mut Sink::Discard, false).await {
+                    Ok(sum) => sum.error.map(|e| e.2),
+                    Err(e) => Some(e.to_string()),
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(err) = ok {
+                // Drop it: when it reopens, the history replay reports the problem, and reads
+                // fall back to the primary meanwhile.
+                tracing::warn!(backend = ?other, error = %err, "session command failed on one backend only");
+                self.drop_backend(other);
+            }
+        }
+        let Some(sum) = self.forward(responder, payload, expect, None).await? else { return Ok(()) };
+        let cls = class.unwrap_or(Class::SessionSet);
+        self.note_response(responder, &sum, cls);
+        if sum.error.is_none() {
+            match (payload[0], cls) {
+                (COM_INIT_DB, _) => self.db = Some(payload[1..].to_vec()),
+                (COM_QUERY, Class::Use) => {
+                    if let Some(db) = classify::use_database(&payload[1..]) {
+                        self.db = Some(db.into_bytes());
+                    }
+                }
+                (COM_QUERY, Class::SessionOnce) => {}
+                _ => {
+                    if self.history.len() >= MAX_HISTORY {
+                        self.history_overflow = true;
+                    } else {
+                        self.history.push(payload.to_vec());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn reset_connection(&mut self, payload: &[u8]) -> Result<(), End> {
+        self.history.clear();
+        self.history_overflow = false;
+        self.temp_tables = false;
+        self.locked_tables = false;
+        self.trx = None;
+        self.autocommit = true;
+        self.stmts.clear();
+        // The replica connection is simply dropped (reopened clean when needed); the primary
+        // is reset and its session tracking set up again.
+        self.replica = None;
+        if self.primary.is_none() {
+            return self.send_ok(1).await;
+        }
+        let Some(_) = self.forward(Target::Primary, payload, Expect::Single, None).await? else { return Ok(()) };
+        let mut be = self.primary.take().expect("open");
+        match self.prepare_connection(&mut be, true).await {
+            Ok(()) => self.primary = Some(be),
+            Err(e) => tracing::warn!(error = %e, "primary setup after reset failed; reconnecting on next use"),
+        }
+        Ok(())
+    }
+
+    // ---- prepared statements -----------------------------------------------------------
+
+    async fn prepare(&mut self, payload: &[u8]) -> Result<(), End> {
+        let sql = payload[1..].to_vec();
+        let class = match classify::classify(&sql) {
+            c @ (Class::Read | Class::Previous | Class::TxnControl) => c,
+            _ => Class::Write,
+        };
+        // Prepare where executions will most likely go; other backends prepare on demand.
+        let target = match class {
+            Class::Read if self.sticky().is_none() && self.ensure_replica().await.is_ok() => Target::Replica,
+            _ => self.trx.unwrap_or(Target::Primary),
+        };
+        if let Err(e) = self.ensure(target).await {
+            return self.send_err(1, codes::NO_PRIMARY, &format!("db-router: {e}")).await;
+        }
+        let client_id = self.next_stmt;
+        let Some(sum) = self.forward(target, payload, Expect::Prepare, Some(client_id)).await? else { return Ok(()) };
+        if let Some((id, _cols, params)) = sum.prepared {
+            self.next_stmt = self.next_stmt.wrapping_add(1).max(1);
+            let serial = self.backend(target).map(|b| b.serial).unwrap_or(0);
+            let mut on = [None, None];
+            on[target as usize] = Some((serial, id));
+            self.stmts.insert(client_id, Prepared { sql, class, params, on, types: None, types_on: [false; 2], long_data: Vec::new(), last: target });
+        }
+        Ok(())
+    }
+
+    /// The backend statement id of `client_id` on `target`, preparing it there if needed.
+    async fn backend_stmt(&mut self, client_id: u32, target: Target) -> Result<Result<u32, String>, End> {
+        let Some(serial) = self.backend(target).map(|b| b.serial) else { return Ok(Err("no backend connection".into())) };
+        let st = self.stmts.get(&client_id).expect("checked");
+        if let Some((s, id)) = st.on[target as usize] {
+            if s == serial {
+                return Ok(Ok(id));
+            }
+        }
+        let mut p = Vec::with_capacity(1 + st.sql.len());
+        p.push(COM_STMT_PREPARE);
+        p.extend_from_slice(&st.sql);
+        let be = self.backend(target).expect("open");
+        let res = match be.send_command(&p).await {
+            Ok(()) => be.relay(Expect::Prepare, &mut Sink::Discard, false).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match res {
+            Ok(Summary { prepared: Some((id, _, _)), .. }) => {
+                let st = self.stmts.get_mut(&client_id).expect("checked");
+                st.on[target as usize] = Some((serial, id));
+                st.types_on[target as usize] = false;
+                Ok(Ok(id))
+            }
+            Ok(sum) => Ok(Err(sum.error.map(|e| e.2).unwrap_or_else(|| "prepare failed".into()))),
+            Err(e) => {
+                self.drop_backend(target);
+                Ok(Err(e))
+            }
+        }
+    }
+
+    fn unknown_stmt(&self, id: u32, what: &str) -> String {
+        format!("Unknown prepared statement handler ({id}) given to {what}")
+    }
+
+    async fn stmt_execute(&mut self, payload: &[u8]) -> Result<(), End> {
+        if payload.len() < 10 {
+            self.shared.metrics.errors_client.inc();
+            return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_EXECUTE").await;
+        }
+        let client_id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+        let Some(st) = self.stmts.get(&client_id) else {
+            let msg = self.unknown_stmt(client_id, "mysqld_stmt_execute");
+            return self.send_err(1, codes::UNKNOWN_STMT, &msg).await;
+        };
+        let (class, params) = (st.class, st.params as usize);
+        // Parameter block: null bitmap, new-params-bound flag, types (when bound), values.
+        let bitmap = params.div_ceil(8);
+        let flag_at = 10 + bitmap;
+        let mut new_types = None;
+        let mut bound = false;
+        if params > 0 {
+            if payload.len() <= flag_at {
+                self.shared.metrics.errors_client.inc();
+                return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_EXECUTE").await;
+            }
+            bound = payload[flag_at] == 1;
+            if bound {
+                let Some(types) = payload.get(flag_at + 1..flag_at + 1 + 2 * params) else {
+                    self.shared.metrics.errors_client.inc();
+                    return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_EXECUTE").await;
+                };
+                new_types = Some(types.to_vec());
+            }
+        }
+        let target = self.route(class).await;
+        if let Err(e) = self.ensure(target).await {
+            return self.send_err(1, codes::NO_PRIMARY, &format!("db-router: {e}")).await;
+        }
+        let id = match self.backend_stmt(client_id, target).await? {
+            Ok(id) => id,
+            Err(e) => return self.send_err(1, codes::BACKEND_LOST, &format!("db-router: cannot prepare on {target:?}: {e}")).await,
+        };
+        let st = self.stmts.get_mut(&client_id).expect("checked");
+        if let Some(t) = new_types {
+            st.types = Some(t);
+            st.types_on = [false; 2];
+        }
+        let mut p;
+        if params > 0 && !bound && !st.types_on[target as usize] {
+            // This backend never saw the types (the client bound them on another one).
+            let Some(types) = &st.types else {
+                return self.send_err(1, codes::MALFORMED, "db-router: COM_STMT_EXECUTE without parameter types").await;
+            };
+            p = payload[..flag_at].to_vec();
+            p.push(1);
+            p.extend_from_slice(types);
+            p.extend_from_slice(&payload[flag_at + 1..]);
+        } else {
+            p = payload.to_vec();
+        }
+        p[1..5].copy_from_slice(&id.to_le_bytes());
+        if params > 0 {
+            st.types_on[target as usize] = true;
+        }
+        st.last = target;
+        let long_data = std::mem::take(&mut st.long_data);
+        match target {
+            Target::Primary => self.shared.metrics.to_primary.inc(),
+            Target::Replica => self.shared.metrics.to_replica.inc(),
+        };
+        if !long_data.is_empty() {
+            let be = self.backend(target).expect("open");
+            for mut chunk in long_data {
+                chunk[1..5].copy_from_slice(&id.to_le_bytes());
+                be.queue_command(&chunk);
+            }
+            if be.flush().await.is_err() {
+                self.drop_backend(target);
+                return self.send_err(1, codes::BACKEND_LOST, "db-router: backend lost while sending long data").await;
+            }
+        }
+        if let Some(sum) = self.forward(target, &p, Expect::Results, None).await? {
+            self.note_response(target, &sum, class);
+        }
+        Ok(())
+    }
+
+    fn stmt_long_data(&mut self, payload: Vec<u8>) {
+        // No response either way; kept until the execution picks its backend.
+        if payload.len() >= 7 {
+            let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+            if let Some(st) = self.stmts.get_mut(&id) {
+                st.long_data.push(payload);
+            }
+        }
+    }
+
+    async fn stmt_close(&mut self, payload: &[u8]) {
+        if payload.len() < 5 {
+            return;
+        }
+        let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+        let Some(st) = self.stmts.remove(&id) else { return };
+        for t in [Target::Primary, Target::Replica] {
+            if let (Some((serial, bid)), Some(be)) = (st.on[t as usize], self.backend(t)) {
+                if be.serial == serial {
+                    let mut p = vec![COM_STMT_CLOSE];
+                    p.extend_from_slice(&bid.to_le_bytes());
+                    if be.send_command(&p).await.is_err() {
+                        self.drop_backend(t);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stmt_reset(&mut self, payload: &[u8]) -> Result<(), End> {
+        if payload.len() < 5 {
+            return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_RESET").await;
+        }
+        let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+        let Some(st) = self.stmts.get_mut(&id) else {
+            let msg = self.unknown_stmt(id, "mysqld_stmt_reset");
+            return self.send_err(1, codes::UNKNOWN_STMT, &msg).await;
+        };
+        st.long_data.clear();
+        let t = st.last;
+        let on = st.on[t as usize];
+        match (on, self.backend(t).map(|b| b.serial)) {
+            (Some((serial, bid)), Some(cur)) if serial == cur => {
+                let mut p = vec![COM_STMT_RESET];
+                p.extend_from_slice(&bid.to_le_bytes());
+                self.forward(t, &p, Expect::Single, None).await?;
+                Ok(())
+            }
+            _ => self.send_ok(1).await,
+        }
+    }
+
+    async fn stmt_fetch(&mut self, payload: &[u8]) -> Result<(), End> {
+        if payload.len() < 9 {
+            return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_FETCH").await;
+        }
+        let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+        let Some(st) = self.stmts.get(&id) else {
+            let msg = self.unknown_stmt(id, "mysqld_stmt_fetch");
+            return self.send_err(1, codes::UNKNOWN_STMT, &msg).await;
+        };
+        let t = st.last;
+        let Some((serial, bid)) = st.on[t as usize] else { return self.send_err(1, codes::UNKNOWN_STMT, "db-router: statement has no cursor").await };
+        if self.backend(t).map(|b| b.serial) != Some(serial) {
+            return self.send_err(1, codes::BACKEND_LOST, "db-router: the cursor's backend connection is gone").await;
+        }
+        let mut p = payload.to_vec();
+        p[1..5].copy_from_slice(&bid.to_le_bytes());
+        self.forward(t, &p, Expect::Rows, None).await?;
+        Ok(())
+    }
+}
