@@ -1,12 +1,11 @@
-//! The HTTP side of the node: one tokio task per connection, HTTP/1.1 (keep-alive) and
-//! cleartext HTTP/2 through hyper-util's auto builder, graceful shutdown, and the routes.
-//!
-//! Routes: `GET /whoami`, `GET /healthz`, `POST|PUT /upload`, and GET/HEAD on any other path
-//! serves a static file from the root through tower-http's `ServeDir`.
+//! The HTTP side of the node: listeners (plain, TLS, or plain redirecting to HTTPS), one
+//! tokio task per connection, HTTP/1.1 and HTTP/2 through hyper-util's auto builder (h2c by
+//! prior knowledge, h2 over TLS by ALPN), graceful shutdown and drain, the routes, the
+//! access log and the metrics.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,89 +13,106 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tower::ServiceExt;
-use tower_http::services::ServeDir;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::State;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// How long a client may take to send the request head (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After rejecting an oversized upload, read and discard at most this much more of it, so the
 /// client gets to read the 413 instead of a connection reset...
 const DRAIN_MAX_BYTES: u64 = 8 * 1024 * 1024;
 /// ...for at most this long.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// A TLS handshake must finish within this.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Shared, read-only state of the request handlers.
-struct State {
-    node: String,
-    version: String,
-    max_upload_bytes: u64,
-    static_files: ServeDir,
+/// What a listener does with its connections.
+#[derive(Clone)]
+pub enum ListenerKind {
+    /// Plain HTTP, every route.
+    Plain,
+    /// HTTPS.
+    Tls(TlsAcceptor),
+    /// Plain HTTP answering 308 to `https://host[:port]/path` (except `/healthz` and
+    /// `/metrics`, which load balancers and scrapers ask over plain HTTP).
+    RedirectToHttps { https_port: u16 },
 }
 
-/// A bound, not yet running HTTP server. `bind` then `run`; `local_addr` in between tells the
-/// port when the configuration asked for port 0.
-pub struct HttpServer {
+impl ListenerKind {
+    fn name(&self) -> &'static str {
+        match self {
+            ListenerKind::Plain => "http",
+            ListenerKind::Tls(_) => "https",
+            ListenerKind::RedirectToHttps { .. } => "http-redirect",
+        }
+    }
+}
+
+/// A bound listener, not yet accepting.
+pub struct Listener {
     listener: TcpListener,
     local_addr: SocketAddr,
-    shutdown_grace: Duration,
-    state: Arc<State>,
+    kind: ListenerKind,
 }
 
-impl HttpServer {
-    /// Binds `config.listen`. Files are served from `config.root`.
-    pub async fn bind(config: &Config) -> anyhow::Result<HttpServer> {
-        let listener = TcpListener::bind(config.listen)
+impl Listener {
+    pub async fn bind(addr: SocketAddr, kind: ListenerKind) -> anyhow::Result<Listener> {
+        let listener = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding HTTP listener on {}", config.listen))?;
-        let local_addr = listener.local_addr().context("HTTP listener address")?;
-        let state = State {
-            node: config.node.clone(),
-            version: config.version.clone(),
-            max_upload_bytes: config.max_upload_bytes,
-            static_files: ServeDir::new(&config.root).append_index_html_on_directories(true),
-        };
-        Ok(HttpServer { listener, local_addr, shutdown_grace: config.shutdown_grace, state: Arc::new(state) })
+            .with_context(|| format!("binding the {} listener on {addr}", kind.name()))?;
+        let local_addr = listener.local_addr().context("listener address")?;
+        Ok(Listener { listener, local_addr, kind })
     }
 
-    /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// Accepts connections until `shutdown` completes, then stops accepting and gives the open
-    /// connections `shutdown_grace` to finish their in-flight requests (idle keep-alive
-    /// connections are closed at once). Connections still busy after that are dropped.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let HttpServer { listener, local_addr, shutdown_grace, state } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
-        let graceful = GracefulShutdown::new();
-        let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
+    /// Where a redirecting listener sends clients (the HTTPS listener's real port).
+    pub fn set_https_port(&mut self, port: u16) {
+        if let ListenerKind::RedirectToHttps { https_port } = &mut self.kind {
+            *https_port = port;
+        }
+    }
 
+    /// Accepts connections until `stop` says true, then stops accepting and gives the open
+    /// connections `grace` to finish their in-flight requests (idle keep-alive connections
+    /// are closed at once, HTTP/2 ones get a GOAWAY). Connections still busy are dropped.
+    pub async fn run(self, state: Arc<State>, mut stop: watch::Receiver<bool>, grace: Duration) {
+        let Listener { listener, local_addr, kind } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(state.header_read_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let mut connections = JoinSet::new();
         loop {
             tokio::select! {
-                () = &mut shutdown => break,
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => {
                     let (stream, peer) = match accepted {
@@ -108,68 +124,246 @@ impl HttpServer {
                             continue;
                         }
                     };
-                    let local = match stream.local_addr() {
-                        Ok(local) => local,
-                        Err(e) => {
-                            debug!(%peer, error = %e, "connection gone before it was served");
-                            continue;
-                        }
-                    };
+                    let Ok(local) = stream.local_addr() else { continue };
                     let _ = stream.set_nodelay(true);
-                    let state = Arc::clone(&state);
-                    let service = service_fn(move |req| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(&state, req, local, peer).await) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    connections.spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
+                    let conn = Connection {
+                        state: Arc::clone(&state),
+                        builder: builder.clone(),
+                        local,
+                        peer,
+                        kind: kind.clone(),
+                        stop: stop.clone(),
+                    };
+                    connections.spawn(conn.serve(stream));
                 }
             }
         }
-
         drop(listener);
-        info!(%local_addr, open_connections = connections.len(), grace = ?shutdown_grace, "HTTP server shutting down");
-        if tokio::time::timeout(shutdown_grace, graceful.shutdown()).await.is_err() {
-            warn!(remaining = connections.len(), "grace period over, dropping busy connections");
+        info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
+        let finish = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, finish).await.is_err() {
+            warn!(%local_addr, remaining = connections.len(), "grace period over, dropping busy connections");
             connections.abort_all();
+            while connections.join_next().await.is_some() {}
         }
-        while connections.join_next().await.is_some() {}
-        info!(%local_addr, "HTTP server stopped");
-        Ok(())
     }
 }
 
-/// Routes one request and logs it at debug level.
-async fn handle(state: &State, req: Request<Incoming>, local: SocketAddr, peer: SocketAddr) -> Response<Body> {
+/// What every request of a connection needs to know about it.
+struct Connection {
+    state: Arc<State>,
+    builder: auto::Builder<TokioExecutor>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        match self.kind.clone() {
+            ListenerKind::Tls(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.serve_io(tls, true).await,
+                    Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
+                }
+            }
+            _ => self.serve_io(stream, false).await,
+        }
+    }
+
+    async fn serve_io<I>(self, io: I, tls: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection { state, builder, local, peer, kind, mut stop } = self;
+        let is_h2 = Arc::new(AtomicBool::new(false));
+        let mut drain = state.health.drain_watch();
+        let info = Arc::new(ConnInfo { local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
+        let service = service_fn(move |req| {
+            let state = Arc::clone(&state);
+            let info = Arc::clone(&info);
+            async move { Ok::<_, Infallible>(handle(&state, &info, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let (mut shutting_down, mut drain_open) = (false, true);
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = stop.changed(), if !shutting_down => {
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+                changed = drain.changed(), if !shutting_down && drain_open => {
+                    if changed.is_err() {
+                        drain_open = false;
+                    } else if *drain.borrow_and_update() && is_h2.load(Ordering::Relaxed) {
+                        // HTTP/2: GOAWAY, in-flight streams finish. (HTTP/1.1 connections
+                        // get `Connection: close` on their next response instead: closing
+                        // an idle one here could race with a request the client is sending.)
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ConnInfo {
+    local: SocketAddr,
+    peer: SocketAddr,
+    tls: bool,
+    kind: ListenerKind,
+    is_h2: Arc<AtomicBool>,
+}
+
+/// Fixed route names for metrics and the access log.
+fn route_name(method: &Method, path: &str) -> &'static str {
+    match path {
+        "/whoami" => "whoami",
+        "/healthz" => "healthz",
+        "/metrics" => "metrics",
+        "/upload" => "upload",
+        "/app" => "app",
+        "/api/notes" => "api_notes",
+        p if p.starts_with("/api/") => "api_note",
+        _ if method == Method::GET || method == Method::HEAD => "static",
+        _ => "other",
+    }
+}
+
+/// Decrements the in-flight gauge even when the request future is dropped.
+struct InFlight<'a>(&'a State);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+/// Routes one request under the request timeout, adds the common headers, counts it and
+/// writes its access log line.
+async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    let method = req.method().clone();
+    state.metrics.in_flight.inc();
+    let _in_flight = InFlight(state);
     let version = req.version();
-    let uri = req.uri().clone();
-    let response = route(state, req, local, peer).await;
-    debug!(
-        %peer, %method, %uri, ?version,
-        status = response.status().as_u16(),
-        elapsed_us = start.elapsed().as_micros() as u64,
-        "request"
+    if version == Version::HTTP_2 && !conn.is_h2.load(Ordering::Relaxed) {
+        conn.is_h2.store(true, Ordering::Relaxed);
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let redirect = matches!(conn.kind, ListenerKind::RedirectToHttps { .. }) && path != "/healthz" && path != "/metrics";
+    let route = if redirect { "redirect" } else { route_name(&method, &path) };
+    // The release this request is served from, even if a reload switches it meanwhile.
+    let site = state.site.load_full();
+
+    let mut response = if let ListenerKind::RedirectToHttps { https_port } = conn.kind {
+        if redirect {
+            redirect_to_https(&req, https_port)
+        } else {
+            dispatch(state, conn, &site, route, req).await
+        }
+    } else {
+        match tokio::time::timeout(state.request_timeout, dispatch(state, conn, &site, route, req)).await {
+            Ok(response) => response,
+            Err(_) => {
+                let mut response = text(StatusCode::REQUEST_TIMEOUT, "request not received in time\n");
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+        }
+    };
+
+    let headers = response.headers_mut();
+    headers.insert("x-release", site.version_header().clone());
+    if state.health.is_draining() && version <= Version::HTTP_11 {
+        // Keep-alive clients reconnect, and the balancer sends them to another node.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let status = response.status().as_u16();
+    let elapsed = start.elapsed();
+    state.metrics.observe(route, &method, status, elapsed.as_secs_f64());
+    let bytes = response.body().size_hint().exact();
+    info!(
+        target: "access",
+        peer = %conn.peer,
+        tls = conn.tls,
+        method = %method,
+        path = %path,
+        version = ?version,
+        status,
+        bytes,
+        duration_us = elapsed.as_micros() as u64,
+        release = %site.version,
     );
     response
 }
 
-async fn route(state: &State, req: Request<Incoming>, local: SocketAddr, peer: SocketAddr) -> Response<Body> {
+async fn dispatch(
+    state: &State,
+    conn: &ConnInfo,
+    site: &Arc<crate::site::Site>,
+    route: &'static str,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let method = req.method();
     let get_or_head = method == Method::GET || method == Method::HEAD;
-    match req.uri().path() {
-        "/whoami" if get_or_head => whoami(state, local, peer),
-        "/healthz" if get_or_head => text(StatusCode::OK, "ok"),
-        "/upload" if method == Method::POST || method == Method::PUT => upload(state, req).await,
-        "/upload" => method_not_allowed("POST, PUT"),
-        _ if get_or_head => static_file(state, req).await,
+    match route {
+        "whoami" if get_or_head => whoami(state, site, conn),
+        "healthz" if get_or_head => match state.health.check() {
+            Ok(()) => text(StatusCode::OK, "ok"),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &reason),
+        },
+        "metrics" if get_or_head => {
+            let mut response = Response::new(full(state.metrics.encode(state.health.check().is_ok())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
+        "upload" if method == Method::POST || method == Method::PUT => upload(state, req).await,
+        "upload" => method_not_allowed("POST, PUT"),
+        "app" | "api_notes" | "api_note" => crate::app::handle(state, site, req).await,
+        "static" => Arc::clone(site).serve(req).await,
+        "whoami" | "healthz" | "metrics" => method_not_allowed("GET, HEAD"),
         _ => method_not_allowed("GET, HEAD"),
+    }
+}
+
+/// 308 to the same host and path over HTTPS.
+fn redirect_to_https(req: &Request<Incoming>, https_port: u16) -> Response<Body> {
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let Some(host) = host else {
+        return text(StatusCode::BAD_REQUEST, "no Host header to redirect to\n");
+    };
+    // Drop the port of the plain listener; IPv6 literals keep their brackets.
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
+        _ => host.as_str(),
+    };
+    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    match HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        Ok(location) => {
+            let mut response = text(StatusCode::PERMANENT_REDIRECT, "moved to HTTPS\n");
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        Err(_) => text(StatusCode::BAD_REQUEST, "invalid Host header\n"),
     }
 }
 
@@ -177,17 +371,29 @@ async fn route(state: &State, req: Request<Incoming>, local: SocketAddr, peer: S
 struct WhoAmI<'a> {
     node: &'a str,
     version: &'a str,
+    release: &'a str,
+    release_dir: String,
     server_addr: String,
     client_addr: String,
+    tls: bool,
+    http_version: String,
 }
 
-fn whoami(state: &State, local: SocketAddr, peer: SocketAddr) -> Response<Body> {
-    json(&WhoAmI {
-        node: &state.node,
-        version: &state.version,
-        server_addr: local.to_string(),
-        client_addr: peer.to_string(),
-    })
+fn whoami(state: &State, site: &crate::site::Site, conn: &ConnInfo) -> Response<Body> {
+    let http_version = if conn.is_h2.load(Ordering::Relaxed) { "HTTP/2.0" } else { "HTTP/1.1" };
+    json_status(
+        StatusCode::OK,
+        &WhoAmI {
+            node: &state.node,
+            version: &site.version,
+            release: &site.version,
+            release_dir: site.dir.display().to_string(),
+            server_addr: conn.local.to_string(),
+            client_addr: conn.peer.to_string(),
+            tls: conn.tls,
+            http_version: http_version.to_owned(),
+        },
+    )
 }
 
 #[derive(Serialize)]
@@ -227,7 +433,7 @@ async fn upload(state: &State, req: Request<Incoming>) -> Response<Body> {
         }
         hasher.update(&data);
     }
-    json(&UploadDigest { bytes: received, sha256: hex::encode(hasher.finalize()) })
+    json_status(StatusCode::OK, &UploadDigest { bytes: received, sha256: hex::encode(hasher.finalize()) })
 }
 
 /// Reads and discards the rest of a rejected body, within `DRAIN_MAX_BYTES` and `DRAIN_TIMEOUT`.
@@ -272,38 +478,11 @@ fn expects_continue(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
-/// GET/HEAD of a file under the root. `ServeDir` rejects `..` and other non-normal path
-/// components (also percent-encoded ones), picks the content type, serves `index.html` for
-/// directories and answers ranges and conditional requests. Its empty error bodies get a
-/// short text reason.
-async fn static_file(state: &State, req: Request<Incoming>) -> Response<Body> {
-    let response = match state.static_files.clone().oneshot(req).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    let status = response.status();
-    if (status.is_client_error() || status.is_server_error())
-        && !response.headers().contains_key(header::CONTENT_TYPE)
-    {
-        let (mut parts, _) = response.into_parts();
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let reason = format!("{}\n", status.canonical_reason().unwrap_or("error").to_ascii_lowercase());
-        let mut replaced = text(status, &reason);
-        for (name, value) in parts.headers.iter() {
-            if !replaced.headers().contains_key(name) {
-                replaced.headers_mut().insert(name.clone(), value.clone());
-            }
-        }
-        return replaced;
-    }
-    response.map(|body| body.map_err(BoxError::from).boxed_unsync())
-}
-
-fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut response = Response::new(full(body.to_owned()));
     *response.status_mut() = status;
     response
@@ -312,10 +491,11 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     response
 }
 
-fn json(value: &impl Serialize) -> Response<Body> {
+pub(crate) fn json_status(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut response = Response::new(full(body));
+            *response.status_mut() = status;
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -1,0 +1,340 @@
+//! The site a node serves: a verified release (or a plain `--root` directory) and the static
+//! file responses built from it.
+//!
+//! Static GET/HEAD requests take one of two paths:
+//! - a file of the verified release kept in memory ([`release::CachedFile`]): answered
+//!   directly, with its ETag (from the manifest's sha256), Last-Modified, conditional GET
+//!   (304) and gzip/br variants; no file system access per request. Range requests skip it.
+//! - everything else: tower-http's `ServeDir` (ranges, precompressed `.gz`/`.br` files,
+//!   index files, traversal rejection) behind tower-http's on-the-fly compression of text
+//!   types, with an ETag added (manifest sha256, or mtime-size for `--root`) and checked.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::Extensions;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tower::ServiceExt;
+use tower_http::compression::Compression;
+use tower_http::services::ServeDir;
+
+use crate::http::{full, text, Body, BoxError};
+use crate::release::{self, CachedFile, Manifest, ReleaseError};
+
+/// Where a node's static files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// A plain directory, served as is (no manifest, no cache): the original `--root` mode.
+    Root(PathBuf),
+    /// A releases directory; `current` points to the release to serve, verified first.
+    Releases(PathBuf),
+}
+
+type Predicate = fn(StatusCode, Version, &HeaderMap, &Extensions) -> bool;
+
+/// On-the-fly compression only for whole (200) responses of text types of some size: never
+/// for ranges, images, archives or already encoded bodies.
+fn compress_when(status: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bool {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let len: u64 = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    status == StatusCode::OK && release::compressible(mime) && len >= 256
+}
+
+/// The site being served: immutable once built; a reload builds a new one and swaps it in.
+pub struct Site {
+    /// Version served (manifest version, or `--app-version`/`VERSION` for `--root`).
+    pub version: String,
+    /// Directory served (the resolved release directory, or the root).
+    pub dir: PathBuf,
+    /// The verified manifest (`None` for `--root`).
+    pub manifest: Option<Manifest>,
+    cache: HashMap<String, CachedFile>,
+    files: Compression<ServeDir, Predicate>,
+    version_header: HeaderValue,
+}
+
+impl std::fmt::Debug for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Site").field("version", &self.version).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Site {
+    /// Loads the site. For releases, resolves `current` and verifies the release (blocking
+    /// file I/O: call from `spawn_blocking` on a running server).
+    pub fn load(content: &Content, root_version: &str) -> Result<Site, ReleaseError> {
+        match content {
+            Content::Root(root) => Ok(Site::new(root_version.to_owned(), root.clone(), None, HashMap::new())),
+            Content::Releases(dir) => {
+                let current = release::resolve_current(dir)?;
+                let verified = release::verify(&current)?;
+                Ok(Site::new(verified.manifest.version.clone(), verified.dir, Some(verified.manifest), verified.cache))
+            }
+        }
+    }
+
+    fn new(version: String, dir: PathBuf, manifest: Option<Manifest>, cache: HashMap<String, CachedFile>) -> Site {
+        let serve_dir = ServeDir::new(&dir)
+            .append_index_html_on_directories(true)
+            .precompressed_gzip()
+            .precompressed_br();
+        let files = Compression::new(serve_dir).no_deflate().no_zstd().compress_when(compress_when as Predicate);
+        let version_header =
+            HeaderValue::from_str(&version).unwrap_or_else(|_| HeaderValue::from_static("invalid-version"));
+        Site { version, dir, manifest, cache, files, version_header }
+    }
+
+    /// The version as a header value (for `x-release`).
+    pub fn version_header(&self) -> &HeaderValue {
+        &self.version_header
+    }
+
+    /// Number of files kept in memory.
+    pub fn cached_files(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Answers a GET/HEAD for a static file.
+    pub async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let rel = relative_path(req.uri().path());
+        if let Some(rel) = &rel {
+            if !req.headers().contains_key(header::RANGE) {
+                if let Some(file) = self.cache.get(rel.as_str()) {
+                    return serve_cached(file, req.method(), req.headers());
+                }
+            }
+        }
+        let etag = match &rel {
+            Some(rel) => self.etag_of(rel).await,
+            None => None,
+        };
+        if let Some(etag) = &etag {
+            if let Some(inm) = req.headers().get(header::IF_NONE_MATCH) {
+                if etag_matches(inm, etag) {
+                    return not_modified(etag, None);
+                }
+            }
+        }
+        let response = match self.files.clone().oneshot(req).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let status = response.status();
+        if (status.is_client_error() || status.is_server_error())
+            && !response.headers().contains_key(header::CONTENT_TYPE)
+        {
+            return with_reason(response);
+        }
+        let mut response = response.map(|body| body.map_err(BoxError::from).boxed_unsync());
+        if let Some(etag) = etag {
+            if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
+                // A compressed representation is a different one: its own validator.
+                let etag = match response.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+                    Some(encoding) => format!("{}-{encoding}\"", etag.trim_end_matches('"')),
+                    None => etag,
+                };
+                if let Ok(value) = HeaderValue::from_str(&etag) {
+                    response.headers_mut().insert(header::ETAG, value);
+                }
+            }
+        }
+        response
+    }
+
+    /// The ETag of a file of the site: the manifest's sha256 for a release, mtime and size
+    /// (as nginx does) for `--root`. Index files are looked up for directory paths.
+    async fn etag_of(&self, rel: &str) -> Option<String> {
+        let rel = if rel.is_empty() || rel.ends_with('/') { format!("{rel}index.html") } else { rel.to_owned() };
+        match &self.manifest {
+            Some(manifest) => manifest.files.get(&rel).map(|entry| release::etag_from_sha256(&entry.sha256)),
+            None => {
+                let meta = tokio::fs::metadata(self.dir.join(&rel)).await.ok()?;
+                if !meta.is_file() {
+                    return None;
+                }
+                let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_secs();
+                Some(format!("\"{mtime:x}-{:x}\"", meta.len()))
+            }
+        }
+    }
+}
+
+/// The percent-decoded path relative to the site root, if it is a plain one: only normal
+/// components (no `.`, `..`, backslashes, NUL, or absolute segments once decoded). `None`
+/// means "let ServeDir decide" (it rejects what escapes the root).
+pub fn relative_path(uri_path: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8().ok()?;
+    let rel = decoded.strip_prefix('/')?;
+    if rel.contains('\\') || rel.contains('\0') || rel.contains("//") {
+        return None;
+    }
+    let trimmed = rel.trim_end_matches('/');
+    if !trimmed.is_empty() && !Path::new(trimmed).components().all(|c| matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    if rel.is_empty() || rel.ends_with('/') {
+        // Directory: its index file.
+        return Some(format!("{rel}index.html"));
+    }
+    Some(rel.to_owned())
+}
+
+/// Which representation a client accepts, best first: br, gzip, identity. A `q=0` excludes.
+fn accepts(headers: &HeaderMap, coding: &str) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            (name.eq_ignore_ascii_case(coding) || name == "*") && !q_zero
+        })
+    })
+}
+
+/// Weak comparison of an If-None-Match header against an ETag (RFC 9110 13.1.2).
+fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
+    let Ok(list) = if_none_match.to_str() else { return false };
+    list.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
+}
+
+fn not_modified(etag: &str, last_modified: Option<&str>) -> Response<Body> {
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    if let Some(lm) = last_modified.and_then(|lm| HeaderValue::from_str(lm).ok()) {
+        response.headers_mut().insert(header::LAST_MODIFIED, lm);
+    }
+    response
+}
+
+fn serve_cached(file: &CachedFile, method: &Method, headers: &HeaderMap) -> Response<Body> {
+    let (body, encoding, etag) = if file.br.is_some() && accepts(headers, "br") {
+        (file.br.clone().unwrap(), Some("br"), format!("{}-br\"", file.etag.trim_end_matches('"')))
+    } else if file.gzip.is_some() && accepts(headers, "gzip") {
+        (file.gzip.clone().unwrap(), Some("gzip"), format!("{}-gzip\"", file.etag.trim_end_matches('"')))
+    } else {
+        (file.body.clone(), None, file.etag.clone())
+    };
+    // If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
+        if etag_matches(inm, &etag) {
+            return not_modified(&etag, Some(&file.last_modified));
+        }
+    } else if let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
+        if let Ok(since) = httpdate::parse_http_date(since) {
+            // HTTP dates have whole seconds.
+            let modified = file.modified.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let since = since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            if modified <= since {
+                return not_modified(&etag, Some(&file.last_modified));
+            }
+        }
+    }
+    let len = body.len();
+    let mut response = if method == Method::HEAD {
+        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
+    } else {
+        Response::new(full(body))
+    };
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(file.content_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&file.last_modified) {
+        h.insert(header::LAST_MODIFIED, value);
+    }
+    if file.gzip.is_some() || file.br.is_some() {
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    if let Some(encoding) = encoding {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+    }
+    response
+}
+
+/// ServeDir's error responses have empty bodies: give them a short text reason, keeping
+/// their other headers (e.g. `Content-Range` of a 416).
+fn with_reason<B>(response: Response<B>) -> Response<Body> {
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let status = parts.status;
+    let reason = format!("{}\n", status.canonical_reason().unwrap_or("error").to_ascii_lowercase());
+    let mut replaced = text(status, &reason);
+    for (name, value) in parts.headers.iter() {
+        if !replaced.headers().contains_key(name) {
+            replaced.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    replaced
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        let check = |uri: &str, expected: Option<&str>| assert_eq!(relative_path(uri).as_deref(), expected, "{uri}");
+        check("/", Some("index.html"));
+        check("/a/b.css", Some("a/b.css"));
+        check("/sub/", Some("sub/index.html"));
+        check("/my%20file.txt", Some("my file.txt"));
+        check("/../secret", None);
+        check("/%2e%2e/secret", None);
+        check("/a/%2e%2e/%2e%2e/secret", None);
+        check("/a%2f..%2f..%2fsecret", None);
+        check("/./index.html", None);
+        check("/a%5c..%5csecret", None);
+        check("/a%00b", None);
+        check("//etc/passwd", None);
+        check("/%ff", None);
+        check("relative", None);
+    }
+
+    #[test]
+    fn accept_encoding() {
+        let check = |value: &str, coding: &str, expected: bool| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+            assert_eq!(accepts(&h, coding), expected, "{value} {coding}");
+        };
+        check("gzip, deflate, br", "gzip", true);
+        check("gzip, deflate, br", "br", true);
+        check("deflate", "gzip", false);
+        check("gzip;q=0", "gzip", false);
+        check("GZIP;q=0.5", "gzip", true);
+        check("*", "br", true);
+        assert!(!accepts(&HeaderMap::new(), "gzip"));
+    }
+
+    #[test]
+    fn if_none_match() {
+        let check = |inm: &str, expected: bool| {
+            assert_eq!(etag_matches(&HeaderValue::from_str(inm).unwrap(), "\"abc\""), expected, "{inm}");
+        };
+        check("\"abc\"", true);
+        check("W/\"abc\"", true);
+        check("\"x\", \"abc\"", true);
+        check("*", true);
+        check("\"abcd\"", false);
+        check("abc", false);
+    }
+}
