@@ -32,7 +32,9 @@ pub async fn within<T>(fut: impl Future<Output = T>) -> T {
 /// `base/root` is the node's root and `base/secret.txt` a file outside it.
 pub struct TestNode {
     pub addr: SocketAddr,
+    pub tls: Option<SocketAddr>,
     pub udp: Option<SocketAddr>,
+    pub handle: web_app::NodeHandle,
     pub base: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -81,15 +83,58 @@ pub async fn start(configure: impl FnOnce(&mut Config, &Path)) -> TestNode {
     config.version = VERSION.to_owned();
     config.shutdown_grace = Duration::from_secs(5);
     configure(&mut config, &root);
+    launch(base, config).await
+}
 
+/// Binds and runs a node with `config`; `base` is removed when the node is dropped.
+pub async fn launch(base: tempfile::TempDir, config: Config) -> TestNode {
     let node = web_app::bind(config).await.expect("bind");
     let addr = node.local_addr();
+    let tls = node.tls_addr();
     let udp = node.udp_addr();
+    let handle = node.handle();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(node.run(async move {
         let _ = stop_rx.await;
     }));
-    TestNode { addr, udp, base, stop: Some(stop_tx), task: Some(task) }
+    TestNode { addr, tls, udp, handle, base, stop: Some(stop_tx), task: Some(task) }
+}
+
+/// Writes a small site for release `version` under `base/site-<version>` and makes it a
+/// release in `base/releases`. Returns the release directory.
+pub fn make_release(base: &Path, version: &str, extra: &[(&str, &[u8])]) -> PathBuf {
+    let site = base.join(format!("site-{version}"));
+    std::fs::create_dir_all(site.join("css")).unwrap();
+    std::fs::write(site.join("index.html"), format!("<!doctype html><title>v{version}</title>\n{}", "<p>hello</p>\n".repeat(40))).unwrap();
+    std::fs::write(site.join("css/site.css"), "body { color: #123; }\n").unwrap();
+    std::fs::write(site.join("VERSION"), format!("{version}\n")).unwrap();
+    for (name, data) in extra {
+        let path = site.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    web_app::release::create(&site, version, &base.join("releases")).expect("release create")
+}
+
+/// A node serving `base/releases/current` -> release "1.0.0" (plus `extra` files).
+pub async fn start_release(extra: &[(&str, &[u8])], configure: impl FnOnce(&mut Config)) -> TestNode {
+    let base = tempfile::tempdir().expect("tempdir");
+    make_release(base.path(), "1.0.0", extra);
+    std::fs::write(base.path().join("secret.txt"), "TOP-SECRET outside the root\n").unwrap();
+    let releases = base.path().join("releases");
+    web_app::release::activate(&releases, "1.0.0").unwrap();
+    let mut config = Config::with_releases(&releases);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.node = NODE.to_owned();
+    config.shutdown_grace = Duration::from_secs(5);
+    configure(&mut config);
+    launch(base, config).await
+}
+
+impl TestNode {
+    pub fn releases(&self) -> PathBuf {
+        self.base.path().join("releases")
+    }
 }
 
 /// A parsed HTTP/1.1 response read from a raw connection.
@@ -136,7 +181,27 @@ pub fn parse_response(bytes: &[u8]) -> RawResponse {
             (name.trim().to_owned(), value.trim().to_owned())
         })
         .collect();
-    RawResponse { status, headers, body: bytes[end + 4..].to_vec() }
+    let mut response = RawResponse { status, headers, body: bytes[end + 4..].to_vec() };
+    if response.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        response.body = dechunk(&response.body);
+    }
+    response
+}
+
+/// The data of a chunked body (trailers ignored).
+fn dechunk(mut bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = bytes.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size_text = std::str::from_utf8(&bytes[..line_end]).expect("chunk size");
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).expect("hex chunk size");
+        bytes = &bytes[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&bytes[..size]);
+        bytes = &bytes[size + 2..];
+    }
 }
 
 /// `GET path` with `Connection: close` on a new connection.
