@@ -300,6 +300,7 @@ impl Session {
                 self.send_err(1, codes::MALFORMED, "db-router: empty command packet").await?;
                 continue;
             };
+            tracing::trace!(cmd, sql = %String::from_utf8_lossy(&payload[1..payload.len().min(80)]), "command");
             match cmd {
                 COM_QUIT => return Ok(()),
                 COM_PING => self.send_ok(1).await?,
@@ -531,6 +532,7 @@ impl Session {
     }
 
     fn note_response(&mut self, t: Target, sum: &Summary, class: Class) {
+        tracing::debug!(?t, status = ?sum.status, "response");
         if let Some(st) = sum.status {
             self.autocommit = st.contains(StatusFlags::SERVER_STATUS_AUTOCOMMIT);
             if st.contains(StatusFlags::SERVER_STATUS_IN_TRANS) {
@@ -562,6 +564,7 @@ impl Session {
             return self.session_command(payload, Expect::Results, Some(class)).await;
         }
         let target = self.route(class).await;
+        tracing::debug!(?class, ?target, trx = ?self.trx, autocommit = self.autocommit, "route");
         self.execute(target, payload, Expect::Results, class).await
     }
 

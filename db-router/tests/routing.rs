@@ -1,0 +1,460 @@
+//! The router against real MariaDB (a primary/replica pair from `db_router::tier`). Routing is
+//! proven by the servers' own counters (`SHOW GLOBAL STATUS`), not by the router's word.
+//! Without MariaDB these skip with a printed reason, or fail when `CI` is set.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use db_router::{
+    protocol,
+    router::{self, Metrics, Settings, Shared, User},
+    tier::{self, Instance, Pair, APP, SYSBENCH},
+    topology::{self, Publisher, Routing},
+};
+use mysql_async::{prelude::*, Conn, Opts};
+use prometheus_client::registry::Registry;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A pair plus a router in front of it, on its own runtime; all of it goes away on drop.
+struct Rig {
+    // Field order: the runtime (router tasks, client sockets) stops before the servers do.
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    publisher: Publisher,
+    pair: Pair,
+}
+
+fn users() -> HashMap<String, User> {
+    [APP, SYSBENCH]
+        .iter()
+        .map(|a| (a.user.to_string(), User { stored: Some(protocol::native_stored_hash(a.password.as_bytes())) }))
+        .collect()
+}
+
+fn rig(test: &str, settings: Settings) -> Option<Rig> {
+    if !tier::available_or_skip(test) {
+        return None;
+    }
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).try_init();
+    let pair = Pair::start_default().expect("start a primary/replica pair");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let (publisher, subscriber) = topology::channel(Routing {
+        primary: Some(pair.primary.connect_addr()),
+        replica: Some(pair.replica.connect_addr()),
+        generation: 1,
+    });
+    let shared = Shared::new(users(), settings, metrics.clone(), subscriber);
+    let addr = rt.block_on(router::spawn("127.0.0.1:0".parse().unwrap(), shared)).expect("router listens");
+    Some(Rig { rt, addr, metrics, publisher, pair })
+}
+
+impl Rig {
+    /// `prefer_socket=false`: otherwise mysql_async asks `@@socket` and reconnects over the
+    /// Unix socket of whichever server answered, around the router.
+    fn url(&self) -> String {
+        format!("{}?prefer_socket=false", APP.url(self.addr))
+    }
+    async fn conn(&self) -> Conn {
+        Conn::new(Opts::from_url(&self.url()).unwrap()).await.expect("connect through the router")
+    }
+}
+
+fn counter(inst: &Instance, name: &str) -> i64 {
+    inst.status(name).expect("SHOW GLOBAL STATUS").parse().unwrap_or_else(|_| panic!("{name} is a number"))
+}
+
+/// Server-side counters of both servers, for deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    p_select: i64,
+    r_select: i64,
+    p_insert: i64,
+    p_exec: i64,
+    r_exec: i64,
+}
+
+fn counts(pair: &Pair) -> Counts {
+    Counts {
+        p_select: counter(&pair.primary, "Com_select"),
+        r_select: counter(&pair.replica, "Com_select"),
+        p_insert: counter(&pair.primary, "Com_insert"),
+        p_exec: counter(&pair.primary, "Com_stmt_execute"),
+        r_exec: counter(&pair.replica, "Com_stmt_execute"),
+    }
+}
+
+fn delta(before: Counts, after: Counts) -> Counts {
+    Counts {
+        p_select: after.p_select - before.p_select,
+        r_select: after.r_select - before.r_select,
+        p_insert: after.p_insert - before.p_insert,
+        p_exec: after.p_exec - before.p_exec,
+        r_exec: after.r_exec - before.r_exec,
+    }
+}
+
+fn no_ryw() -> Settings {
+    Settings { read_your_writes: false, ..Settings::default() }
+}
+
+#[test]
+fn statements_go_where_they_belong() {
+    let Some(rig) = rig("statements_go_where_they_belong", no_ryw()) else { return };
+    let pair = &rig.pair;
+    pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY AUTO_INCREMENT, v INT) ENGINE=InnoDB").unwrap();
+    pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        // Warm up: the session opens its backend connections.
+        c.query_drop("SELECT 1").await.unwrap();
+        c.query_drop("INSERT INTO t (v) VALUES (0)").await.unwrap();
+
+        let before = counts(pair);
+        for i in 0..20 {
+            let v: Option<i64> = c.query_first(format!("SELECT {i} + 1")).await.unwrap();
+            assert_eq!(v, Some(i + 1));
+        }
+        assert_eq!(delta(before, counts(pair)), Counts { p_select: 0, r_select: 20, p_insert: 0, p_exec: 0, r_exec: 0 });
+
+        let before = counts(pair);
+        for i in 0..10 {
+            c.query_drop(format!("insert into t (v) values ({i})")).await.unwrap();
+        }
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_insert, d.r_select, d.p_select), (10, 0, 0));
+
+        // Locking reads, primary-only functions, transactions: primary.
+        let before = counts(pair);
+        c.query_drop("SELECT * FROM t WHERE id = 1 FOR UPDATE").await.unwrap();
+        c.query_drop("SELECT v FROM t LOCK IN SHARE MODE").await.unwrap();
+        let id: Option<u64> = c.query_first("SELECT LAST_INSERT_ID()").await.unwrap();
+        assert!(id.unwrap() > 0, "LAST_INSERT_ID comes from the primary connection that inserted");
+        c.query_drop("BEGIN").await.unwrap();
+        c.query_drop("SELECT COUNT(*) FROM t").await.unwrap();
+        c.query_drop("COMMIT").await.unwrap();
+        c.query_drop("START TRANSACTION").await.unwrap();
+        c.query_drop("SELECT COUNT(*) FROM t").await.unwrap();
+        c.query_drop("ROLLBACK").await.unwrap();
+        c.query_drop("/* a comment */ SELECT GET_LOCK('x', 1)").await.unwrap();
+        c.query_drop("SELECT RELEASE_LOCK('x')").await.unwrap();
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (7, 0), "{d:?}");
+
+        // autocommit off: everything on the primary until it is back on.
+        let before = counts(pair);
+        c.query_drop("SET autocommit = 0").await.unwrap();
+        c.query_drop("SELECT COUNT(*) FROM t").await.unwrap();
+        c.query_drop("INSERT INTO t (v) VALUES (100)").await.unwrap();
+        c.query_drop("COMMIT").await.unwrap();
+        c.query_drop("SELECT COUNT(*) FROM t").await.unwrap();
+        c.query_drop("SET autocommit = 1").await.unwrap();
+        c.query_drop("SELECT 1").await.unwrap();
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (2, 1), "{d:?}");
+
+        // A read-only transaction may run on the replica.
+        let before = counts(pair);
+        c.query_drop("START TRANSACTION READ ONLY").await.unwrap();
+        c.query_drop("SELECT COUNT(*) FROM t").await.unwrap();
+        c.query_drop("SELECT MAX(id) FROM t").await.unwrap();
+        c.query_drop("COMMIT").await.unwrap();
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (0, 2), "{d:?}");
+
+        // Multi-statements: primary, all results relayed.
+        let before = counts(pair);
+        let rows: Vec<i64> = c.query("SELECT 1; SELECT 2").await.unwrap();
+        assert_eq!(rows, vec![1], "mysql_async returns the first result set");
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (2, 0), "{d:?}");
+        // The connection is still in step after a multi-result.
+        let v: Option<i64> = c.query_first("SELECT 41 + 1").await.unwrap();
+        assert_eq!(v, Some(42));
+        c.disconnect().await.unwrap();
+    });
+    let text = format!("{:?}", rig.metrics.to_replica.get());
+    assert!(rig.metrics.to_replica.get() >= 23, "{text}");
+}
+
+#[test]
+fn session_state_behaves_as_on_a_direct_connection() {
+    let Some(rig) = rig("session_state_behaves_as_on_a_direct_connection", no_ryw()) else { return };
+    let pair = &rig.pair;
+    pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))").unwrap();
+    pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        // SET before any read: the replica connection opened later gets it replayed.
+        c.query_drop("SET SESSION time_zone = '+05:00', @greeting = 'hi'").await.unwrap();
+        c.query_drop("INSERT INTO t VALUES (1, 'one')").await.unwrap();
+        let before = counts(pair);
+        let tz: Option<String> = c.query_first("SELECT @@session.time_zone").await.unwrap();
+        assert_eq!(tz.as_deref(), Some("+05:00"));
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (0, 1), "the read ran on the replica: {d:?}");
+        let g: Option<String> = c.query_first("SELECT @greeting").await.unwrap();
+        assert_eq!(g.as_deref(), Some("hi"));
+
+        // USE reaches both connections.
+        c.query_drop("USE information_schema").await.unwrap();
+        let before = counts(pair);
+        let db: Option<String> = c.query_first("SELECT DATABASE()").await.unwrap();
+        assert_eq!(db.as_deref(), Some("information_schema"));
+        assert_eq!(delta(before, counts(pair)).r_select, 1);
+        c.query_drop("USE app").await.unwrap();
+        c.query_drop("INSERT INTO t VALUES (2, 'two')").await.unwrap();
+
+        // Prepared statements: a read executes on the replica, a write on the primary.
+        let before = counts(pair);
+        let v: Option<String> = c.exec_first("SELECT v FROM t WHERE id = ?", (1,)).await.unwrap();
+        assert_eq!(v.as_deref(), Some("one"));
+        let v: Option<i64> = c.exec_first("SELECT ? + ?", (40, 2)).await.unwrap();
+        assert_eq!(v, Some(42));
+        c.exec_drop("INSERT INTO t VALUES (?, ?)", (3, "three")).await.unwrap();
+        c.exec_drop("UPDATE t SET v = ? WHERE id = ?", ("THREE", 3)).await.unwrap();
+        let d = delta(before, counts(pair));
+        assert_eq!((d.r_exec, d.p_exec), (2, 2), "{d:?}");
+        // The same prepared read again (mysql_async caches the statement: no new-params-bound).
+        let v: Option<String> = c.exec_first("SELECT v FROM t WHERE id = ?", (2,)).await.unwrap();
+        assert_eq!(v.as_deref(), Some("two"));
+
+        // Temporary tables pin the session to the primary.
+        c.query_drop("CREATE TEMPORARY TABLE tmp (x INT)").await.unwrap();
+        c.query_drop("INSERT INTO tmp VALUES (7)").await.unwrap();
+        let before = counts(pair);
+        let x: Option<i64> = c.query_first("SELECT x FROM tmp").await.unwrap();
+        assert_eq!(x, Some(7));
+        let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM t").await.unwrap();
+        assert_eq!(n, Some(3));
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (2, 0), "{d:?}");
+
+        // Errors from the server reach the client and the session goes on.
+        let e = c.query_drop("SELECT * FROM no_such_table").await.unwrap_err();
+        assert!(e.to_string().contains("no_such_table"), "{e}");
+        let e = c.query_drop("INSERT INTO t VALUES (1, 'dup')").await.unwrap_err();
+        assert!(e.to_string().contains("Duplicate"), "{e}");
+        // COM_RESET_CONNECTION clears the pin and the variables.
+        c.reset().await.unwrap();
+        let before = counts(pair);
+        let g: Option<Option<String>> = c.query_first("SELECT @@session.time_zone = '+05:00'").await.unwrap();
+        assert_eq!(g, Some(Some("0".into())));
+        assert_eq!(delta(before, counts(pair)).r_select, 1);
+        c.disconnect().await.unwrap();
+    });
+}
+
+#[test]
+fn read_your_writes_with_replication_held_back() {
+    let settings = Settings { ryw_timeout: Duration::from_millis(300), ..Settings::default() };
+    let Some(rig) = rig("read_your_writes_with_replication_held_back", settings) else { return };
+    let pair = &rig.pair;
+    pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY)").unwrap();
+    pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut writer = rig.conn().await;
+        let mut other = rig.conn().await;
+        // With replication running, the writer's read waits for its GTID on the replica.
+        writer.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+        let before = counts(pair);
+        let n: Option<i64> = writer.query_first("SELECT COUNT(*) FROM t WHERE id = 1").await.unwrap();
+        assert_eq!(n, Some(1));
+        let d = delta(before, counts(pair));
+        // MASTER_GTID_WAIT plus the read itself, both on the replica.
+        assert_eq!((d.p_select, d.r_select), (0, 2), "{d:?}");
+        assert_eq!(rig.metrics.ryw_waits.get(), 1);
+
+        pair.stop_replica_sql().unwrap();
+        writer.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
+        // The writer sees its write (the replica does not have it: fallback to the primary).
+        let before = counts(pair);
+        let n: Option<i64> = writer.query_first("SELECT COUNT(*) FROM t WHERE id = 2").await.unwrap();
+        assert_eq!(n, Some(1), "a session reads its own write");
+        let d = delta(before, counts(pair));
+        assert_eq!(d.p_select, 1, "{d:?}");
+        assert_eq!(rig.metrics.ryw_fallbacks.get(), 1);
+        // Another session reads on the replica, without waiting for the writer's GTID.
+        let before = counts(pair);
+        let n: Option<i64> = other.query_first("SELECT COUNT(*) FROM t WHERE id = 2").await.unwrap();
+        assert_eq!(n, Some(0), "the other session read the held-back replica");
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (0, 1), "{d:?}");
+        // The writer's next read checks without waiting again, still from the primary.
+        let n: Option<i64> = writer.query_first("SELECT COUNT(*) FROM t").await.unwrap();
+        assert_eq!(n, Some(2));
+
+        pair.start_replica_sql().unwrap();
+        pair.wait_caught_up(DEADLINE).unwrap();
+        let before = counts(pair);
+        let n: Option<i64> = writer.query_first("SELECT COUNT(*) FROM t").await.unwrap();
+        assert_eq!(n, Some(2));
+        let d = delta(before, counts(pair));
+        assert_eq!((d.p_select, d.r_select), (0, 2), "back on the replica once it caught up: {d:?}");
+    });
+}
+
+fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h)?;
+    let len = h[0] as usize | (h[1] as usize) << 8 | (h[2] as usize) << 16;
+    let mut p = vec![0; len];
+    s.read_exact(&mut p)?;
+    Ok((h[3], p))
+}
+
+#[test]
+fn garbage_and_truncated_packets_affect_only_their_session() {
+    let Some(rig) = rig("garbage_and_truncated_packets_affect_only_their_session", no_ryw()) else { return };
+    rig.rt.block_on(async {
+        let mut good = rig.conn().await;
+        good.query_drop("SELECT 1").await.unwrap();
+
+        let addr = rig.addr;
+        tokio::task::spawn_blocking(move || {
+            let timeout = Some(Duration::from_secs(20));
+            // 1. Garbage instead of a handshake response: an ERR packet, then the close.
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            let (_, hello) = read_packet(&mut s).unwrap();
+            assert_eq!(hello[0], 10, "protocol 10 handshake");
+            s.write_all(&[5, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef, 0x00]).unwrap();
+            let (_, err) = read_packet(&mut s).unwrap();
+            assert_eq!(err[0], 0xFF, "ERR for a bad handshake");
+            assert_eq!(u16::from_le_bytes([err[1], err[2]]), 1043, "ER_HANDSHAKE_ERROR: {:?}", String::from_utf8_lossy(&err));
+            // 2. A truncated packet, then the client vanishes.
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            read_packet(&mut s).unwrap();
+            s.write_all(&[200, 0, 0, 1, 1, 2, 3]).unwrap();
+            drop(s);
+            // 3. A length header beyond any limit.
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            read_packet(&mut s).unwrap();
+            s.write_all(&[0xff, 0xff, 0xff, 1]).unwrap();
+            s.write_all(&vec![0x41; 64 * 1024]).unwrap();
+            drop(s);
+        })
+        .await
+        .unwrap();
+
+        // Logged-in garbage: an unknown command and a malformed execute get ERR packets.
+        let mut raw = mysql_async::Conn::new(Opts::from_url(&rig.url()).unwrap()).await.unwrap();
+        let e = raw.query_drop("SELECT * FROM").await.unwrap_err();
+        assert!(e.to_string().contains("syntax"), "{e}");
+        raw.disconnect().await.unwrap();
+
+        // The good session still works, and so does a new one.
+        let v: Option<i64> = good.query_first("SELECT 2 + 2").await.unwrap();
+        assert_eq!(v, Some(4));
+        let mut fresh = rig.conn().await;
+        let v: Option<i64> = fresh.query_first("SELECT 3").await.unwrap();
+        assert_eq!(v, Some(3));
+    });
+    // Unknown commands and malformed packets after login, with a hand-made client.
+    let addr = rig.addr;
+    let mut s = login_raw(addr);
+    for (payload, what) in [(vec![0x11u8], "unknown command"), (vec![0x17, 1, 0], "short execute"), (vec![0x17, 9, 9, 9, 9, 0, 1, 0, 0, 0], "unknown statement")] {
+        write_packet(&mut s, 0, &payload);
+        let (_, reply) = read_packet(&mut s).unwrap();
+        assert_eq!(reply[0], 0xFF, "{what}: ERR packet, got {reply:?}");
+    }
+    write_packet(&mut s, 0, b"\x03SELECT 5");
+    // Column count, column definition, EOF, row, EOF (the client did not ask for DEPRECATE_EOF).
+    let mut got_row = false;
+    let mut eofs = 0;
+    while eofs < 2 {
+        let (_, p) = read_packet(&mut s).unwrap();
+        assert_ne!(p[0], 0xFF, "{:?}", String::from_utf8_lossy(&p));
+        if p[0] == 0xFE && p.len() < 9 {
+            eofs += 1;
+        } else if eofs == 1 && p == [1, b'5'] {
+            got_row = true;
+        }
+    }
+    assert!(got_row, "the session answers queries after the bad packets");
+}
+
+fn write_packet(s: &mut TcpStream, seq: u8, payload: &[u8]) {
+    let mut p = vec![payload.len() as u8, (payload.len() >> 8) as u8, (payload.len() >> 16) as u8, seq];
+    p.extend_from_slice(payload);
+    s.write_all(&p).unwrap();
+}
+
+/// A minimal client: protocol 4.1, no DEPRECATE_EOF, mysql_native_password.
+fn login_raw(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (_, hello) = read_packet(&mut s).unwrap();
+    let ver_end = hello[1..].iter().position(|&b| b == 0).unwrap() + 1;
+    let rest = &hello[ver_end + 1..];
+    let mut nonce = rest[4..12].to_vec();
+    nonce.extend_from_slice(&rest[31..43]);
+    let token = mysql_common_token(&nonce, APP.password.as_bytes());
+    let caps: u32 = 0x0000_0200 | 0x0000_8000 | 0x0008_0000 | 0x1 | 0x8; // 4.1, secure conn, plugin auth, long pw, with db
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(APP.user.as_bytes());
+    p.push(0);
+    p.push(20);
+    p.extend_from_slice(&token);
+    p.extend_from_slice(b"app\0mysql_native_password\0");
+    write_packet(&mut s, 1, &p);
+    let (_, ok) = read_packet(&mut s).unwrap();
+    assert_eq!(ok[0], 0, "login OK, got {ok:?}");
+    s
+}
+
+fn mysql_common_token(nonce: &[u8], password: &[u8]) -> [u8; 20] {
+    let sha1pw = protocol::sha1(&[password]);
+    protocol::native_token(nonce, &sha1pw)
+}
+
+#[test]
+fn wrong_password_is_refused() {
+    let Some(rig) = rig("wrong_password_is_refused", no_ryw()) else { return };
+    rig.rt.block_on(async {
+        let url = format!("mysql://app:wrong@{}/app?prefer_socket=false", rig.addr);
+        let e = Conn::new(Opts::from_url(&url).unwrap()).await.unwrap_err();
+        assert!(e.to_string().contains("Access denied"), "{e}");
+        let url = format!("mysql://nobody:x@{}/app?prefer_socket=false", rig.addr);
+        assert!(Conn::new(Opts::from_url(&url).unwrap()).await.is_err());
+    });
+    assert_eq!(rig.metrics.auth_failures.get(), 2);
+}
+
+#[test]
+fn mariadb_cli_through_the_router() {
+    let Some(rig) = rig("mariadb_cli_through_the_router", no_ryw()) else { return };
+    let pair = &rig.pair;
+    pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY, name VARCHAR(10)); INSERT INTO t VALUES (1, 'a'), (2, NULL)").unwrap();
+    pair.wait_caught_up(DEADLINE).unwrap();
+    let before = counts(pair);
+    let out = std::process::Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=tcp", "--skip-ssl", "-h127.0.0.1"])
+        .arg(format!("-P{}", rig.addr.port()))
+        .args(["-uapp", "-papppw", "app", "--batch", "-e"])
+        .arg("SELECT id, name FROM t ORDER BY id; SELECT COUNT(*) FROM t")
+        .output()
+        .expect("run mariadb");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, "id\tname\n1\ta\n2\tNULL\nCOUNT(*)\n2\n");
+    let d = delta(before, counts(pair));
+    // The CLI sends the two statements one by one; its startup query runs as well.
+    assert!(d.r_select >= 2 && d.p_select == 0, "{d:?}");
+    let _ = &rig.publisher;
+    let _ = Instant::now();
+}
