@@ -237,7 +237,7 @@ impl Deployer<'_> {
         let mut last = String::from("no answer yet");
         while start.elapsed() < self.plan.health_timeout {
             match client::request(Method::GET, &format!("{}/healthz", node.url), None, String::new()).await {
-                Ok((s, body)) if s.is_success() => match client::get_ok(&format!("{}/whoami", node.url)).await {
+                Ok((s, _)) if s.is_success() => match client::get_ok(&format!("{}/whoami", node.url)).await {
                     Ok(w) => {
                         let v: serde_json::Value = serde_json::from_str(&w).unwrap_or_default();
                         let served = v["release"].as_str().or(v["version"].as_str()).unwrap_or("?").to_string();

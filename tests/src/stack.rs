@@ -28,6 +28,11 @@ pub const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const WEB: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 77, 0, 11), Ipv4Addr::new(10, 77, 0, 12)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 pub const HTTP_PORT: u16 = 80;
+pub const HTTPS_PORT: u16 = 443;
+/// The VIP's name in the client namespace's /etc/hosts and in the node certificates.
+pub const VIP_NAME: &str = "www.xws.test";
+/// The release every node starts on.
+pub const FIRST_RELEASE: &str = "1.0.0";
 pub const UDP_PORT: u16 = 5353;
 /// A TCP service of the balancer's own (not a VIP).
 pub const LB_LOCAL_PORT: u16 = 8080;
@@ -80,6 +85,8 @@ pub struct Options {
     pub pinned: bool,
     /// `interval_ms, fast_interval_ms, timeout_ms, rise, fall` of lbd's health checks.
     pub health: (u32, u32, u32, u32, u32),
+    /// HTTPS on the nodes (a local CA, node certificates for [`VIP_NAME`]) and a VIP on 443.
+    pub tls: bool,
 }
 
 /// The demo's checks: fast, yet with room for a loaded machine (HAProxy's defaults are
@@ -88,7 +95,7 @@ pub const DEMO_HEALTH: (u32, u32, u32, u32, u32) = (300, 100, 200, 2, 2);
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false }
     }
 }
 
@@ -137,7 +144,7 @@ pub fn clean_leftovers() {
             }
         }
     }
-    for dir in ["/sys/fs/bpf", "/tmp"] {
+    for dir in ["/sys/fs/bpf", "/tmp", "/etc/netns"] {
         let Ok(entries) = fs::read_dir(dir) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -162,6 +169,8 @@ pub struct Stack {
     procs: Vec<(String, Child)>,
     namespaces: Vec<String>,
     backends_set_up: Vec<String>,
+    /// `--db-url` of the web nodes, when the stack has a database tier.
+    pub db_url: Option<String>,
 }
 
 impl Stack {
@@ -232,7 +241,7 @@ impl Stack {
         let pin_dir = work.join("bpf");
         fs::create_dir_all(&pin_dir).expect("pin dir");
         sh(&format!("mount -t bpf bpf {}", pin_dir.display()));
-        let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new() };
+        let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new(), db_url: None };
         s.build_network();
         s.start_web_nodes();
         if s.opts.balancer {
@@ -265,23 +274,106 @@ impl Stack {
         }
     }
 
-    /// Starts web node `i` (0 = web1) and waits until it answers on its own address.
+    /// A node's releases directory (`<version>/` directories and the `current` symlink).
+    pub fn releases(&self, i: usize) -> PathBuf {
+        self.work.join(["web1", "web2"][i]).join("releases")
+    }
+
+    /// Makes release `version` on node `i` with `web-app release create`: the node's site
+    /// (an index page naming node and release, `big.bin`) plus `extra` files.
+    pub fn make_release(&self, i: usize, version: &str, extra: &[(&str, &[u8])]) -> PathBuf {
+        let role = ["web1", "web2"][i];
+        let site = self.work.join(role).join(format!("site-{version}"));
+        fs::create_dir_all(&site).unwrap();
+        fs::write(site.join("index.html"), format!("<!doctype html><title>xdp-web-stack</title><h1>Hello from {role}, release {version}</h1>\n")).unwrap();
+        fs::write(site.join("big.bin"), big_file()).unwrap();
+        for (name, content) in extra {
+            fs::write(site.join(name), content).unwrap();
+        }
+        sh(&format!("{} release create --from {} --version {version} --out {}", self.bin("web-app"), site.display(), self.releases(i).display()));
+        fs::remove_dir_all(&site).unwrap();
+        self.releases(i).join(version)
+    }
+
+    /// Pid of a process started with [`Stack::spawn`] (the program itself: `ip netns exec`
+    /// execs it).
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.procs.iter().find(|(l, _)| l == label).map(|(_, c)| c.id())
+    }
+
+    /// Starts web node `i` (0 = web1) on its releases and waits until it answers on its
+    /// own address.
     pub fn start_web(&mut self, i: usize) {
         let role = ["web1", "web2"][i];
-        let app = self.work.join(role).join("app");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             self.bin("web-app"),
             "--listen".into(),
             format!("0.0.0.0:{HTTP_PORT}"),
-            "--root".into(),
-            app.display().to_string(),
+            "--releases".into(),
+            self.releases(i).display().to_string(),
             "--node".into(),
             role.to_string(),
             "--udp-echo".into(),
             format!("0.0.0.0:{UDP_PORT}"),
         ];
+        if self.opts.tls {
+            let tls = self.work.join("tls");
+            args.extend([
+                "--tls-listen".into(),
+                format!("0.0.0.0:{HTTPS_PORT}"),
+                "--tls-cert".into(),
+                tls.join("node.pem").display().to_string(),
+                "--tls-key".into(),
+                tls.join("node-key.pem").display().to_string(),
+            ]);
+        }
+        if let Some(url) = &self.db_url {
+            args.extend(["--db-url".into(), url.clone()]);
+        }
         self.spawn(role, role, &args);
-        self.wait_for("client", &format!("curl -sf -o /dev/null http://{}:{HTTP_PORT}/healthz", WEB[i]), Duration::from_secs(10), "a web node");
+        self.wait_for("client", &format!("curl -sf -o /dev/null http://{}:{HTTP_PORT}/healthz", WEB[i]), Duration::from_secs(20), "a web node");
+    }
+
+    /// The CA certificate clients trust for `https://{VIP_NAME}/` (with `tls`).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.work.join("tls").join("ca.pem")
+    }
+
+    /// Writes a deploy plan for `lbd deploy` over both nodes (reload: SIGHUP to the node);
+    /// `verify` adds the `web-app release verify` preflight.
+    pub fn deploy_plan(&self, verify: bool) -> PathBuf {
+        let mut plan = format!(
+            "admin = \"{ADMIN}\"\ntoken_file = \"{}/admin.token\"\ndrain_timeout_ms = 3000\nquiet_ms = 300\nhealth_timeout_ms = 10000\n",
+            self.work.display()
+        );
+        if verify {
+            plan += &format!("verify = [\"{}\", \"release\", \"verify\"]\n", self.bin("web-app"));
+        }
+        for (i, role) in ["web1", "web2"].iter().enumerate() {
+            let pid = self.pid(role).expect("web node running");
+            plan += &format!(
+                "\n[[node]]\nbackend = \"{role}\"\nreleases = \"{}\"\nurl = \"http://{}:{HTTP_PORT}\"\nreload = [\"kill\", \"-HUP\", \"{pid}\"]\n",
+                self.releases(i).display(),
+                WEB[i]
+            );
+        }
+        let path = self.work.join("deploy.toml");
+        fs::write(&path, plan).unwrap();
+        path
+    }
+
+    /// Runs `lbd deploy --plan <plan> <version>` in the balancer's namespace:
+    /// `(success, stdout + stderr)`.
+    pub fn deploy(&self, plan: &Path, version: &str) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("lb")])
+            .arg(self.opts.bin_dir.join("lbd"))
+            .args(["deploy", "--plan"])
+            .arg(plan)
+            .arg(version)
+            .output()
+            .expect("run lbd deploy");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
     fn start_web_nodes(&mut self) {
@@ -289,13 +381,18 @@ impl Stack {
         let web = self.bin("web-app");
         let (mode, xdp) = (self.opts.forward.as_str(), self.opts.xdp_mode.as_str());
         let state = self.work.join("state");
+        if self.opts.tls {
+            let tls = self.work.join("tls");
+            sh(&format!("{web} devcert --out {} --name {VIP_NAME} --name {VIP}", tls.display()));
+            // `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts.
+            let etc = PathBuf::from("/etc/netns").join(self.ns("client"));
+            fs::create_dir_all(&etc).unwrap();
+            fs::write(etc.join("hosts"), format!("127.0.0.1 localhost\n{VIP} {VIP_NAME}\n")).unwrap();
+        }
         for (i, role) in ["web1", "web2"].iter().enumerate() {
-            // Each node has its own copy of the application files.
-            let app = self.work.join(role).join("app");
-            fs::create_dir_all(&app).unwrap();
-            fs::write(app.join("VERSION"), "1.0.0\n").unwrap();
-            fs::write(app.join("index.html"), format!("<!doctype html><title>xdp-web-stack</title><h1>Hello from {role}</h1>\n")).unwrap();
-            fs::write(app.join("big.bin"), big_file()).unwrap();
+            // Each node has its own copy of the application files: a verified release.
+            self.make_release(i, FIRST_RELEASE, &[]);
+            sh(&format!("{web} release activate --releases {} --version {FIRST_RELEASE}", self.releases(i).display()));
             self.exec(
                 role,
                 &format!(
@@ -332,7 +429,11 @@ impl Stack {
         if self.opts.pinned {
             c = c.replacen("flow_table_size", &format!("pin_dir = \"{}/lbd\"\nflow_table_size", self.pin_dir.display()), 1);
         }
-        for (vip, name) in [(format!("{VIP}:{HTTP_PORT}/tcp"), "web"), (format!("{VIP}:{UDP_PORT}/udp"), "echo")] {
+        let mut vips = vec![(format!("{VIP}:{HTTP_PORT}/tcp"), "web"), (format!("{VIP}:{UDP_PORT}/udp"), "echo")];
+        if self.opts.tls {
+            vips.push((format!("{VIP}:{HTTPS_PORT}/tcp"), "https"));
+        }
+        for (vip, name) in vips {
             c += &format!("\n[[vip]]\nname = \"{name}\"\nvip = \"{vip}\"\nmode = \"{mode}\"\n");
             for (i, addr) in WEB.iter().enumerate() {
                 c += &format!("\n[[vip.backend]]\nname = \"web{}\"\naddress = \"{addr}\"\nweight = 1\n", i + 1);
@@ -487,6 +588,7 @@ impl Drop for Stack {
         }
         for ns in self.namespaces.drain(..).rev() {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&ns));
         }
         // Unmounting our bpffs frees anything still pinned in it.
         let _ = Command::new("umount").arg(&self.pin_dir).status();

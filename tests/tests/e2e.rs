@@ -474,3 +474,28 @@ fn vips_and_backends_change_at_runtime() {
     let refused = stack.in_ns("client", move || Conn::open_from_within(19_000, target, Duration::from_millis(500)).and_then(|mut c| c.get("/whoami", false)).is_err());
     assert!(refused, "a removed VIP must not be served");
 }
+
+/// HTTPS ends on the nodes (the balancer forwards packets): the client trusts the stack's
+/// local CA, reaches the VIP by name, negotiates HTTP/2 over ALPN, and both nodes serve.
+#[test]
+fn https_through_the_vip() {
+    if !privileged("https_through_the_vip") {
+        return;
+    }
+    let stack = Stack::up(Options { tls: true, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    let ca = stack.ca_cert();
+    let url = format!("https://{}/whoami", tests::stack::VIP_NAME);
+    let mut nodes = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let out = stack.exec("client", &format!("curl -sS --cacert {} -w '\\n%{{http_version}}' {url}", ca.display()));
+        let (body, version) = out.rsplit_once('\n').expect("body and version");
+        assert_eq!(version, "2", "HTTP/2 over ALPN: {out}");
+        nodes.insert(node_of(body.as_bytes()));
+    }
+    assert_eq!(nodes.len(), 2, "both nodes answer over HTTPS: {nodes:?}");
+    // Without the CA the certificate is not trusted.
+    assert!(!stack.exec_ok("client", &format!("curl -sS -o /dev/null {url}")), "an untrusted certificate must fail");
+    // The whole 1 MiB file, byte-exact, over TLS through the VIP.
+    let got = stack.exec("client", &format!("curl -sS --cacert {} https://{}/big.bin | sha256sum", ca.display(), tests::stack::VIP_NAME));
+    assert_eq!(got.split_whitespace().next().unwrap(), sha256(&big_file()));
+}

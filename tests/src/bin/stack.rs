@@ -1,6 +1,6 @@
 //! `cargo xtask run`: the whole stack in network namespaces until Ctrl-C.
 
-use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP};
+use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP, VIP_NAME};
 
 /// Blocks SIGINT and SIGTERM on this thread (and the threads it spawns later), so that
 /// they wait for `sigwait` instead of killing the process before it tears down.
@@ -36,6 +36,7 @@ fn main() {
     // Before any thread exists, so that Ctrl-C during setup also waits for the teardown.
     block_signals();
     opts.balancer = true;
+    opts.tls = true;
     eprintln!("stack: building the topology (client, balancer, web1, web2, switch)...");
     let stack = Stack::up(opts);
     let n = |r: &str| stack.ns(r);
@@ -48,12 +49,16 @@ fn main() {
     // Show that full-size packets work both ways through the VIP.
     let down = stack.exec("client", &format!("curl -sf -o /dev/null -w '%{{size_download}}' http://{VIP}/big.bin"));
     let up = stack.exec("client", &format!("head -c 1048576 /dev/urandom > {w}/up.bin && curl -sf --data-binary @{w}/up.bin http://{VIP}/upload", w = stack.work.display()));
+    let https = stack.exec("client", &format!("curl -sS --cacert {} https://{VIP_NAME}/whoami", stack.ca_cert().display()));
     let mode = stack.status()["xdp"].to_string();
     println!(
         "\nThe stack {name} is up. XDP attached: {mode}\n\
          VIP http://{VIP}:{HTTP_PORT}/ (TCP, round-robin over web1 and web2) and {VIP}:{UDP_PORT}/udp (echo)\n\
-         Self-check through the VIP: downloaded {down} bytes of /big.bin; uploaded 1 MiB: {up}\n\n\
+         HTTPS: https://{VIP_NAME}/ (HTTP/2; TLS ends on the nodes; a local CA signed their certificates)\n\
+         Self-check through the VIP: downloaded {down} bytes of /big.bin; uploaded 1 MiB: {up}\n\
+         Self-check over HTTPS: {https}\n\n\
          Try:\n\
+         \x20 sudo ip netns exec {client} curl --cacert {ca} https://{VIP_NAME}/whoami   # trust the local CA for this name\n\
          \x20 sudo ip netns exec {client} curl http://{VIP}/whoami\n\
          \x20 sudo ip netns exec {client} curl http://{VIP}/\n\
          \x20 sudo ip netns exec {client} sh -c 'for i in 1 2 3 4; do curl -s http://{VIP}/whoami; echo; done'\n\
@@ -68,6 +73,7 @@ fn main() {
         lb = n("lb"),
         lbd = stack.opts.bin_dir.join("lbd").display(),
         work = stack.work.display(),
+        ca = stack.ca_cert().display(),
     );
     wait_for_signal();
     eprintln!("stack: tearing down {}", stack.name);
