@@ -5,11 +5,15 @@
 //! - [`protocol`], [`backend`], [`session`], [`router`]: the MySQL-protocol relay: client
 //!   login, per-session backend connections, response relay, routing and session state.
 //! - [`config`]: the `db-router` TOML configuration.
+//! - [`monitor`]: polls the backends, publishes the routing view, fails over, fences, rejoins.
+//! - [`admin`]: HTTP `/metrics`, `/status`, `POST /rejoin`.
 //! - [`tier`]: starts and wires real `mariadbd` instances (tests, `cargo xtask run`, benches).
 
+pub mod admin;
 pub mod backend;
 pub mod classify;
 pub mod config;
+pub mod monitor;
 pub mod protocol;
 pub mod router;
 pub mod session;

@@ -65,9 +65,10 @@ pub const SYSBENCH_DB: &str = "sbtest";
 
 /// The monitor's global privileges (see [`MONITOR`]): stop/start/repoint replication and set
 /// `gtid_slave_pos` (REPLICATION SLAVE ADMIN), fence and promote (READ_ONLY ADMIN), read
-/// binlog and replica positions (BINLOG MONITOR, SLAVE MONITOR), see sessions (PROCESS).
+/// binlog and replica positions (BINLOG MONITOR, SLAVE MONITOR), see sessions (PROCESS),
+/// `RESET SLAVE ALL` on promotion (RELOAD: MariaDB 10.11 requires it for RESET).
 pub const MONITOR_PRIVILEGES: &str =
-    "REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, BINLOG MONITOR, SLAVE MONITOR, PROCESS";
+    "REPLICATION SLAVE ADMIN, READ_ONLY ADMIN, BINLOG MONITOR, SLAVE MONITOR, PROCESS, RELOAD";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {
@@ -141,6 +142,19 @@ pub fn available_or_skip(test: &str) -> bool {
             eprintln!("SKIPPED {test}: {e}");
             false
         }
+    }
+}
+
+/// For tests: calls `f` every 50 ms until it returns `Some`, and panics naming `what` once
+/// `deadline` has passed (a generous bound, not a timing assertion).
+pub fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

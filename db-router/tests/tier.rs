@@ -1,7 +1,7 @@
 //! The MariaDB tier against real servers: replication, semi-sync, least privilege, crash and
 //! restart. Without MariaDB these skip with a printed reason, or fail when `CI` is set.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use db_router::tier::{self, Instance, Pair, TierError, APP, MONITOR};
 
@@ -12,18 +12,6 @@ fn pair(test: &str) -> Option<Pair> {
         return None;
     }
     Some(Pair::start_default().expect("start a primary/replica pair"))
-}
-
-/// Polls `f` until it returns `Some`, panicking with `what` after a generous deadline.
-fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn slave_field(inst: &Instance, field: &str) -> String {
@@ -132,7 +120,7 @@ fn kill9_and_restart_keep_data_and_replication() {
     assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "mariadbd {pid} is gone");
     assert!(pair.primary.sql("SELECT 1").is_err());
     // The replica notices it lost its primary.
-    poll("the replica's IO thread to lose the primary", || {
+    tier::poll("the replica's IO thread to lose the primary", DEADLINE, || {
         (slave_field(&pair.replica, "Slave_IO_Running") != "Yes").then_some(())
     });
 
