@@ -446,7 +446,6 @@ pub fn use_database(sql: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Class::*;
 
     #[test]
     fn use_names() {

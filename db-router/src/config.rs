@@ -19,6 +19,12 @@
 //! [[user]]
 //! name = "report"
 //! password_hash = "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"   # SELECT PASSWORD('...')
+//!
+//! [monitor]                          # optional; see monitor::MonitorConfig for every key
+//! user = "monitor"
+//! password = "monitorpw"
+//! interval_ms = 250
+//! fail_after = 3
 //! ```
 
 use std::{collections::HashMap, fmt, net::SocketAddr, ops::Range, path::Path, time::Duration};
@@ -27,6 +33,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use crate::{
+    monitor::MonitorConfig,
     protocol,
     router::{Settings, User},
 };
@@ -74,6 +81,8 @@ struct File {
     connect_timeout_ms: Option<Spanned<i64>>,
     #[serde(default)]
     user: Vec<UserFile>,
+    #[serde(default)]
+    monitor: Option<Spanned<MonitorConfig>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,13 +95,16 @@ struct UserFile {
     password_hash: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub primary: SocketAddr,
     pub replica: Option<SocketAddr>,
     pub max_replication_lag: Duration,
+    /// `[monitor]` (the tier's monitor: checks, failover, fencing); `max_replication_lag_s`
+    /// above is copied into it.
+    pub monitor: MonitorConfig,
     pub settings: Settings,
     pub users: HashMap<String, User>,
 }
@@ -161,6 +173,18 @@ impl Config {
             max_packet: defaults.max_packet,
         };
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
+        let mut monitor = f.monitor.as_ref().map(|m| m.get_ref().clone()).unwrap_or_default();
+        if let Some(m) = &f.monitor {
+            if let Err(e) = monitor.validate() {
+                return cx.err(m.span(), e);
+            }
+            if m.get_ref().max_replication_lag_s != MonitorConfig::default().max_replication_lag_s && f.max_replication_lag_s.is_some() {
+                return cx.err(m.span(), "set max_replication_lag_s at the top level or in [monitor], not both");
+            }
+        }
+        if f.max_replication_lag_s.is_some() || f.monitor.is_none() {
+            monitor.max_replication_lag_s = Some(max_replication_lag.as_secs());
+        }
         if f.user.is_empty() {
             return cx.err(0..0, "no [[user]]: clients log in with the accounts listed here");
         }
@@ -184,7 +208,7 @@ impl Config {
                 return cx.err(u.name.span(), format!("user {name:?} is listed twice"));
             }
         }
-        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, settings, users })
+        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, monitor, settings, users })
     }
 }
 
@@ -226,5 +250,10 @@ mod tests {
         assert!(msg.contains("twice"), "{msg}");
         let (_, msg) = err_line(base);
         assert!(msg.contains("[[user]]"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}{users}[monitor]\ninterval_ms = 0\n"));
+        assert_eq!(line, Some(6), "{msg}");
+        assert!(msg.contains("interval_ms"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}{users}[monitor]\nintervall_ms = 5\n"));
+        assert_eq!(line, Some(7), "{msg}");
     }
 }

@@ -5,7 +5,9 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use db_router::{
+    admin::{self, Admin},
     config::Config,
+    monitor::Monitor,
     router::{self, Metrics, Shared},
     topology::{self, Routing},
 };
@@ -55,11 +57,19 @@ fn run(path: &std::path::Path) -> Result<()> {
     rt.block_on(async move {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let (_publisher, subscriber) = topology::channel(Routing { primary: Some(cfg.primary), replica: cfg.replica, generation: 0 });
+        let (publisher, subscriber) = topology::channel(Routing { primary: Some(cfg.primary), replica: cfg.replica, generation: 1 });
+        let backends: Vec<_> = std::iter::once(cfg.primary).chain(cfg.replica).collect();
+        let monitor = Monitor::spawn(cfg.monitor.clone(), backends, publisher, &mut registry);
         let shared = Shared::new(cfg.users.clone(), cfg.settings.clone(), metrics, subscriber);
         let addr = router::spawn(cfg.listen, Arc::clone(&shared))
             .await
             .with_context(|| format!("cannot listen on {}: is another process using it?", cfg.listen))?;
+        if let Some(a) = cfg.admin_listen {
+            let (bound, _) = admin::spawn(a, Admin { registry: Arc::new(registry), monitor: Some(monitor) })
+                .await
+                .with_context(|| format!("cannot listen on admin_listen {a}: is another process using it?"))?;
+            tracing::info!(admin = %bound, "admin API serving /metrics /status /live /ready, POST /rejoin");
+        }
         tracing::info!(listen = %addr, primary = %cfg.primary, replica = ?cfg.replica, "db-router serving");
         shutdown_signal().await;
         tracing::info!("stopping");

@@ -11,6 +11,7 @@ use std::{
 };
 
 use db_router::{
+    monitor::{Monitor, MonitorConfig, MonitorHandle},
     protocol,
     router::{self, Metrics, Settings, Shared, User},
     tier::{self, Instance, Pair, APP, SYSBENCH},
@@ -27,7 +28,8 @@ struct Rig {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    publisher: Publisher,
+    /// The routing view's publisher, or the monitor that owns it (it runs while the handle lives).
+    _publisher: Result<Publisher, MonitorHandle>,
     pair: Pair,
 }
 
@@ -39,6 +41,11 @@ fn users() -> HashMap<String, User> {
 }
 
 fn rig(test: &str, settings: Settings) -> Option<Rig> {
+    rig_with(test, settings, None)
+}
+
+/// With `monitor`, the tier's monitor watches the pair and publishes the routing view.
+fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> Option<Rig> {
     if !tier::available_or_skip(test) {
         return None;
     }
@@ -54,7 +61,15 @@ fn rig(test: &str, settings: Settings) -> Option<Rig> {
     });
     let shared = Shared::new(users(), settings, metrics.clone(), subscriber);
     let addr = rt.block_on(router::spawn("127.0.0.1:0".parse().unwrap(), shared)).expect("router listens");
-    Some(Rig { rt, addr, metrics, publisher, pair })
+    let publisher = match monitor {
+        Some(cfg) => {
+            let backends = vec![pair.primary.connect_addr(), pair.replica.connect_addr()];
+            let _guard = rt.enter();
+            Err(Monitor::spawn(cfg, backends, publisher, &mut registry))
+        }
+        None => Ok(publisher),
+    };
+    Some(Rig { rt, addr, metrics, _publisher: publisher, pair })
 }
 
 impl Rig {
@@ -455,6 +470,98 @@ fn mariadb_cli_through_the_router() {
     let d = delta(before, counts(pair));
     // The CLI sends the two statements one by one; its startup query runs as well.
     assert!(d.r_select >= 2 && d.p_select == 0, "{d:?}");
-    let _ = &rig.publisher;
-    let _ = Instant::now();
+}
+
+#[test]
+fn failover_under_continuous_writes_loses_no_acknowledged_write() {
+    let monitor = MonitorConfig { interval_ms: 100, fail_after: 3, ..MonitorConfig::default() };
+    let settings = Settings { failover_wait: Duration::from_secs(30), ..Settings::default() };
+    let Some(mut rig) = rig_with("failover_under_continuous_writes_loses_no_acknowledged_write", settings, Some(monitor)) else { return };
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE w (id INT PRIMARY KEY, client INT)").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    const CLIENTS: i64 = 4;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<(i64, Instant)>::new()));
+    let url = rig.url();
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (stop, acked, url) = (stop.clone(), acked.clone(), url.clone());
+            rig.rt.spawn(async move {
+                let mut errors = 0u64;
+                let mut conn: Option<Conn> = None;
+                // Bounded: at most 100k attempts, and the test sets `stop`.
+                for n in 0..100_000i64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if conn.is_none() {
+                        match Conn::new(Opts::from_url(&url).unwrap()).await {
+                            Ok(c) => conn = Some(c),
+                            Err(_) => {
+                                errors += 1;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let id = n * CLIENTS + client;
+                    let c = conn.as_mut().expect("connected");
+                    match c.query_drop(format!("INSERT INTO w VALUES ({id}, {client})")).await {
+                        Ok(()) => acked.lock().unwrap().push((id, Instant::now())),
+                        Err(_) => {
+                            // Unknown outcome: the row may or may not exist; only acks count.
+                            errors += 1;
+                            conn = None;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let acks = |acked: &std::sync::Mutex<Vec<(i64, Instant)>>| acked.lock().unwrap().len();
+    poll("writes before the crash", || (acks(&acked) >= 200).then_some(()));
+    let killed_at = Instant::now();
+    rig.pair.primary.kill9().unwrap();
+    let resumed = poll("writes through the router after the crash", || {
+        acked.lock().unwrap().iter().find(|(_, t)| *t > killed_at + Duration::from_millis(1)).map(|(_, t)| *t)
+    });
+    let after = acks(&acked);
+    poll("more writes on the new primary", || (acks(&acked) >= after + 100).then_some(()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let errors: u64 = writers.into_iter().map(|w| rig.rt.block_on(w).unwrap()).sum();
+    println!("writes resumed {:?} after kill -9; {} acknowledged, {errors} failed attempts", resumed - killed_at, acks(&acked));
+
+    // Every acknowledged write is on the new primary (the old replica).
+    let new_primary = &rig.pair.replica;
+    assert_eq!(new_primary.value("SELECT @@read_only").unwrap(), "0", "the replica was promoted");
+    let present: std::collections::HashSet<i64> =
+        new_primary.sql("SELECT id FROM app.w").unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+    let missing: Vec<i64> = acked.lock().unwrap().iter().map(|(id, _)| *id).filter(|id| !present.contains(id)).collect();
+    assert!(missing.is_empty(), "{} acknowledged writes lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+
+    // The old primary returns: fenced, it takes no writes, and the router keeps writing to the
+    // new primary.
+    rig.pair.primary.start().unwrap();
+    poll("the returning old primary fenced", || (rig.pair.primary.value("SELECT @@read_only").ok()? == "1").then_some(()));
+    let direct = rig.pair.primary.sql_as(&APP, "INSERT INTO w VALUES (-1, -1)");
+    assert!(direct.is_err(), "the fenced old primary accepted a write");
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        c.query_drop("INSERT INTO w VALUES (-2, -2)").await.unwrap();
+    });
+    assert_eq!(new_primary.value("SELECT COUNT(*) FROM app.w WHERE id = -2").unwrap(), "1");
+}
+
+/// Polls a blocking check until it returns `Some` (bounded by a generous deadline).
+fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
