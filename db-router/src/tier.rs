@@ -662,6 +662,9 @@ fn replication_options(cfg: &PairConfig) -> Vec<String> {
         "rpl-semi-sync-master-enabled=ON",
         "rpl-semi-sync-slave-enabled=ON",
         "rpl-semi-sync-master-wait-point=AFTER_SYNC",
+        // With no semi-sync replica connected (e.g. just after a failover) commit at once
+        // instead of waiting `semi_sync_timeout` for an ack that cannot come.
+        "rpl-semi-sync-master-wait-no-slave=OFF",
     ]
     .map(String::from)
     .to_vec();

@@ -31,6 +31,7 @@ fn pair_replicates_with_gtid_and_semi_sync_after_sync() {
         assert_eq!(inst.value("SELECT @@binlog_format").unwrap(), "ROW");
         assert_eq!(inst.value("SELECT @@log_slave_updates").unwrap(), "1");
         assert_eq!(inst.value("SELECT @@rpl_semi_sync_master_wait_point").unwrap(), "AFTER_SYNC");
+        assert_eq!(inst.value("SELECT @@rpl_semi_sync_master_wait_no_slave").unwrap(), "0");
     }
     assert_eq!(p.value("SELECT @@read_only").unwrap(), "0");
     assert_eq!(r.value("SELECT @@read_only").unwrap(), "1");
