@@ -310,6 +310,14 @@ impl Instance {
         let dir = unique_dir(&parent, "db");
         let port_was_picked = cfg.port == 0;
         let port = if port_was_picked { pick_port(cfg.bind)? } else { cfg.port };
+        // sun_path holds 108 bytes including the terminating NUL.
+        let socket_len = dir.join("mariadbd.sock").as_os_str().len();
+        if socket_len > 107 {
+            return Err(TierError::Config(format!(
+                "the socket path under {} would be {socket_len} bytes (at most 107): use a shorter parent_dir",
+                parent.display()
+            )));
+        }
         let mut inst = Instance { cfg, dir, port, port_was_picked, child: None, pid: None };
         // From here on, Drop removes the directory whatever fails.
         copy_dir(template, &inst.datadir())

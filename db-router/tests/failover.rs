@@ -161,6 +161,16 @@ async fn kill9_primary_promotes_replica_fences_old_primary_and_rejoin_restores_i
     // Nothing left to rejoin.
     let (code, body) = http(m.admin, "POST", "/rejoin").await;
     assert_eq!(code, 409, "{body}");
+
+    // The new primary dies within the anti-flap window: no second automatic failover.
+    block_in_place(|| pair.replica.kill9().unwrap());
+    let primary = poll("the monitor to refuse a second failover", || {
+        let s = m.handle.status();
+        s.failover_blocked.is_some_and(|r| r.contains("anti-flap")).then_some(s.primary)
+    });
+    assert_eq!(primary, None, "writes wait: no primary published");
+    assert_eq!(m.handle.status().failovers, 1);
+    block_in_place(|| assert_eq!(pair.primary.value("SELECT @@read_only").unwrap(), "1", "not promoted"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,14 +228,31 @@ async fn lagging_or_stopped_replica_gets_no_reads() {
     assert_eq!((code, body.contains("is the primary")), (409, true), "{body}");
     let (code, body) = http(m.admin, "POST", &format!("/rejoin?backend={r}")).await;
     assert_eq!((code, body.contains("already replicates")), (409, true), "{body}");
+
+    // Holistic detection: a second monitor cannot reach the primary (nothing listens where
+    // it looks) but the replica still replicates from it: the primary is not published, and
+    // the replica is not promoted.
+    let mut blind = monitor(MonitorConfig { fail_after: 2, ..test_config() }, vec![free_port(), r]).await;
+    wait_routing(&mut blind.routing, "the unreachable primary to be declared down", |x| x.primary.is_none()).await;
+    poll("the failover to be refused", || {
+        blind.handle.status().failover_blocked.filter(|b| b.contains("still sees the primary"))
+    });
+    assert_eq!(blind.handle.status().failovers, 0);
+    block_in_place(|| {
+        assert_eq!(pair.replica.value("SELECT @@read_only").unwrap(), "1");
+        assert_eq!(pair.replica.slave_status().unwrap().get("Slave_IO_Running").map(String::as_str), Some("Yes"));
+    });
+}
+
+/// A loopback port nothing listens on (bound, noted, closed).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 /// No MariaDB needed: nothing listens on the backends' ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_backends_are_reported_down_and_no_primary_is_published() {
-    // Ports that were free a moment ago: bind, note, close.
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (p, r) = (free(), free());
+    let (p, r) = (free_port(), free_port());
     let mut m = monitor(test_config(), vec![p, r]).await;
     let routing = wait_routing(&mut m.routing, "the primary to be declared down", |x| x.primary.is_none()).await;
     assert!(routing.generation >= 1);

@@ -155,6 +155,17 @@ fn drop_kills_the_server_and_removes_its_directory() {
 }
 
 #[test]
+fn too_long_a_socket_path_is_a_clear_error() {
+    if !tier::available_or_skip("too_long_a_socket_path_is_a_clear_error") {
+        return;
+    }
+    let parent = std::env::temp_dir().join("x".repeat(100));
+    let err = Instance::new(tier::InstanceConfig { parent_dir: Some(parent.clone()), ..Default::default() }).unwrap_err();
+    assert!(matches!(&err, TierError::Config(m) if m.contains("at most 107")), "{err}");
+    assert!(!parent.exists(), "nothing created");
+}
+
+#[test]
 fn bad_statement_is_a_clear_error() {
     if !tier::available_or_skip("bad_statement_is_a_clear_error") {
         return;
