@@ -171,6 +171,39 @@ fn unique_dir(parent: &Path, kind: &str) -> PathBuf {
     parent.join(format!("dbr-{kind}-{}-{n}", std::process::id()))
 }
 
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks whether the pid exists.
+    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+/// Removes what processes that died without cleaning up (SIGKILL, Ctrl-C) left in `parent`:
+/// `dbr-template-<pid>-<n>` of dead pids, and `dbr-db-<pid>-<n>` of dead pids whose server is
+/// not running either (a running server is left alone).
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("dbr-") else { continue };
+        let mut parts = rest.split('-');
+        let (Some(kind), Some(pid), Some(_n), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        if pid_alive(pid) {
+            continue;
+        }
+        let server_alive = || {
+            fs::read_to_string(entry.path().join("mariadbd.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .is_some_and(pid_alive)
+        };
+        if kind == "template" || (kind == "db" && !server_alive()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// InnoDB sizes shared by the template and the instances copied from it (small: tests start
 /// many servers; benchmarks raise the buffer pool with [`InstanceConfig::extra`]).
 const INNODB_OPTIONS: &[&str] = &["innodb-log-file-size=16M", "innodb-buffer-pool-size=64M"];
@@ -187,6 +220,7 @@ extern "C" fn remove_template() {
 fn template() -> Result<&'static Path> {
     let programs = programs()?;
     let result = TEMPLATE.get_or_init(|| {
+        sweep_stale(&std::env::temp_dir());
         let root = unique_dir(&std::env::temp_dir(), "template");
         let made = init_template(programs, &root).map_err(|e| {
             let _ = fs::remove_dir_all(&root);
@@ -807,6 +841,32 @@ mod tests {
             assert!(grant.contains(&format!(" ON {}.* ", a.database.unwrap())), "{grant}");
         }
         assert!(!sql.contains("SUPER"));
+    }
+
+    #[test]
+    fn sweep_removes_leftovers_of_dead_processes_only() {
+        let parent = std::env::temp_dir().join(format!("dbr-sweep-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&parent);
+        // A pid that is not running: beyond any pid_max.
+        let dead = 1 << 23;
+        let mine = std::process::id();
+        let names = [
+            format!("dbr-template-{dead}-0"),
+            format!("dbr-db-{dead}-1"),
+            format!("dbr-db-{dead}-2"),
+            format!("dbr-db-{mine}-3"),
+            format!("dbr-template-{mine}-4"),
+            "dbr-unrelated".to_string(),
+        ];
+        for n in &names {
+            fs::create_dir_all(parent.join(n)).unwrap();
+        }
+        // dbr-db-{dead}-2's server still runs (this process stands in for it).
+        fs::write(parent.join(&names[2]).join("mariadbd.pid"), format!("{mine}\n")).unwrap();
+        sweep_stale(&parent);
+        let left: Vec<bool> = names.iter().map(|n| parent.join(n).exists()).collect();
+        fs::remove_dir_all(&parent).unwrap();
+        assert_eq!(left, [false, false, true, true, true, true]);
     }
 
     #[test]

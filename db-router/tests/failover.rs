@@ -210,20 +210,9 @@ async fn lagging_or_stopped_replica_gets_no_reads() {
     wait_routing(&mut m.routing, "reads to come back", |x| x.replica == Some(r)).await;
     assert_eq!(m.handle.status().failovers, 0);
 
-    // Admin API errors are 4xx with a reason.
-    let cases = [
-        ("GET", "/nope", 404, "no such endpoint"),
-        ("GET", "/rejoin", 405, "takes POST"),
-        ("POST", "/status", 405, "takes GET"),
-        ("POST", "/rejoin?backend=nonsense", 400, "not IP:PORT"),
-        ("POST", "/rejoin?color=red", 400, "unknown parameter"),
-        ("POST", "/rejoin", 409, "no reachable backend needs a rejoin"),
-    ];
-    for (method, path, code, reason) in cases {
-        let (got, body) = http(m.admin, method, path).await;
-        assert_eq!(got, code, "{method} {path}: {body}");
-        assert!(body.contains(reason), "{method} {path}: {body}");
-    }
+    // Rejoin does not apply to a healthy pair.
+    let (code, body) = http(m.admin, "POST", "/rejoin").await;
+    assert_eq!((code, body.contains("no reachable backend needs a rejoin")), (409, true), "{body}");
     let (code, body) = http(m.admin, "POST", &format!("/rejoin?backend={p}")).await;
     assert_eq!((code, body.contains("is the primary")), (409, true), "{body}");
     let (code, body) = http(m.admin, "POST", &format!("/rejoin?backend={r}")).await;
@@ -265,6 +254,22 @@ async fn unreachable_backends_are_reported_down_and_no_primary_is_published() {
     }
     let (code, body) = http(m.admin, "GET", "/ready").await;
     assert_eq!(code, 503, "{body}");
+    // Bad requests are 4xx with a reason.
+    let cases = [
+        ("GET", "/nope", 404, "no such endpoint"),
+        ("GET", "/rejoin", 405, "takes POST"),
+        ("POST", "/status", 405, "takes GET"),
+        ("POST", "/rejoin?backend=nonsense", 400, "not IP:PORT"),
+        ("POST", "/rejoin?color=red", 400, "unknown parameter"),
+        ("POST", "/rejoin?backend=10.9.9.9:1", 409, "not a monitored backend"),
+    ];
+    for (method, path, code, reason) in cases {
+        let (got, body) = http(m.admin, method, path).await;
+        assert_eq!(got, code, "{method} {path}: {body}");
+        assert!(body.contains(reason), "{method} {path}: {body}");
+    }
+    let (code, _) = http(m.admin, "GET", "/live").await;
+    assert_eq!(code, 200);
     let (code, body) = http(m.admin, "POST", "/rejoin").await;
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("no healthy primary"), "{body}");

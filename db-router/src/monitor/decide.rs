@@ -305,17 +305,19 @@ impl Decider {
     /// Which backends a rejoin applies to (`target` given, or every stale one), and the
     /// primary they would follow; `Err` says why it does not apply.
     pub fn rejoin_plan(&self, checks: &[Check], target: Option<SocketAddr>) -> Result<(Vec<usize>, SocketAddr), String> {
+        let target = match target {
+            Some(addr) => Some((
+                addr,
+                self.addrs.iter().position(|a| *a == addr).ok_or_else(|| format!("{addr} is not a monitored backend"))?,
+            )),
+            None => None,
+        };
         if self.primary_down {
             return Err("there is no healthy primary to rejoin to".into());
         }
         let primary = self.addrs[self.primary];
         let targets = match target {
-            Some(addr) => {
-                let i = self
-                    .addrs
-                    .iter()
-                    .position(|a| *a == addr)
-                    .ok_or_else(|| format!("{addr} is not a monitored backend"))?;
+            Some((addr, i)) => {
                 if i == self.primary {
                     return Err(format!("{addr} is the primary"));
                 }
