@@ -165,7 +165,8 @@ enum Command {
     Rejoin { target: Option<SocketAddr>, reply: oneshot::Sender<Result<RejoinReport, RejoinError>> },
 }
 
-/// Talks to the monitor task; the task stops when the last handle is dropped.
+/// Talks to the monitor task. The task stops once the last handle is dropped and the last
+/// routing subscriber is gone.
 #[derive(Clone, Debug)]
 pub struct MonitorHandle {
     status: Arc<Mutex<Status>>,
@@ -296,22 +297,29 @@ struct Task {
 }
 
 impl Task {
+    /// Runs until every handle is dropped and nobody reads the routing view any more.
     async fn run(mut self) {
         let mut interval = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handles_gone = false;
         loop {
             tokio::select! {
-                _ = interval.tick() => self.round().await,
-                cmd = self.commands.recv() => match cmd {
+                _ = interval.tick() => {
+                    if handles_gone && self.publisher.is_closed() {
+                        break;
+                    }
+                    self.round().await;
+                }
+                cmd = self.commands.recv(), if !handles_gone => match cmd {
                     Some(Command::Rejoin { target, reply }) => {
                         let result = self.rejoin(target).await;
                         let _ = reply.send(result);
                     }
-                    None => break,
+                    None => handles_gone = true,
                 },
             }
         }
-        info!("monitor stopped");
+        info!("monitor stopped: no handle and no reader left");
     }
 
     /// Polls every backend in parallel (each prober moves into its own task and comes back).

@@ -277,3 +277,14 @@ async fn unreachable_backends_are_reported_down_and_no_primary_is_published() {
     assert!(metrics.contains(&format!("db_router_monitor_backend_up{{backend=\"{p}\"}} 0")), "{metrics}");
     assert!(metrics.contains(r#"db_router_monitor_events_total{event="primary_down"} 1"#), "{metrics}");
 }
+
+/// No MariaDB needed: a monitor whose handles are all dropped keeps serving its readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_outlives_its_handles_while_the_routing_is_read() {
+    let (publisher, mut routing) =
+        topology::channel(Routing { primary: Some(free_port()), replica: None, generation: 0 });
+    let backends = vec![publisher.borrow().primary.unwrap(), free_port()];
+    drop(Monitor::spawn(test_config(), backends, publisher, &mut Registry::default()));
+    let r = wait_routing(&mut routing, "the primary to be declared down", |x| x.primary.is_none()).await;
+    assert!(r.generation >= 1);
+}
