@@ -140,6 +140,8 @@ pub struct Status {
     pub last_failover: Option<FailoverRecord>,
     /// Why an automatic failover is not happening now, if one is wanted.
     pub failover_blocked: Option<String>,
+    /// The error of the last failed promotion (cleared by a successful one).
+    pub last_promotion_error: Option<String>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -273,6 +275,7 @@ impl Monitor {
             failovers: 0,
             last_failover: None,
             blocked: None,
+            last_promotion_error: None,
             primary_failing_since: None,
         };
         tokio::spawn(task.run());
@@ -293,6 +296,7 @@ struct Task {
     failovers: u64,
     last_failover: Option<FailoverRecord>,
     blocked: Option<String>,
+    last_promotion_error: Option<String>,
     primary_failing_since: Option<Instant>,
 }
 
@@ -419,6 +423,7 @@ impl Task {
                 self.decider.promoted(i, now);
                 self.failovers += 1;
                 self.blocked = None;
+                self.last_promotion_error = None;
                 self.metrics.event("failover");
                 let downtime = self.primary_failing_since.map_or(Duration::ZERO, |s| now.duration_since(s));
                 self.primary_failing_since = None;
@@ -439,10 +444,10 @@ impl Task {
                 });
             }
             Err(e) => {
-                self.decider.promotion_failed(i);
+                self.decider.promotion_failed(Instant::now());
                 self.metrics.event("failover_failed");
-                error!(candidate = %addrs[i], error = %e, "promotion failed; retrying on the next round");
-                self.blocked = Some(format!("promotion of {} failed: {e}", addrs[i]));
+                error!(candidate = %addrs[i], error = %e, "promotion failed; retrying in {:?}", decide::PROMOTION_RETRY);
+                self.last_promotion_error = Some(format!("promotion of {} failed: {e}", addrs[i]));
             }
         }
     }
@@ -502,6 +507,7 @@ impl Task {
             failovers: self.failovers,
             last_failover: self.last_failover.clone(),
             failover_blocked: self.blocked.clone(),
+            last_promotion_error: self.last_promotion_error.clone(),
             backends,
         };
         let changed = self.publisher.send_if_modified(|r| {

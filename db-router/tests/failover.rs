@@ -233,6 +233,39 @@ async fn lagging_or_stopped_replica_gets_no_reads() {
     });
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_that_cannot_apply_what_it_received_is_not_promoted() {
+    let Some(mut pair) = start_pair("replica_that_cannot_apply_what_it_received_is_not_promoted") else { return };
+    let (p, r) = (pair.primary.connect_addr(), pair.replica.connect_addr());
+    block_in_place(|| {
+        pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY)").unwrap();
+        pair.wait_caught_up(DEADLINE).unwrap();
+        // A row only the replica has (not binlogged) makes the primary's insert of the same
+        // key fail to apply there: received, never applied.
+        pair.replica.sql("SET SESSION sql_log_bin=0; INSERT INTO app.t VALUES (5)").unwrap();
+        pair.primary.sql_as(&APP, "INSERT INTO t VALUES (5)").unwrap();
+    });
+    poll("the replica's applier to stop on the duplicate key", || {
+        let s = pair.replica.slave_status().ok()?;
+        (s.get("Slave_SQL_Running").map(String::as_str) == Some("No")).then_some(())
+    });
+    let cfg = MonitorConfig { promote_apply_timeout_ms: 500, ..test_config() };
+    let m = monitor(cfg, vec![p, r]).await;
+    block_in_place(|| pair.primary.kill9().unwrap());
+    let status = poll("a promotion attempt to fail", || {
+        let s = m.handle.status();
+        s.last_promotion_error.is_some().then_some(s)
+    });
+    let error = status.last_promotion_error.unwrap();
+    assert!(error.contains("did not apply"), "{error}");
+    assert_eq!((status.failovers, status.primary), (0, None));
+    block_in_place(|| {
+        assert_eq!(pair.replica.value("SELECT @@read_only").unwrap(), "1", "not made writable");
+        let s = pair.replica.slave_status().unwrap();
+        assert_eq!(s.get("Master_Port").map(String::as_str), Some(p.port().to_string().as_str()), "still follows the old primary");
+    });
+}
+
 /// A loopback port nothing listens on (bound, noted, closed).
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()

@@ -21,6 +21,9 @@ use serde::Serialize;
 
 use crate::topology::Routing;
 
+/// How long after a failed promotion the next attempt may start.
+pub const PROMOTION_RETRY: Duration = Duration::from_secs(1);
+
 /// Decision parameters (from [`super::MonitorConfig`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
@@ -102,6 +105,8 @@ pub struct Decider {
     failures: Vec<u32>,
     discovered: bool,
     last_failover: Option<Instant>,
+    /// After a failed promotion, the next attempt waits until then.
+    retry_promotion_at: Option<Instant>,
     last_block: Option<String>,
     published_primary: Option<SocketAddr>,
     generation: u64,
@@ -136,6 +141,7 @@ impl Decider {
             failures: vec![0; n],
             discovered: false,
             last_failover: None,
+            retry_promotion_at: None,
             last_block: None,
             published_primary: None,
             generation: 0,
@@ -227,6 +233,9 @@ impl Decider {
         if !self.policy.auto_failover {
             return Err("automatic failover is off".into());
         }
+        if self.retry_promotion_at.is_some_and(|at| now < at) {
+            return Err(format!("the last promotion failed: retrying after {PROMOTION_RETRY:?}"));
+        }
         if let Some(at) = self.last_failover {
             let since = now.saturating_duration_since(at);
             if since < self.policy.anti_flap {
@@ -245,6 +254,7 @@ impl Decider {
 
     /// The promotion of `i` succeeded: it is the primary now.
     pub fn promoted(&mut self, i: usize, now: Instant) {
+        self.retry_promotion_at = None;
         self.primary = i;
         self.primary_down = false;
         self.last_failover = Some(now);
@@ -252,8 +262,10 @@ impl Decider {
         self.failures[i] = 0;
     }
 
-    /// The promotion failed; the next tick decides again (the primary stays down).
-    pub fn promotion_failed(&mut self, _i: usize) {
+    /// The promotion failed; a tick after [`PROMOTION_RETRY`] decides again (the primary
+    /// stays down meanwhile).
+    pub fn promotion_failed(&mut self, now: Instant) {
+        self.retry_promotion_at = Some(now + PROMOTION_RETRY);
         self.last_block = None;
     }
 
@@ -561,9 +573,12 @@ mod tests {
         let mut d = Decider::new(Policy { fail_after: 1, ..policy() }, addrs());
         let checks = [down(), orphaned()];
         assert_eq!(d.tick(t0, &checks).actions, vec![Action::Promote(R)]);
-        d.promotion_failed(R);
+        d.promotion_failed(t0);
         assert_eq!(d.routing(&checks).primary, None);
-        assert_eq!(d.tick(t0, &checks).actions, vec![Action::Promote(R)]);
+        let tick = d.tick(t0 + PROMOTION_RETRY / 2, &checks);
+        assert!(tick.actions.is_empty(), "{tick:?}");
+        assert!(matches!(&tick.notes[..], [Note::FailoverBlocked { reason }] if reason.contains("last promotion failed")));
+        assert_eq!(d.tick(t0 + PROMOTION_RETRY, &checks).actions, vec![Action::Promote(R)]);
     }
 
     #[test]

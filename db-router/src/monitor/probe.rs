@@ -142,6 +142,7 @@ impl Prober {
     async fn apply_and_promote(&mut self, apply_timeout: Duration) -> Result<String, String> {
         let status = self.rows("SHOW SLAVE STATUS").await?;
         let io_pos = status.first().map(|r| text(r, "Gtid_IO_Pos")).unwrap_or_default();
+        tracing::info!(backend = %self.addr, received = %io_pos, "promotion: receiving stopped; applying what was received");
         self.exec("START SLAVE SQL_THREAD", self.query_timeout).await?;
         if !io_pos.is_empty() {
             let q = format!("SELECT MASTER_GTID_WAIT({}, {}) AS w", quote(&io_pos), apply_timeout.as_secs_f64());
@@ -152,6 +153,7 @@ impl Prober {
                 return Err(format!("did not apply the received {io_pos} within {apply_timeout:?}"));
             }
         }
+        tracing::info!(backend = %self.addr, "promotion: applied; STOP SLAVE, RESET SLAVE ALL, read_only=OFF");
         for q in ["STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only=OFF"] {
             self.exec(q, self.query_timeout).await?;
         }
@@ -175,6 +177,7 @@ impl Prober {
             quote(repl_user),
             quote(repl_password)
         );
+        tracing::info!(backend = %self.addr, %primary, gtid_slave_pos = %pos, "rejoin: read_only=ON, CHANGE MASTER TO the primary, START SLAVE");
         self.exec(&change, self.query_timeout).await?;
         self.exec("START SLAVE", self.query_timeout).await
     }
