@@ -93,7 +93,8 @@ pub enum Role {
     Replica,
     /// Neither primary nor replicating: a fenced old primary waiting for a rejoin.
     Stale,
-    Unknown,
+    /// Not the primary and unreachable.
+    Down,
 }
 
 #[derive(Debug)]
@@ -284,7 +285,7 @@ impl Decider {
         if i == self.primary {
             Role::Primary
         } else if !c.reachable {
-            Role::Unknown
+            Role::Down
         } else if c.replication.is_some() {
             Role::Replica
         } else {
@@ -590,6 +591,21 @@ mod tests {
         // Two writable backends: keep the configured one and fence the other.
         let (d, tick, _) = run(policy(), &[[primary(), writable_stale()]]);
         assert_eq!((d.primary(), tick.actions), (P, vec![Action::Fence(R)]));
+    }
+
+    #[test]
+    fn roles_for_status() {
+        let d = Decider::new(policy(), addrs());
+        let cases = [
+            (P, down(), Role::Primary),
+            (R, healthy(), Role::Replica),
+            (R, replica("No", false, None, ""), Role::Replica),
+            (R, fenced_stale(), Role::Stale),
+            (R, down(), Role::Down),
+        ];
+        for (i, check, want) in cases {
+            assert_eq!(d.role(i, &check), want, "{check:?}");
+        }
     }
 
     #[test]
