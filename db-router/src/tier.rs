@@ -135,9 +135,13 @@ pub fn prerequisites() -> Result<()> {
 /// `CI` environment variable is set (a missing prerequisite is a failure there), else prints
 /// why `test` is skipped and returns `false`.
 pub fn available_or_skip(test: &str) -> bool {
-    match prerequisites() {
+    skip_or_fail(test, prerequisites(), std::env::var_os("CI").is_some())
+}
+
+fn skip_or_fail(test: &str, prerequisites: Result<()>, ci: bool) -> bool {
+    match prerequisites {
         Ok(()) => true,
-        Err(e) if std::env::var_os("CI").is_some() => panic!("{test}: CI is set and {e}"),
+        Err(e) if ci => panic!("{test}: CI is set and {e}"),
         Err(e) => {
             eprintln!("SKIPPED {test}: {e}");
             false
@@ -867,6 +871,17 @@ mod tests {
         let left: Vec<bool> = names.iter().map(|n| parent.join(n).exists()).collect();
         fs::remove_dir_all(&parent).unwrap();
         assert_eq!(left, [false, false, true, true, true, true]);
+    }
+
+    #[test]
+    fn missing_mariadb_skips_locally_and_fails_under_ci() {
+        let missing = || Err(TierError::Missing { program: "mariadbd" });
+        assert!(skip_or_fail("t", Ok(()), true));
+        assert!(!skip_or_fail("t", missing(), false));
+        let under_ci = std::panic::catch_unwind(|| skip_or_fail("t", missing(), true));
+        let msg = under_ci.expect_err("fails under CI");
+        let msg = msg.downcast_ref::<String>().expect("panic message");
+        assert!(msg.contains("CI is set") && msg.contains("mariadbd not found"), "{msg}");
     }
 
     #[test]
