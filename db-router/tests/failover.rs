@@ -266,6 +266,33 @@ async fn replica_that_cannot_apply_what_it_received_is_not_promoted() {
     });
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_of_a_diverged_old_primary_fails_with_the_reason() {
+    let Some(mut pair) = start_pair("rejoin_of_a_diverged_old_primary_fails_with_the_reason") else { return };
+    let (old, new) = (pair.primary.connect_addr(), pair.replica.connect_addr());
+    let mut m = monitor(test_config(), vec![old, new]).await;
+    wait_routing(&mut m.routing, "the replica to serve reads", |r| r.replica == Some(new)).await;
+    block_in_place(|| {
+        pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY)").unwrap();
+        pair.primary.kill9().unwrap();
+    });
+    wait_routing(&mut m.routing, "the replica to be promoted", |r| r.primary == Some(new)).await;
+    block_in_place(|| {
+        pair.replica.sql_as(&APP, "INSERT INTO t VALUES (1)").unwrap();
+        pair.primary.start().unwrap();
+    });
+    poll("the old primary to be fenced", || (pair.primary.value("SELECT @@read_only").ok()? == "1").then_some(()));
+    // root (SUPER) writes past read_only: a transaction the new primary never had.
+    block_in_place(|| pair.primary.sql("INSERT INTO app.t VALUES (2)").unwrap());
+
+    let (code, body) = http(m.admin, "POST", "/rejoin").await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("replication stopped"), "{body}");
+    let status = m.handle.status();
+    assert_eq!((status.primary, status.replica, status.failovers), (Some(new), None, 1));
+    block_in_place(|| assert_eq!(pair.primary.value("SELECT @@read_only").unwrap(), "1"));
+}
+
 /// A loopback port nothing listens on (bound, noted, closed).
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()

@@ -22,6 +22,9 @@ pub struct Prober {
     query_timeout: Duration,
 }
 
+/// How long a rejoin waits for both replication threads to run.
+const REJOIN_CONFIRM: Duration = Duration::from_secs(10);
+
 /// SQL string literal (single quotes, backslash and quote escaped).
 pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -179,7 +182,33 @@ impl Prober {
         );
         tracing::info!(backend = %self.addr, %primary, gtid_slave_pos = %pos, "rejoin: read_only=ON, CHANGE MASTER TO the primary, START SLAVE");
         self.exec(&change, self.query_timeout).await?;
-        self.exec("START SLAVE", self.query_timeout).await
+        self.exec("START SLAVE", self.query_timeout).await?;
+        self.wait_replicating(REJOIN_CONFIRM).await
+    }
+
+    /// Waits (bounded) until both replication threads run; a thread that stops (e.g. the
+    /// primary lacks this backend's GTID position: an errant transaction) is an error.
+    async fn wait_replicating(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let rows = self.rows("SHOW SLAVE STATUS").await?;
+            let r = rows.first().ok_or("no replication configured after CHANGE MASTER")?;
+            let (io, sql) = (text(r, "Slave_IO_Running"), text(r, "Slave_SQL_Running"));
+            if io == "Yes" && sql == "Yes" {
+                return Ok(());
+            }
+            if io == "No" || sql == "No" {
+                return Err(format!(
+                    "replication stopped: IO {io}, SQL {sql}; {} {}",
+                    text(r, "Last_IO_Error"),
+                    text(r, "Last_SQL_Error")
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("not connected to the primary after {limit:?}: {}", text(r, "Last_IO_Error")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
