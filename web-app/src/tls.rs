@@ -31,5 +31,8 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig
         .with_single_cert(chain, key)
         .context("the TLS certificate and key do not go together")?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    // Session resumption by ticket (rotated keys, as nginx's default), besides the in-memory
+    // session cache: a returning client skips the full handshake.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session ticketer")?;
     Ok(Arc::new(config))
 }
