@@ -94,6 +94,10 @@ impl Storage {
         let opts = OptsBuilder::from_opts(opts)
             // Timestamps are formatted as UTC.
             .setup(vec!["SET time_zone = '+00:00'"])
+            // Otherwise mysql_async asks the server for `@@socket` and reconnects over that
+            // Unix socket when it can reach it: past the configured endpoint (a router on the
+            // same host would be bypassed, writes would land on a read-only replica).
+            .prefer_socket(false)
             .pool_opts(PoolOpts::default().with_constraints(constraints))
             .conn_ttl(Duration::from_secs(60));
         Ok(Storage { pool: Pool::new(opts) })
