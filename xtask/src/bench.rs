@@ -15,5 +15,7 @@ pub fn run() -> Result<()> {
     cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app"])?;
     cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "e2e-bench"])?;
     eprintln!("xtask: failover: detection time and failed requests, lbd and HAProxy, same run");
-    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "failover-bench"])
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "failover-bench"])?;
+    eprintln!("xtask: database: sysbench through db-router and directly to the primary, same run");
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "db-bench"])
 }
