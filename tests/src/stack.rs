@@ -27,6 +27,13 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 pub const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const WEB: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 77, 0, 11), Ipv4Addr::new(10, 77, 0, 12)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
+/// The database tier (with `database`): the router, the primary, the replica.
+pub const DB_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 20);
+pub const DB_PRIMARY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 21);
+pub const DB_REPLICA: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 22);
+pub const MYSQL_PORT: u16 = 3306;
+/// db-router's admin API (/metrics, /status), in the router's namespace.
+pub const DB_ADMIN: &str = "127.0.0.1:9104";
 pub const HTTP_PORT: u16 = 80;
 pub const HTTPS_PORT: u16 = 443;
 /// The VIP's name in the client namespace's /etc/hosts and in the node certificates.
@@ -87,6 +94,9 @@ pub struct Options {
     pub health: (u32, u32, u32, u32, u32),
     /// HTTPS on the nodes (a local CA, node certificates for [`VIP_NAME`]) and a VIP on 443.
     pub tls: bool,
+    /// A MariaDB primary and replica (namespaces db1, db2) behind db-router (namespace db);
+    /// the web nodes' notes app stores through the router.
+    pub database: bool,
 }
 
 /// The demo's checks: fast, yet with room for a loaded machine (HAProxy's defaults are
@@ -95,7 +105,7 @@ pub const DEMO_HEALTH: (u32, u32, u32, u32, u32) = (300, 100, 200, 2, 2);
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false }
     }
 }
 
@@ -171,6 +181,9 @@ pub struct Stack {
     backends_set_up: Vec<String>,
     /// `--db-url` of the web nodes, when the stack has a database tier.
     pub db_url: Option<String>,
+    /// The MariaDB servers (with `database`); dropped (killed, removed) after the stack's
+    /// own teardown.
+    pub db: Option<db_router::tier::Pair>,
 }
 
 impl Stack {
@@ -228,7 +241,18 @@ impl Stack {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("{}: timed out waiting for {what}\n--- lbd log:\n{}", self.name, self.log("lbd"));
+        panic!("{}: timed out waiting for {what}\n{}", self.name, self.log_tails());
+    }
+
+    /// The last lines of every process log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (label, _) in &self.procs {
+            let log = self.log(label);
+            let lines: Vec<&str> = log.lines().collect();
+            out += &format!("--- {label}.log (last lines):\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n"));
+        }
+        out
     }
 
     pub fn up(opts: Options) -> Stack {
@@ -241,8 +265,11 @@ impl Stack {
         let pin_dir = work.join("bpf");
         fs::create_dir_all(&pin_dir).expect("pin dir");
         sh(&format!("mount -t bpf bpf {}", pin_dir.display()));
-        let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new(), db_url: None };
+        let mut s = Stack { name, opts, work, pin_dir, procs: Vec::new(), namespaces: Vec::new(), backends_set_up: Vec::new(), db_url: None, db: None };
         s.build_network();
+        if s.opts.database {
+            s.start_database();
+        }
         s.start_web_nodes();
         if s.opts.balancer {
             s.start_balancer();
@@ -251,15 +278,20 @@ impl Stack {
     }
 
     fn build_network(&mut self) {
-        for role in ["sw", "client", "lb", "web1", "web2"] {
+        let mut roles = vec!["sw", "client", "lb", "web1", "web2"];
+        let mut hosts = vec![("client", CLIENT, 1500), ("lb", LB, 1600), ("web1", WEB[0], 1600), ("web2", WEB[1], 1600)];
+        if self.opts.database {
+            roles.extend(["db", "db1", "db2"]);
+            hosts.extend([("db", DB_ROUTER, 1500), ("db1", DB_PRIMARY, 1500), ("db2", DB_REPLICA, 1500)]);
+        }
+        for role in roles {
             let ns = self.ns(role);
             sh(&format!("ip netns add {ns}"));
             self.namespaces.push(ns);
             self.exec(role, "ip link set lo up");
         }
         self.exec("sw", "ip link add br0 type bridge && ip link set br0 mtu 1600 up");
-        let hosts = [("client", CLIENT, 1500), ("lb", LB, 1600), ("web1", WEB[0], 1600), ("web2", WEB[1], 1600)];
-        for (role, addr, mtu) in hosts {
+        for &(role, addr, mtu) in &hosts {
             sh(&format!("ip link add eth0 netns {} type veth peer name p-{role} netns {}", self.ns(role), self.ns("sw")));
             self.exec("sw", &format!("ip link set p-{role} mtu {mtu} master br0 up"));
             // No TX checksum offload: a veth hands CHECKSUM_PARTIAL packets to the peer, and an
@@ -269,9 +301,44 @@ impl Stack {
         }
         // The client reaches the VIPs through the balancer.
         self.exec("client", &format!("ip route add {VIP}/32 via {LB}"));
-        for (_, addr, _) in hosts {
+        for &(_, addr, _) in &hosts {
             self.wait_for("client", &format!("ping -c1 -W1 {addr}"), Duration::from_secs(5), "the bridge to forward");
         }
+    }
+
+    /// MariaDB primary (db1) and replica (db2), GTID + semi-sync replication
+    /// (`db_router::tier`), and db-router in front of them (db); the web nodes get its URL.
+    fn start_database(&mut self) {
+        use db_router::tier::{InstanceConfig, Pair, PairConfig, APP};
+        let server = |ns: String, addr: Ipv4Addr, parent: PathBuf| InstanceConfig {
+            bind: addr.into(),
+            port: MYSQL_PORT,
+            command_prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns],
+            parent_dir: Some(parent),
+            ..InstanceConfig::default()
+        };
+        let parent = self.work.join("db");
+        fs::create_dir_all(&parent).unwrap();
+        let pair = Pair::new(PairConfig {
+            primary: server(self.ns("db1"), DB_PRIMARY, parent.clone()),
+            replica: server(self.ns("db2"), DB_REPLICA, parent),
+            ..PairConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("{}: starting the MariaDB pair: {e}", self.name));
+        self.db = Some(pair);
+        let config = format!(
+            "# generated by the stack for {name}\nlisten = \"{DB_ROUTER}:{MYSQL_PORT}\"\nadmin_listen = \"{DB_ADMIN}\"\n\
+             primary = \"{DB_PRIMARY}:{MYSQL_PORT}\"\nreplica = \"{DB_REPLICA}:{MYSQL_PORT}\"\n\n[[user]]\nname = \"{user}\"\npassword = \"{pw}\"\n",
+            name = self.name,
+            user = APP.user,
+            pw = APP.password
+        );
+        let path = self.work.join("db-router.toml");
+        fs::write(&path, config).unwrap();
+        let args = vec![self.bin("db-router"), "run".into(), "--config".into(), path.display().to_string()];
+        self.spawn("db", "db-router", &args);
+        self.wait_for("db", &format!("curl -sf http://{DB_ADMIN}/ready"), Duration::from_secs(20), "db-router to be ready");
+        self.db_url = Some(format!("mysql://{}:{}@{DB_ROUTER}:{MYSQL_PORT}/{}", APP.user, APP.password, APP.database.expect("app database")));
     }
 
     /// A node's releases directory (`<version>/` directories and the `current` symlink).

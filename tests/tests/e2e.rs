@@ -499,3 +499,43 @@ fn https_through_the_vip() {
     let got = stack.exec("client", &format!("curl -sS --cacert {} https://{}/big.bin | sha256sum", ca.display(), tests::stack::VIP_NAME));
     assert_eq!(got.split_whitespace().next().unwrap(), sha256(&big_file()));
 }
+
+/// The notes app through the VIP over HTTPS, stored in MariaDB through db-router: notes
+/// written through both nodes land on the primary (server-side count), replicate, and every
+/// node's page lists all of them, naming the node and release that served it.
+#[test]
+fn notes_app_through_the_vip_on_the_database_tier() {
+    if !privileged("notes_app_through_the_vip_on_the_database_tier") {
+        return;
+    }
+    let stack = Stack::up(Options { tls: true, database: true, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    let ca = stack.ca_cert();
+    let mut writers = std::collections::BTreeSet::new();
+    let n = 10;
+    for i in 0..n {
+        let out = stack.exec(
+            "client",
+            &format!(
+                "curl -sS --cacert {} -H 'content-type: application/json' -d '{{\"author\":\"e2e\",\"text\":\"note {i}\"}}' -w '\\n%{{http_code}}' https://{}/api/notes",
+                ca.display(),
+                tests::stack::VIP_NAME
+            ),
+        );
+        let (body, code) = out.rsplit_once('\n').expect("body and status");
+        assert_eq!(code, "201", "POST /api/notes: {out}");
+        let note: serde_json::Value = serde_json::from_str(body).expect("note JSON");
+        writers.insert(note["node"].as_str().expect("node").to_string());
+    }
+    assert_eq!(writers.len(), 2, "both nodes wrote notes: {writers:?}");
+    let db = stack.db.as_ref().expect("database tier");
+    assert_eq!(db.primary.value("SELECT COUNT(*) FROM app.notes").unwrap(), n.to_string(), "every note on the primary");
+    db.wait_caught_up(Duration::from_secs(30)).expect("replica catches up");
+    assert_eq!(db.replica.value("SELECT COUNT(*) FROM app.notes").unwrap(), n.to_string(), "and on the replica");
+    for (i, web) in tests::stack::WEB.iter().enumerate() {
+        let page = stack.exec("client", &format!("curl -sS http://{web}/app"));
+        for k in 0..n {
+            assert!(page.contains(&format!("note {k}")), "web{}'s page lists note {k}:\n{page}", i + 1);
+        }
+        assert!(page.contains(&format!("Served by node <b>web{}</b>, release <b>1.0.0</b>", i + 1)), "{page}");
+    }
+}

@@ -10,7 +10,7 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("the stack needs root (network namespaces, XDP): run `sudo -E cargo xtask run`");
     }
     prereqs::ensure(Need::All)?;
-    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app", "-p", "tests", "--bin", "lbd", "--bin", "web-app", "--bin", "stack"])?;
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app", "-p", "db-router", "-p", "tests", "--bin", "lbd", "--bin", "web-app", "--bin", "db-router", "--bin", "stack"])?;
     // Become the stack process, so that Ctrl-C reaches it alone and it tears down in order.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)

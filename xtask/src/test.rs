@@ -27,7 +27,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     eprintln!("xtask: root-only tests: packet fixtures, random frames, end to end in network namespaces");
     // The end-to-end tests run the real binaries in namespaces.
-    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app"])?;
+    cargo(&["build", "--release", "-p", "lb-userspace", "-p", "web-app", "-p", "db-router"])?;
     let mut root = vec!["test", "--release", "-p", "tests", "--"];
     root.extend(&extra);
     cargo(&root)

@@ -1,6 +1,6 @@
 //! `cargo xtask run`: the whole stack in network namespaces until Ctrl-C.
 
-use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP, VIP_NAME};
+use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, DB_ADMIN, DB_PRIMARY, DB_REPLICA, DB_ROUTER, HTTP_PORT, LB, LB_LOCAL_PORT, MYSQL_PORT, UDP_PORT, VIP, VIP_NAME};
 
 /// Blocks SIGINT and SIGTERM on this thread (and the threads it spawns later), so that
 /// they wait for `sigwait` instead of killing the process before it tears down.
@@ -37,6 +37,7 @@ fn main() {
     block_signals();
     opts.balancer = true;
     opts.tls = true;
+    opts.database = !args.iter().any(|a| a == "--no-db");
     eprintln!("stack: building the topology (client, balancer, web1, web2, switch)...");
     let stack = Stack::up(opts);
     let n = |r: &str| stack.ns(r);
@@ -50,13 +51,42 @@ fn main() {
     let down = stack.exec("client", &format!("curl -sf -o /dev/null -w '%{{size_download}}' http://{VIP}/big.bin"));
     let up = stack.exec("client", &format!("head -c 1048576 /dev/urandom > {w}/up.bin && curl -sf --data-binary @{w}/up.bin http://{VIP}/upload", w = stack.work.display()));
     let https = stack.exec("client", &format!("curl -sS --cacert {} https://{VIP_NAME}/whoami", stack.ca_cert().display()));
+    let app = if stack.opts.database {
+        let out = stack.exec(
+            "client",
+            &format!(
+                "curl -sS --cacert {} -H 'content-type: application/json' -d '{{\"author\":\"xtask run\",\"text\":\"the stack is up\"}}' https://{VIP_NAME}/api/notes",
+                stack.ca_cert().display()
+            ),
+        );
+        format!(
+            "Self-check of the notes app (stored through db-router): {out}\n\
+             Database tier: db-router {DB_ROUTER}:{MYSQL_PORT} (admin {DB_ADMIN} in {db}), primary {DB_PRIMARY}, replica {DB_REPLICA}\n\
+             \x20 sudo ip netns exec {client} curl --cacert {ca} https://{VIP_NAME}/app          # the notes page\n\
+             \x20 sudo ip netns exec {db} curl http://{DB_ADMIN}/status                      # router: roles, lag, failovers\n\
+             \x20 sudo ip netns exec {db} mariadb -h{DB_ROUTER} -u{user} -p{pw} {dbname} -e 'SELECT * FROM notes'\n",
+            db = stack.ns("db"),
+            client = stack.ns("client"),
+            ca = stack.ca_cert().display(),
+            user = db_router::tier::APP.user,
+            pw = db_router::tier::APP.password,
+            dbname = db_router::tier::APP_DB,
+        )
+    } else {
+        String::new()
+    };
+    // A second release on every node, ready for a rolling deploy.
+    for i in 0..2 {
+        stack.make_release(i, "2.0.0", &[]);
+    }
+    let plan = stack.deploy_plan(true);
     let mode = stack.status()["xdp"].to_string();
     println!(
         "\nThe stack {name} is up. XDP attached: {mode}\n\
          VIP http://{VIP}:{HTTP_PORT}/ (TCP, round-robin over web1 and web2) and {VIP}:{UDP_PORT}/udp (echo)\n\
          HTTPS: https://{VIP_NAME}/ (HTTP/2; TLS ends on the nodes; a local CA signed their certificates)\n\
          Self-check through the VIP: downloaded {down} bytes of /big.bin; uploaded 1 MiB: {up}\n\
-         Self-check over HTTPS: {https}\n\n\
+         Self-check over HTTPS: {https}\n{app}\n\
          Try:\n\
          \x20 sudo ip netns exec {client} curl --cacert {ca} https://{VIP_NAME}/whoami   # trust the local CA for this name\n\
          \x20 sudo ip netns exec {client} curl http://{VIP}/whoami\n\
@@ -67,6 +97,7 @@ fn main() {
          \x20 sudo ip netns exec {lb} {lbd} status\n\
          \x20 sudo ip netns exec {lb} {lbd} ctl --token-file {work}/admin.token backend drain web1   # then: ready web1\n\
          \x20 sudo ip netns exec {client} curl http://{LB}:{LB_LOCAL_PORT}/whoami   # the balancer's own service, not a VIP\n\
+         \x20 sudo ip netns exec {lb} {lbd} deploy --plan {plan} 2.0.0   # rolling deploy of the prepared release 2.0.0\n\
          Logs: {work}\n\nCtrl-C tears everything down.",
         name = stack.name,
         client = n("client"),
@@ -74,6 +105,7 @@ fn main() {
         lbd = stack.opts.bin_dir.join("lbd").display(),
         work = stack.work.display(),
         ca = stack.ca_cert().display(),
+        plan = plan.display(),
     );
     wait_for_signal();
     eprintln!("stack: tearing down {}", stack.name);
