@@ -16,6 +16,8 @@ pub fn run() -> Result<()> {
     cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "e2e-bench"])?;
     eprintln!("xtask: failover: detection time and failed requests, lbd and HAProxy, same run");
     cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "failover-bench"])?;
+    eprintln!("xtask: web node: the same files from web-app and from nginx, wrk, keep-alive and not, plain and TLS");
+    cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "web-bench"])?;
     eprintln!("xtask: database: sysbench through db-router and directly to the primary, same run");
     cargo(&["run", "--release", "--quiet", "-p", "tests", "--bin", "db-bench"])
 }

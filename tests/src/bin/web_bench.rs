@@ -1,0 +1,266 @@
+//! web-app against Debian's nginx in one run, on loopback, the same files: a small page
+//! (1 KiB) and a 100 KiB file, with wrk, keep-alive and a new connection per request
+//! (`Connection: close`), plain HTTP and TLS (same ECDSA certificate). Reports requests/s and
+//! p99 of each, and the ratios web-app/nginx for requests/s and nginx/web-app for p99 (so
+//! >= 1.0 means web-app is at least as good on both).
+//!
+//! Fair setup: nginx has as many workers as web-app has runtime threads (`WEB_BENCH_THREADS`,
+//! default: the CPU count), `sendfile on`, `open_file_cache`, keep-alive without a request
+//! limit, no access log; web-app serves a verified release (small files kept in memory) with
+//! `RUST_LOG=warn` (no access log either). wrk runs on the same machine (2 threads, 32
+//! connections); the rows run one after the other, alternating servers, each bounded in
+//! time (`timeout -s KILL`). Everything it starts is stopped and its directory removed on
+//! exit, also on panic.
+//!
+//! Needs no root. `cargo xtask bench` runs it; alone: build web-app in release mode, then
+//! `cargo run --release -p tests --bin web-bench`. `WEB_BENCH_SECS` (default 5) per run,
+//! `WEB_BENCH_ROUNDS` (default 1; the best of each row is kept).
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SMALL: usize = 1024;
+const LARGE: usize = 100 * 1024;
+const CONNS: u32 = 32;
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("web-bench-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server process: SIGTERM on drop, SIGKILL if it has not exited after a bounded wait.
+struct Server {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("web-bench: {} did not stop on SIGTERM, killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(addr: SocketAddr, server: &mut Server, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("{} exited ({status}) before listening on {addr}:\n{}", server.name, fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "{} not listening on {addr} after 20 s", server.name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Result {
+    rps: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn to_ms(s: &str) -> f64 {
+    let s = s.trim();
+    if let Some(v) = s.strip_suffix("us") {
+        v.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(v) = s.strip_suffix("ms") {
+        v.parse().unwrap()
+    } else if let Some(v) = s.strip_suffix('s') {
+        v.parse::<f64>().unwrap() * 1000.0
+    } else {
+        panic!("latency {s:?}")
+    }
+}
+
+fn wrk(url: &str, close: bool, secs: u32) -> Result {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-s", "KILL", &(secs + 20).to_string(), "wrk", "-t2", &format!("-c{CONNS}"), &format!("-d{secs}s"), "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = run(cmd.arg(url));
+    let mut r = Result::default();
+    for line in out.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap();
+        } else if let Some(v) = l.strip_prefix("99%") {
+            r.p99_ms = to_ms(v);
+        } else if let Some(v) = l.strip_prefix("Socket errors:") {
+            r.errors += v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    assert!(r.rps > 0.0, "wrk output not understood:\n{out}");
+    r
+}
+
+fn main() {
+    let secs: u32 = std::env::var("WEB_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("WEB_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let threads: usize = std::env::var("WEB_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    for tool in ["wrk", "nginx", "timeout"] {
+        assert!(Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().unwrap().success(),
+            "{tool} not found: install it (apt-get install wrk nginx-light coreutils)");
+    }
+    let web_app = tests::stack::default_bin_dir().join("web-app");
+    assert!(web_app.exists(), "{} not found: cargo build --release -p web-app", web_app.display());
+    let web_app = web_app.display().to_string();
+
+    let work = TempDir::new();
+    let w = &work.0;
+    // The same files for both servers.
+    let site = w.join("site");
+    fs::create_dir_all(&site).unwrap();
+    let small: String = "<p>web-bench small page</p>\n".chars().cycle().take(SMALL - 1).chain(['\n']).collect();
+    fs::write(site.join("small.html"), &small).unwrap();
+    let mut x: u32 = 1;
+    let large: Vec<u8> = (0..LARGE).map(|_| { x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345); (x >> 16) as u8 }).collect();
+    fs::write(site.join("large.bin"), &large).unwrap();
+    let releases = w.join("releases");
+    run(Command::new(&web_app).args(["release", "create", "--from"]).arg(&site).args(["--version", "bench", "--out"]).arg(&releases));
+    run(Command::new(&web_app).args(["release", "activate", "--releases"]).arg(&releases).args(["--version", "bench"]));
+    let certs = w.join("certs");
+    run(Command::new(&web_app).args(["devcert", "--out"]).arg(&certs).args(["--name", "localhost", "--name", "127.0.0.1"]));
+
+    // web-app.
+    let (web_http, web_https) = (free_port(), free_port());
+    let web_log = w.join("web-app.log");
+    let mut web = Server {
+        name: "web-app",
+        child: Command::new(&web_app)
+            .args(["--releases"]).arg(&releases)
+            .args(["--listen", &format!("127.0.0.1:{web_http}"), "--tls-listen", &format!("127.0.0.1:{web_https}")])
+            .args(["--tls-cert"]).arg(certs.join("node.pem")).args(["--tls-key"]).arg(certs.join("node-key.pem"))
+            .args(["--node", "bench"])
+            .env("RUST_LOG", "warn")
+            .env("TOKIO_WORKER_THREADS", threads.to_string())
+            .stdout(fs::File::create(&web_log).unwrap())
+            .stderr(fs::File::create(w.join("web-app.err")).unwrap())
+            .spawn()
+            .expect("start web-app"),
+    };
+    wait_listening(format!("127.0.0.1:{web_http}").parse().unwrap(), &mut web, &web_log);
+    wait_listening(format!("127.0.0.1:{web_https}").parse().unwrap(), &mut web, &web_log);
+
+    // nginx, same files, same certificate.
+    let (ngx_http, ngx_https) = (free_port(), free_port());
+    for d in ["tmp", "logs"] {
+        fs::create_dir_all(w.join(d)).unwrap();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 { "user root;\n" } else { "" };
+    let conf = format!(
+        "{user}worker_processes {threads};\ndaemon off;\npid {w}/nginx.pid;\nerror_log {w}/logs/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
+           keepalive_timeout 65;\n  keepalive_requests 1000000;\n  open_file_cache max=1000 inactive=60s;\n\
+           types {{ text/html html; application/octet-stream bin; }}\n\
+           client_body_temp_path {w}/tmp/body;\n  proxy_temp_path {w}/tmp/proxy;\n  fastcgi_temp_path {w}/tmp/fastcgi;\n\
+           uwsgi_temp_path {w}/tmp/uwsgi;\n  scgi_temp_path {w}/tmp/scgi;\n\
+           ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:10m;\n\
+           server {{\n    listen 127.0.0.1:{ngx_http};\n    listen 127.0.0.1:{ngx_https} ssl;\n\
+             ssl_certificate {c}/node.pem;\n    ssl_certificate_key {c}/node-key.pem;\n    root {s};\n  }}\n}}\n",
+        w = w.display(),
+        c = certs.display(),
+        s = site.display(),
+    );
+    let conf_path = w.join("nginx.conf");
+    fs::write(&conf_path, conf).unwrap();
+    let ngx_log = w.join("logs/error.log");
+    let mut nginx = Server {
+        name: "nginx",
+        child: Command::new("nginx")
+            .args(["-p"]).arg(w).args(["-c"]).arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(w.join("nginx.err")).unwrap())
+            .spawn()
+            .expect("start nginx"),
+    };
+    wait_listening(format!("127.0.0.1:{ngx_http}").parse().unwrap(), &mut nginx, &ngx_log);
+    wait_listening(format!("127.0.0.1:{ngx_https}").parse().unwrap(), &mut nginx, &ngx_log);
+
+    // Both serve the same bytes.
+    for (port, scheme) in [(web_http, "http"), (ngx_http, "http"), (web_https, "https"), (ngx_https, "https")] {
+        let out = run(Command::new("curl").args(["-sf", "--cacert"]).arg(certs.join("ca.pem"))
+            .arg(format!("{scheme}://127.0.0.1:{port}/small.html")));
+        assert_eq!(out, small, "{scheme} port {port} serves another small.html");
+    }
+
+    let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
+    println!("web-bench: web-app ({threads} runtime threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, best of {rounds}");
+    println!("{:<34} {:>12} {:>9} {:>12} {:>9} {:>9} {:>9} {:>7}", "row", "web-app r/s", "p99 ms", "nginx r/s", "p99 ms", "r/s x", "p99 x", "errors");
+    let mut below = 0;
+    for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
+        for tls in [false, true] {
+            for close in [false, true] {
+                let (wp, np, scheme) = if tls { (web_https, ngx_https, "https") } else { (web_http, ngx_http, "http") };
+                let mut best = [Result::default(); 2];
+                for _ in 0..rounds {
+                    for (i, port) in [wp, np].into_iter().enumerate() {
+                        let r = wrk(&format!("{scheme}://127.0.0.1:{port}/{file}"), close, secs);
+                        if r.rps > best[i].rps {
+                            best[i] = r;
+                        }
+                    }
+                }
+                let [web_r, ngx_r] = best;
+                let rps_ratio = web_r.rps / ngx_r.rps;
+                let p99_ratio = ngx_r.p99_ms / web_r.p99_ms;
+                if rps_ratio < 1.0 || p99_ratio < 1.0 {
+                    below += 1;
+                }
+                let row = format!("{size} {} {}", if tls { "TLS" } else { "plain" }, if close { "new-conn" } else { "keep-alive" });
+                println!(
+                    "{row:<34} {:>12.0} {:>9.2} {:>12.0} {:>9.2} {:>8.2}x {:>8.2}x {:>7}",
+                    web_r.rps, web_r.p99_ms, ngx_r.rps, ngx_r.p99_ms, rps_ratio, p99_ratio, web_r.errors + ngx_r.errors
+                );
+            }
+        }
+    }
+    println!("r/s x = web-app/nginx requests per second; p99 x = nginx/web-app p99 latency; >= 1.00x means web-app is at least as good (target on every row); {below} row(s) below");
+    drop(nginx);
+    drop(web);
+}
