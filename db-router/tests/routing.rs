@@ -470,6 +470,20 @@ fn mariadb_cli_through_the_router() {
     let d = delta(before, counts(pair));
     // The CLI sends the two statements one by one; its startup query runs as well.
     assert!(d.r_select >= 2 && d.p_select == 0, "{d:?}");
+
+    // LOAD DATA LOCAL INFILE: the client streams the file through the router to the primary.
+    let file = std::env::temp_dir().join(format!("dbr-infile-{}.tsv", std::process::id()));
+    std::fs::write(&file, "10\tx\n11\ty\n12\tz\n").unwrap();
+    let out = std::process::Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=tcp", "--skip-ssl", "--local-infile=1", "-h127.0.0.1"])
+        .arg(format!("-P{}", rig.addr.port()))
+        .args(["-uapp", "-papppw", "app", "--batch", "-e"])
+        .arg(format!("LOAD DATA LOCAL INFILE '{}' INTO TABLE t; SELECT COUNT(*) FROM t", file.display()))
+        .output()
+        .expect("run mariadb");
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(pair.primary.value("SELECT COUNT(*) FROM app.t").unwrap(), "5");
 }
 
 #[test]
