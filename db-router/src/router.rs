@@ -129,6 +129,43 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Serves on `threads` threads, each with its own single-threaded tokio runtime and its own
+/// `SO_REUSEPORT` listener on `addr` (the kernel spreads new connections over them). A session
+/// then lives on one thread: no work-stealing wakeups between threads per statement, which on
+/// a small machine cost more CPU than the relay itself. Returns the bound address once every
+/// thread listens (port 0: the first thread picks, the others join it).
+pub fn serve_threads(addr: SocketAddr, shared: Arc<Shared>, threads: usize) -> std::io::Result<SocketAddr> {
+    let mut bound = addr;
+    for i in 0..threads.max(1) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new().name(format!("db-router-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(tx.send(Err(e))),
+            };
+            rt.block_on(async move {
+                let listener = match reuseport_listener(bound) {
+                    Ok(l) => l,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                let _ = tx.send(listener.local_addr());
+                serve(listener, shared).await
+            })
+        })?;
+        bound = rx.recv().map_err(|_| std::io::Error::other("router thread died"))??;
+    }
+    Ok(bound)
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
 pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;

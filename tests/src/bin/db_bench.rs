@@ -94,18 +94,10 @@ fn main() {
         topology::channel(Routing { primary: Some(primary), replica: Some(pair.replica.connect_addr()), generation: 1 });
     let users = [(SYSBENCH.user.to_string(), User { stored: Some(protocol::native_stored_hash(SYSBENCH.password.as_bytes())) })].into();
     let shared = Shared::new(users, Settings::default(), Arc::clone(&metrics), subscriber);
-    // The router runs on its own threads (a tokio multi-thread runtime, as `db-router run`).
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let addr = router::spawn("127.0.0.1:0".parse().unwrap(), shared).await.expect("router listens");
-            tx.send(addr).unwrap();
-            let _publisher = publisher;
-            std::future::pending::<()>().await
-        })
-    });
-    let router_addr = rx.recv().expect("router started");
+    // The router runs on its own threads, as `db-router run` does.
+    let _publisher = publisher;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
 
     eprintln!("db-bench: sysbench prepare ({TABLES} tables x {TABLE_SIZE} rows) on the primary");
     let prep = Command::new("sysbench")
