@@ -101,8 +101,7 @@ impl Listener {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(state.header_read_timeout)
-            .max_buf_size(64 * 1024);
+            .header_read_timeout(state.header_read_timeout);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -260,9 +259,11 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         conn.is_h2.store(true, Ordering::Relaxed);
     }
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path = req.uri().path();
     let redirect = matches!(conn.kind, ListenerKind::RedirectToHttps { .. }) && path != "/healthz" && path != "/metrics";
-    let route = if redirect { "redirect" } else { route_name(&method, &path) };
+    let route = if redirect { "redirect" } else { route_name(&method, path) };
+    // The path outlives the request only for the access log: no copy when it is off.
+    let logged_path = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| path.to_owned());
     // The release this request is served from, even if a reload switches it meanwhile.
     let site = state.site.load_full();
 
@@ -292,9 +293,29 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
     state.metrics.observe(route, &method, status, elapsed.as_secs_f64());
-    let bytes = response.body().size_hint().exact();
-    info!(
-        target: "access",
+    if let Some(path) = logged_path {
+        let bytes = response.body().size_hint().exact();
+        Access { method: &method, path: &path, version, status, bytes, elapsed, release: &site.version }.log(conn);
+    }
+    response
+}
+
+/// One access log line.
+struct Access<'a> {
+    method: &'a Method,
+    path: &'a str,
+    version: Version,
+    status: u16,
+    bytes: Option<u64>,
+    elapsed: Duration,
+    release: &'a str,
+}
+
+impl Access<'_> {
+    fn log(&self, conn: &ConnInfo) {
+        let Access { method, path, version, status, bytes, elapsed, release } = self;
+        info!(
+            target: "access",
         peer = %conn.peer,
         tls = conn.tls,
         method = %method,
@@ -303,9 +324,9 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         status,
         bytes,
         duration_us = elapsed.as_micros() as u64,
-        release = %site.version,
+        release = %release,
     );
-    response
+    }
 }
 
 async fn dispatch(

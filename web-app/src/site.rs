@@ -9,11 +9,13 @@
 //!   index files, traversal rejection) behind tower-http's on-the-fly compression of text
 //!   types, with an ETag added (manifest sha256, or mtime-size for `--root`) and checked.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -37,6 +39,38 @@ pub enum Content {
 
 type Predicate = fn(StatusCode, Version, &HeaderMap, &Extensions) -> bool;
 
+/// A file kept in memory with its response headers prepared once, at load: the hot path
+/// only clones reference-counted values.
+struct Entry {
+    body: Bytes,
+    gzip: Option<Bytes>,
+    br: Option<Bytes>,
+    content_type: HeaderValue,
+    last_modified: HeaderValue,
+    /// Modification time in whole seconds (HTTP dates have no more).
+    modified_secs: u64,
+    etag: HeaderValue,
+    etag_gzip: HeaderValue,
+    etag_br: HeaderValue,
+}
+
+impl Entry {
+    fn new(file: CachedFile) -> Option<Entry> {
+        let variant = |suffix: &str| HeaderValue::from_str(&format!("{}-{suffix}\"", file.etag.trim_end_matches('"'))).ok();
+        Some(Entry {
+            content_type: HeaderValue::from_static(file.content_type),
+            last_modified: HeaderValue::from_str(&file.last_modified).ok()?,
+            modified_secs: file.modified.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            etag: HeaderValue::from_str(&file.etag).ok()?,
+            etag_gzip: variant("gzip")?,
+            etag_br: variant("br")?,
+            body: file.body,
+            gzip: file.gzip,
+            br: file.br,
+        })
+    }
+}
+
 /// On-the-fly compression only for whole (200) responses of text types of some size: never
 /// for ranges, images, archives or already encoded bodies.
 fn compress_when(status: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bool {
@@ -58,7 +92,7 @@ pub struct Site {
     pub dir: PathBuf,
     /// The verified manifest (`None` for `--root`).
     pub manifest: Option<Manifest>,
-    cache: HashMap<String, CachedFile>,
+    cache: HashMap<String, Entry>,
     files: Compression<ServeDir, Predicate>,
     version_header: HeaderValue,
 }
@@ -91,6 +125,8 @@ impl Site {
         let files = Compression::new(serve_dir).no_deflate().no_zstd().compress_when(compress_when as Predicate);
         let version_header =
             HeaderValue::from_str(&version).unwrap_or_else(|_| HeaderValue::from_static("invalid-version"));
+        // A file whose headers cannot be prepared is simply served from disk.
+        let cache = cache.into_iter().filter_map(|(path, file)| Some((path, Entry::new(file)?))).collect();
         Site { version, dir, manifest, cache, files, version_header }
     }
 
@@ -109,7 +145,7 @@ impl Site {
         let rel = relative_path(req.uri().path());
         if let Some(rel) = &rel {
             if !req.headers().contains_key(header::RANGE) {
-                if let Some(file) = self.cache.get(rel.as_str()) {
+                if let Some(file) = self.cache.get(&**rel) {
                     return serve_cached(file, req.method(), req.headers());
                 }
             }
@@ -121,7 +157,7 @@ impl Site {
         if let Some(etag) = &etag {
             if let Some(inm) = req.headers().get(header::IF_NONE_MATCH) {
                 if etag_matches(inm, etag) {
-                    return not_modified(etag, None);
+                    return not_modified(etag);
                 }
             }
         }
@@ -172,7 +208,7 @@ impl Site {
 /// The percent-decoded path relative to the site root, if it is a plain one: only normal
 /// components (no `.`, `..`, backslashes, NUL, or absolute segments once decoded). `None`
 /// means "let ServeDir decide" (it rejects what escapes the root).
-pub fn relative_path(uri_path: &str) -> Option<String> {
+pub fn relative_path(uri_path: &str) -> Option<Cow<'_, str>> {
     let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8().ok()?;
     let rel = decoded.strip_prefix('/')?;
     if rel.contains('\\') || rel.contains('\0') || rel.contains("//") {
@@ -184,9 +220,13 @@ pub fn relative_path(uri_path: &str) -> Option<String> {
     }
     if rel.is_empty() || rel.ends_with('/') {
         // Directory: its index file.
-        return Some(format!("{rel}index.html"));
+        return Some(Cow::Owned(format!("{rel}index.html")));
     }
-    Some(rel.to_owned())
+    Some(match decoded {
+        // Nothing was percent-decoded: borrow from the URI, no allocation.
+        Cow::Borrowed(path) => Cow::Borrowed(&path[1..]),
+        Cow::Owned(path) => Cow::Owned(path[1..].to_owned()),
+    })
 }
 
 /// Which representation a client accepts, best first: br, gzip, identity. A `q=0` excludes.
@@ -210,57 +250,48 @@ fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
     list.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
 }
 
-fn not_modified(etag: &str, last_modified: Option<&str>) -> Response<Body> {
+fn not_modified(etag: &str) -> Response<Body> {
     let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     if let Ok(value) = HeaderValue::from_str(etag) {
         response.headers_mut().insert(header::ETAG, value);
     }
-    if let Some(lm) = last_modified.and_then(|lm| HeaderValue::from_str(lm).ok()) {
-        response.headers_mut().insert(header::LAST_MODIFIED, lm);
-    }
     response
 }
 
-fn serve_cached(file: &CachedFile, method: &Method, headers: &HeaderMap) -> Response<Body> {
-    let (body, encoding, etag) = if file.br.is_some() && accepts(headers, "br") {
-        (file.br.clone().unwrap(), Some("br"), format!("{}-br\"", file.etag.trim_end_matches('"')))
-    } else if file.gzip.is_some() && accepts(headers, "gzip") {
-        (file.gzip.clone().unwrap(), Some("gzip"), format!("{}-gzip\"", file.etag.trim_end_matches('"')))
-    } else {
-        (file.body.clone(), None, file.etag.clone())
+fn serve_cached(file: &Entry, method: &Method, headers: &HeaderMap) -> Response<Body> {
+    let (body, encoding, etag) = match (&file.br, &file.gzip) {
+        (Some(br), _) if accepts(headers, "br") => (br.clone(), Some("br"), &file.etag_br),
+        (_, Some(gzip)) if accepts(headers, "gzip") => (gzip.clone(), Some("gzip"), &file.etag_gzip),
+        _ => (file.body.clone(), None, &file.etag),
     };
     // If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
-        if etag_matches(inm, &etag) {
-            return not_modified(&etag, Some(&file.last_modified));
-        }
+    let not_modified = if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
+        etag_matches(inm, etag.to_str().unwrap_or(""))
     } else if let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
-        if let Ok(since) = httpdate::parse_http_date(since) {
-            // HTTP dates have whole seconds.
-            let modified = file.modified.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let since = since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            if modified <= since {
-                return not_modified(&etag, Some(&file.last_modified));
-            }
-        }
-    }
+        httpdate::parse_http_date(since)
+            .ok()
+            .and_then(|since| since.duration_since(UNIX_EPOCH).ok())
+            .is_some_and(|since| file.modified_secs <= since.as_secs())
+    } else {
+        false
+    };
     let len = body.len();
-    let mut response = if method == Method::HEAD {
+    let mut response = if not_modified || method == Method::HEAD {
         Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
     } else {
         Response::new(full(body))
     };
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(file.content_type));
+    h.insert(header::ETAG, etag.clone());
+    h.insert(header::LAST_MODIFIED, file.last_modified.clone());
+    if not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        return response;
+    }
+    h.insert(header::CONTENT_TYPE, file.content_type.clone());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(value) = HeaderValue::from_str(&etag) {
-        h.insert(header::ETAG, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&file.last_modified) {
-        h.insert(header::LAST_MODIFIED, value);
-    }
     if file.gzip.is_some() || file.br.is_some() {
         h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
