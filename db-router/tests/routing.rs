@@ -613,3 +613,43 @@ fn sysbench_read_write_through_the_router() {
     let d = delta(before, counts(pair));
     assert!(d.r_exec > 100 && d.p_exec == 0, "point selects ran on the replica: {d:?}");
 }
+
+/// Reads one text-protocol response (no DEPRECATE_EOF): the OK packet, or the rows' first
+/// column values.
+fn read_response(s: &mut TcpStream) -> Result<Vec<u8>, Vec<Vec<u8>>> {
+    let (_, first) = read_packet(s).unwrap();
+    assert_ne!(first[0], 0xFF, "ERR: {:?}", String::from_utf8_lossy(&first));
+    if first[0] == 0x00 {
+        return Ok(first);
+    }
+    let (mut eofs, mut rows) = (0, Vec::new());
+    while eofs < 2 {
+        let (_, p) = read_packet(s).unwrap();
+        if p[0] == 0xFE && p.len() < 9 {
+            eofs += 1;
+        } else if eofs == 1 {
+            rows.push(p[1..1 + p[0] as usize].to_vec());
+        }
+    }
+    Err(rows)
+}
+
+#[test]
+fn read_your_writes_for_a_client_without_session_tracking() {
+    let Some(rig) = rig("read_your_writes_for_a_client_without_session_tracking", Settings::default()) else { return };
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE x (a INT)").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    // The hand-made client negotiates neither CLIENT_SESSION_TRACK nor DEPRECATE_EOF; the
+    // router's primary connection tracks last_gtid all the same.
+    let mut s = login_raw(rig.addr);
+    write_packet(&mut s, 0, b"\x03INSERT INTO x VALUES (7)");
+    let ok = read_response(&mut s).expect("an OK packet");
+    let head = protocol::parse_ok_head(&ok).expect("a well-formed OK");
+    assert_eq!(ok.len(), head.rest, "no session-state block for this client: {ok:?}");
+    assert_eq!(head.status.bits() & 0x4000, 0, "SERVER_SESSION_STATE_CHANGED cleared");
+    assert_eq!(ok[1], 1, "one row affected");
+    write_packet(&mut s, 0, b"\x03SELECT a FROM x");
+    let rows = read_response(&mut s).expect_err("a result set");
+    assert_eq!(rows, vec![b"7".to_vec()]);
+    assert_eq!(rig.metrics.ryw_waits.get(), 1, "the read waited for the write's GTID on the replica");
+}
