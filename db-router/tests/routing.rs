@@ -270,7 +270,8 @@ fn session_state_behaves_as_on_a_direct_connection() {
 
 #[test]
 fn read_your_writes_with_replication_held_back() {
-    let settings = Settings { ryw_timeout: Duration::from_millis(300), ..Settings::default() };
+    // Generous: with replication running, the wait must succeed even on a slow CI machine.
+    let settings = Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() };
     let Some(rig) = rig("read_your_writes_with_replication_held_back", settings) else { return };
     let pair = &rig.pair;
     pair.primary.sql_as(&APP, "CREATE TABLE t (id INT PRIMARY KEY)").unwrap();
@@ -636,7 +637,8 @@ fn read_response(s: &mut TcpStream) -> Result<Vec<u8>, Vec<Vec<u8>>> {
 
 #[test]
 fn read_your_writes_for_a_client_without_session_tracking() {
-    let Some(rig) = rig("read_your_writes_for_a_client_without_session_tracking", Settings::default()) else { return };
+    let settings = Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() };
+    let Some(rig) = rig("read_your_writes_for_a_client_without_session_tracking", settings) else { return };
     rig.pair.primary.sql_as(&APP, "CREATE TABLE x (a INT)").unwrap();
     rig.pair.wait_caught_up(DEADLINE).unwrap();
     // The hand-made client negotiates neither CLIENT_SESSION_TRACK nor DEPRECATE_EOF; the
