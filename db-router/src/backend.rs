@@ -71,6 +71,9 @@ pub struct Backend {
     /// A number unique to this connection (prepared statement ids belong to it).
     pub serial: u64,
     pub server_version: String,
+    /// The last relay passed bytes to the client (after a failure: the client saw part of
+    /// an answer, so the statement cannot be retried elsewhere).
+    pub relayed: bool,
 }
 
 /// What the relay saw of one response.
@@ -155,6 +158,7 @@ impl Backend {
             caps: CapabilityFlags::empty(),
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             server_version: String::new(),
+            relayed: false,
         };
         let (seq, hs) = be.read_packet().await?;
         if hs.first() == Some(&0xFF) {
@@ -306,6 +310,7 @@ impl Backend {
         };
         let mut continuing = false;
         let mut rows_seen = 0u64;
+        self.relayed = false;
         loop {
             let mut pos = 0;
             while let Some((len, _seq)) = frame_header(&self.rbuf[pos..]) {
@@ -449,6 +454,7 @@ impl Backend {
             self.rbuf.advance(pos);
             if let Sink::Client { stream, out, .. } = sink {
                 if !out.is_empty() {
+                    self.relayed = true;
                     let r = stream.write_all(out).await;
                     out.clear();
                     r.map_err(RelayError::Client)?;

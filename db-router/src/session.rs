@@ -51,6 +51,9 @@ const COM_RESET_CONNECTION: u8 = 0x1f;
 /// primary (an application that sets a user variable per request would grow it forever).
 const MAX_HISTORY: usize = 1000;
 
+/// After a failed replica connection, reads go to the primary this long before a retry.
+const REPLICA_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     Primary = 0,
@@ -60,6 +63,14 @@ pub enum Target {
 /// The session ends (client gone, or a protocol violation the session cannot recover from).
 #[derive(Debug)]
 struct End;
+
+enum Forwarded {
+    Done(Summary),
+    /// The backend failed; the client got an ERR packet.
+    Failed,
+    /// The backend failed before the client got anything; nothing was sent to the client.
+    Untouched,
+}
 
 struct Prepared {
     sql: Vec<u8>,
@@ -90,6 +101,9 @@ struct Session {
     primary: Option<Backend>,
     primary_generation: u64,
     replica: Option<Backend>,
+    /// The last failed attempt to open a replica connection: reads go to the primary for
+    /// a second instead of paying a connect timeout each.
+    replica_failed: Option<(SocketAddr, std::time::Instant)>,
     history: Vec<Vec<u8>>,
     history_overflow: bool,
     /// Where the open transaction runs.
@@ -126,6 +140,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         primary: None,
         primary_generation: 0,
         replica: None,
+        replica_failed: None,
         history: Vec::new(),
         history_overflow: false,
         trx: None,
@@ -314,7 +329,7 @@ impl Session {
                 COM_STATISTICS => self.execute(Target::Primary, &payload, Expect::Single, Class::Write).await?,
                 COM_RESET_CONNECTION => self.reset_connection(&payload).await?,
                 COM_STMT_PREPARE => self.prepare(&payload).await?,
-                COM_STMT_EXECUTE => self.stmt_execute(&payload).await?,
+                COM_STMT_EXECUTE => self.stmt_execute(&payload, true).await?,
                 COM_STMT_SEND_LONG_DATA => self.stmt_long_data(payload),
                 COM_STMT_CLOSE => self.stmt_close(&payload).await,
                 COM_STMT_RESET => self.stmt_reset(&payload).await?,
@@ -439,6 +454,17 @@ impl Session {
             return Ok(());
         }
         self.replica = None;
+        if let Some((failed, at)) = self.replica_failed {
+            if failed == addr && at.elapsed() < REPLICA_RETRY {
+                return Err("replica unavailable (retrying shortly)".into());
+            }
+        }
+        let result = self.open_replica(addr).await;
+        self.replica_failed = result.is_err().then(|| (addr, std::time::Instant::now()));
+        result
+    }
+
+    async fn open_replica(&mut self, addr: SocketAddr) -> Result<(), String> {
         let login = self.login_params(false);
         match Backend::connect(addr, &login).await {
             Ok(mut be) => match self.prepare_connection(&mut be, false).await {
@@ -578,9 +604,11 @@ impl Session {
             Target::Primary => self.shared.metrics.to_primary.inc(),
             Target::Replica => self.shared.metrics.to_replica.inc(),
         };
-        let sum = self.forward(target, payload, expect, None).await?;
-        if let Some(sum) = sum {
-            self.note_response(target, &sum, class);
+        match self.try_forward(target, payload, expect, None, target == Target::Replica).await? {
+            Forwarded::Done(sum) => self.note_response(target, &sum, class),
+            Forwarded::Failed => {}
+            // The replica went away before answering: the read runs on the primary.
+            Forwarded::Untouched => return Box::pin(self.execute(Target::Primary, payload, expect, class)).await,
         }
         Ok(())
     }
@@ -588,14 +616,25 @@ impl Session {
     /// Sends `payload` to an open backend and relays the answer; `Ok(None)` when the backend
     /// failed (the client got an ERR packet, the connection is dropped).
     async fn forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>) -> Result<Option<Summary>, End> {
+        match self.try_forward(target, payload, expect, stmt_id, false).await? {
+            Forwarded::Done(sum) => Ok(Some(sum)),
+            Forwarded::Failed | Forwarded::Untouched => Ok(None),
+        }
+    }
+
+    /// [`Session::forward`]; with `retryable`, a backend that fails before the client got any
+    /// byte of the answer is dropped without an ERR to the client (`Untouched`), so that a
+    /// read can run elsewhere.
+    async fn try_forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>, retryable: bool) -> Result<Forwarded, End> {
         let strip_state = !self.caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK);
         let Some(be) = (match target {
             Target::Primary => self.primary.as_mut(),
             Target::Replica => self.replica.as_mut(),
         }) else {
             self.send_err(1, codes::BACKEND_LOST, "db-router: no backend connection").await?;
-            return Ok(None);
+            return Ok(Forwarded::Failed);
         };
+        be.relayed = false;
         let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id };
         let mut result = match be.send_command(payload).await {
             Ok(()) => be.relay(expect, &mut sink, false).await,
@@ -609,16 +648,20 @@ impl Session {
             result = self.pump_infile(target).await;
         }
         match result {
-            Ok(sum) => Ok(Some(sum)),
+            Ok(sum) => Ok(Forwarded::Done(sum)),
             Err(RelayError::Client(_)) => Err(End),
             Err(RelayError::Backend(e)) => {
                 tracing::warn!(backend = ?target, error = %e, "backend failed during a statement");
+                let untouched = self.backend(target).is_some_and(|b| !b.relayed);
                 self.drop_backend(target);
                 self.out.clear();
+                if retryable && untouched {
+                    return Ok(Forwarded::Untouched);
+                }
                 // The client may have received part of the answer; the ERR ends it.
                 let msg = format!("db-router: {e}; the statement may or may not have run");
                 self.send_err(1, codes::BACKEND_LOST, &msg).await?;
-                Ok(None)
+                Ok(Forwarded::Failed)
             }
         }
     }
@@ -810,7 +853,7 @@ impl Session {
         format!("Unknown prepared statement handler ({id}) given to {what}")
     }
 
-    async fn stmt_execute(&mut self, payload: &[u8]) -> Result<(), End> {
+    async fn stmt_execute(&mut self, payload: &[u8], retry: bool) -> Result<(), End> {
         if payload.len() < 10 {
             self.shared.metrics.errors_client.inc();
             return self.send_err(1, codes::MALFORMED, "db-router: malformed COM_STMT_EXECUTE").await;
@@ -872,6 +915,7 @@ impl Session {
         }
         st.last = target;
         let long_data = std::mem::take(&mut st.long_data);
+        let retry = retry && long_data.is_empty();
         match target {
             Target::Primary => self.shared.metrics.to_primary.inc(),
             Target::Replica => self.shared.metrics.to_replica.inc(),
@@ -887,8 +931,12 @@ impl Session {
                 return self.send_err(1, codes::BACKEND_LOST, "db-router: backend lost while sending long data").await;
             }
         }
-        if let Some(sum) = self.forward(target, &p, Expect::Results, None).await? {
-            self.note_response(target, &sum, class);
+        match self.try_forward(target, &p, Expect::Results, None, target == Target::Replica && retry).await? {
+            Forwarded::Done(sum) => self.note_response(target, &sum, class),
+            Forwarded::Failed => {}
+            // The replica went away before answering; once more (it is reconnected or, if it
+            // is down, the primary runs it). Long data was consumed: no retry with it.
+            Forwarded::Untouched => return Box::pin(self.stmt_execute(payload, false)).await,
         }
         Ok(())
     }

@@ -655,3 +655,34 @@ fn read_your_writes_for_a_client_without_session_tracking() {
     assert_eq!(rows, vec![b"7".to_vec()]);
     assert_eq!(rig.metrics.ryw_waits.get(), 1, "the read waited for the write's GTID on the replica");
 }
+
+#[test]
+fn reads_fall_back_to_the_primary_when_the_replica_is_down() {
+    let Some(mut rig) = rig("reads_fall_back_to_the_primary_when_the_replica_is_down", no_ryw()) else { return };
+    let mut c = rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let id: Option<i64> = c.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(2), "reads go to the replica while it is up");
+        let id: Option<i64> = c.exec_first("SELECT @@server_id + ?", (0,)).await.unwrap();
+        assert_eq!(id, Some(2), "prepared reads too");
+        c
+    });
+    // The routing view still lists the replica (no monitor here): the session finds out.
+    rig.pair.replica.kill9().unwrap();
+    rig.rt.block_on(async {
+        // The replica connection is dead: the prepared read runs on the primary instead.
+        let id: Option<i64> = c.exec_first("SELECT @@server_id + ?", (0,)).await.unwrap();
+        assert_eq!(id, Some(1), "the primary answered the prepared read");
+        for _ in 0..3 {
+            let before = counter(&rig.pair.primary, "Com_select");
+            let id: Option<i64> = c.query_first("SELECT @@server_id").await.unwrap();
+            assert_eq!(id, Some(1), "the primary answered");
+            assert_eq!(counter(&rig.pair.primary, "Com_select") - before, 1);
+        }
+        // A new session too.
+        let mut fresh = rig.conn().await;
+        let id: Option<i64> = fresh.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(1));
+    });
+    assert!(rig.metrics.errors_backend.get() >= 1);
+}
