@@ -421,6 +421,29 @@ fn set_rules(s: &Stmt<'_>) -> Class {
     }
 }
 
+/// True for a multi-statement packet one of whose statements changes session state (`SET`,
+/// `USE`, temporary tables, table locks, transactions, text prepared statements): it runs on
+/// the primary alone, so the session must stay there afterwards.
+pub fn multi_changes_session(sql: &[u8]) -> bool {
+    let toks = tokenize(sql);
+    let s = Stmt { sql, toks };
+    let mut start = true;
+    for i in 0..s.toks.len() {
+        if s.toks[i].kind == Kind::Semi {
+            start = true;
+            continue;
+        }
+        if start {
+            start = false;
+            let temporary = s.is(i, "CREATE") && (s.is(i + 1, "TEMPORARY") || (s.is(i + 1, "OR") && s.is(i + 3, "TEMPORARY")));
+            if temporary || s.is_any(i, &["SET", "USE", "LOCK", "BEGIN", "START", "PREPARE", "XA"]) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The database named by a `USE` statement (backquotes removed).
 pub fn use_database(sql: &[u8]) -> Option<String> {
     let toks = tokenize(sql);

@@ -109,6 +109,8 @@ struct Session {
     /// Where the open transaction runs.
     trx: Option<Target>,
     autocommit: bool,
+    /// Pinned to the primary for the rest of the session: temporary tables, or a
+    /// multi-statement that changed session state there.
     temp_tables: bool,
     locked_tables: bool,
     last_target: Target,
@@ -588,6 +590,10 @@ impl Session {
         let class = classify::classify(&payload[1..]);
         if class.is_session_command() {
             return self.session_command(payload, Expect::Results, Some(class)).await;
+        }
+        if class == Class::Write && !self.temp_tables && classify::multi_changes_session(&payload[1..]) {
+            // Session state changed on the primary only: stay there (as `temp_tables` does).
+            self.temp_tables = true;
         }
         let target = self.route(class).await;
         tracing::debug!(?class, ?target, trx = ?self.trx, autocommit = self.autocommit, "route");

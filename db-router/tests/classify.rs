@@ -1,6 +1,6 @@
 //! The classifier, table-driven: one statement and its expected class per line.
 
-use db_router::classify::{classify, use_database, Class, Class::*};
+use db_router::classify::{classify, multi_changes_session, use_database, Class, Class::*};
 
 const CASES: &[(&str, Class)] = &[
     // Plain reads: replica.
@@ -199,4 +199,14 @@ fn binary_and_truncated_input_does_not_panic() {
     }
     assert_eq!(classify(b"SELECT 'unterminated"), Read);
     assert_eq!(classify(b"\xc3\xa9 SELECT"), Write);
+}
+
+#[test]
+fn multi_statements_that_change_the_session_are_found() {
+    for sql in ["SET @a = 1; SELECT @a", "SELECT 1; USE app", "INSERT INTO t VALUES (1); CREATE TEMPORARY TABLE x (a INT)", "select 1;\n begin; update t set a = 1; commit", "SELECT 1; LOCK TABLES t READ"] {
+        assert!(multi_changes_session(sql.as_bytes()), "{sql}");
+    }
+    for sql in ["SELECT 1; SELECT 2", "INSERT INTO t VALUES (1); UPDATE t SET a = 2", "SELECT 'SET x'; SELECT 2", "SELECT 1 /* ; SET @a = 1 */"] {
+        assert!(!multi_changes_session(sql.as_bytes()), "{sql}");
+    }
 }

@@ -194,6 +194,12 @@ fn statements_go_where_they_belong() {
         // The connection is still in step after a multi-result.
         let v: Option<i64> = c.query_first("SELECT 41 + 1").await.unwrap();
         assert_eq!(v, Some(42));
+        // A multi-statement that sets session state keeps the session on the primary.
+        c.query_drop("SET time_zone = '+03:00'; SELECT 1").await.unwrap();
+        let before = counts(pair);
+        let tz: Option<String> = c.query_first("SELECT @@session.time_zone").await.unwrap();
+        assert_eq!(tz.as_deref(), Some("+03:00"));
+        assert_eq!(delta(before, counts(pair)).p_select, 1);
         c.disconnect().await.unwrap();
     });
     let text = format!("{:?}", rig.metrics.to_replica.get());
