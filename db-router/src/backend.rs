@@ -429,7 +429,7 @@ impl Backend {
                         State::PrepCols(n) if n > 1 => State::PrepCols(n - 1),
                         State::PrepCols(_) if !deprecate_eof => State::PrepColsEof,
                         State::PrepCols(_) | State::PrepColsEof => State::Done,
-                        State::FieldList if b == 0xFE && len < 9 => State::Done,
+                        State::FieldList if b == 0xFE && (len < 9 || (deprecate_eof && len < MAX_FRAME)) => State::Done,
                         State::FieldList if b == 0xFF => {
                             sum.error = Some(parse_err(payload));
                             State::Done

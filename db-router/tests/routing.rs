@@ -660,6 +660,20 @@ fn read_your_writes_for_a_client_without_session_tracking() {
     let rows = read_response(&mut s).expect_err("a result set");
     assert_eq!(rows, vec![b"7".to_vec()]);
     assert_eq!(rig.metrics.ryw_waits.get(), 1, "the read waited for the write's GTID on the replica");
+    // COM_FIELD_LIST (the CLI's completion uses it): column definitions, then EOF.
+    write_packet(&mut s, 0, b"\x04x\0");
+    let mut defs = 0;
+    loop {
+        let (_, p) = read_packet(&mut s).unwrap();
+        assert_ne!(p[0], 0xFF, "{:?}", String::from_utf8_lossy(&p));
+        if p[0] == 0xFE {
+            break;
+        }
+        defs += 1;
+    }
+    assert_eq!(defs, 1, "table x has one column");
+    write_packet(&mut s, 0, b"\x03SELECT 1");
+    assert_eq!(read_response(&mut s).expect_err("a result set"), vec![b"1".to_vec()], "still in step");
 }
 
 #[test]
