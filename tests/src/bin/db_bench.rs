@@ -72,9 +72,18 @@ fn sysbench(port: u16, args: &[&str], threads: u32, seconds: u32) -> Run {
 
 /// CPU time (user + system) of this process so far.
 fn cpu_time() -> Duration {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// CPU time of the waited-for children (the sysbench runs) so far.
+fn children_cpu_time() -> Duration {
+    rusage(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
@@ -130,9 +139,12 @@ fn main() {
         sysbench(router_addr.port(), args, threads, 2);
         // Alternate short runs, so that both paths see the same background load.
         let (mut direct, mut routed, mut router_cpu) = (Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Duration::ZERO);
+        let mut client_cpu = Duration::ZERO;
         let chunk = (seconds / ROUNDS).max(1);
         for _ in 0..ROUNDS {
+            let c0 = children_cpu_time();
             let d = sysbench(primary.port(), args, threads, chunk);
+            client_cpu += children_cpu_time() - c0;
             let cpu0 = cpu_time();
             let r = sysbench(router_addr.port(), args, threads, chunk);
             // This process is the router (the benchmark driver only waits for sysbench).
@@ -144,6 +156,7 @@ fn main() {
             routed.errors += r.errors;
         }
         let router_cpu_us = router_cpu.as_secs_f64() * 1e6 / (routed.qps * (chunk * ROUNDS) as f64);
+        let client_cpu_us = client_cpu.as_secs_f64() * 1e6 / (direct.qps * (chunk * ROUNDS) as f64);
         let added_us = (threads as f64 / routed.qps - threads as f64 / direct.qps) * 1e6;
         println!(
             "{name:<42} {:>11.0} {:>11.0} {:>5.2}x {:>15.1} {:>16.1} {:>7}",
@@ -155,6 +168,7 @@ fn main() {
             routed.errors
         );
         eprintln!("db-bench: {name}: sysbench avg latency {:.3} ms direct, {:.3} ms through the router", direct.avg_ms, routed.avg_ms);
+        println!("{:<42} sysbench's own CPU per query (direct, for scale): {client_cpu_us:.1} µs", "");
     }
     println!(
         "router statements: {} to the replica, {} to the primary",
