@@ -62,6 +62,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Time limit for a request head to arrive (HTTP/1.1).
     pub header_read_timeout: Duration,
+    /// HTTP threads: each runs its own single-threaded runtime and accepts on its own
+    /// `SO_REUSEPORT` socket.
+    pub threads: usize,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             db_url: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            threads: default_threads(),
         }
     }
 
@@ -181,6 +185,10 @@ pub struct Cli {
     /// Seconds a request may take to be handled, its body included (then 408).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
     pub request_timeout: u64,
+
+    /// HTTP threads, each with its own runtime and SO_REUSEPORT socket [default: CPU count].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 
     /// Seconds a client may take to send a request head (then the connection is closed).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
@@ -281,6 +289,12 @@ impl Cli {
             bail!("--request-timeout and --header-read-timeout must be at least 1 second");
         }
         config.request_timeout = Duration::from_secs(self.request_timeout);
+        if let Some(threads) = self.threads {
+            if !(1..=1024).contains(&threads) {
+                bail!("--threads must be from 1 to 1024");
+            }
+            config.threads = threads;
+        }
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
         Ok(config)
     }
@@ -292,6 +306,11 @@ pub fn version_from_root(root: &Path) -> String {
         Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
         _ => "unknown".to_owned(),
     }
+}
+
+/// The number of CPUs this process may run on (1 if unknown).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// This machine's hostname, or "localhost" if it cannot be read.

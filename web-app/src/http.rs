@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -40,6 +40,8 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 const DRAIN_MAX_BYTES: u64 = 8 * 1024 * 1024;
 /// ...for at most this long.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Response header naming the release that served the request.
+pub const X_RELEASE: header::HeaderName = header::HeaderName::from_static("x-release");
 /// A TLS handshake must finish within this.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -65,20 +67,31 @@ impl ListenerKind {
     }
 }
 
-/// A bound listener, not yet accepting.
+/// A bound listener, not yet accepting. Its socket has `SO_REUSEPORT`: each HTTP thread
+/// accepts on a socket of its own bound to the same address, and the kernel spreads the
+/// connections over them (nginx's worker model, without a shared accept queue).
 pub struct Listener {
-    listener: TcpListener,
+    socket: std::net::TcpListener,
     local_addr: SocketAddr,
     kind: ListenerKind,
 }
 
+/// A listening socket with `SO_REUSEPORT` (call inside a runtime).
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 impl Listener {
     pub async fn bind(addr: SocketAddr, kind: ListenerKind) -> anyhow::Result<Listener> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the {} listener on {addr}", kind.name()))?;
-        let local_addr = listener.local_addr().context("listener address")?;
-        Ok(Listener { listener, local_addr, kind })
+        let context = || format!("binding the {} listener on {addr}", kind.name());
+        let socket = reuseport_listener(addr).and_then(TcpListener::into_std).with_context(context)?;
+        let local_addr = socket.local_addr().context("listener address")?;
+        Ok(Listener { socket, local_addr, kind })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -91,60 +104,116 @@ impl Listener {
             *https_port = port;
         }
     }
+}
 
-    /// Accepts connections until `stop` says true, then stops accepting and gives the open
-    /// connections `grace` to finish their in-flight requests (idle keep-alive connections
-    /// are closed at once, HTTP/2 ones get a GOAWAY). Connections still busy are dropped.
-    pub async fn run(self, state: Arc<State>, mut stop: watch::Receiver<bool>, grace: Duration) {
-        let Listener { listener, local_addr, kind } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(state.header_read_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        let mut connections = JoinSet::new();
-        loop {
-            tokio::select! {
-                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Typically EMFILE/ENFILE: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
+/// Serves `listeners` on `threads` threads, each a single-threaded tokio runtime with its own
+/// socket per listener (so a connection lives on one thread: no work stealing, no cross-thread
+/// wakeups), until `stop` says true or its sender is gone; then each thread stops accepting
+/// and gives its connections `grace` to finish (see [`accept_loop`]).
+pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, stop: watch::Receiver<bool>, grace: Duration) {
+    let specs: Vec<(SocketAddr, ListenerKind)> = listeners.iter().map(|l| (l.local_addr, l.kind.clone())).collect();
+    let mut first: Vec<Option<std::net::TcpListener>> = listeners.into_iter().map(|l| Some(l.socket)).collect();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    for t in 0..threads.max(1) {
+        // Thread 0 takes the sockets bound at start; the others bind their own.
+        let sockets: Vec<Option<std::net::TcpListener>> = first.iter_mut().map(Option::take).collect();
+        let (specs, state, stop, done_tx) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone());
+        let spawned = std::thread::Builder::new().name(format!("web-http-{t}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => return warn!(thread = t, error = %e, "HTTP thread without a runtime"),
+            };
+            runtime.block_on(async move {
+                let mut loops = JoinSet::new();
+                for ((addr, kind), socket) in specs.into_iter().zip(sockets) {
+                    let listener = match socket {
+                        Some(socket) => TcpListener::from_std(socket),
+                        None => reuseport_listener(addr),
+                    };
+                    match listener {
+                        Ok(listener) => {
+                            loops.spawn(accept_loop(listener, addr, kind, Arc::clone(&state), stop.clone(), grace));
                         }
-                    };
-                    let Ok(local) = stream.local_addr() else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let conn = Connection {
-                        state: Arc::clone(&state),
-                        builder: builder.clone(),
-                        local,
-                        peer,
-                        kind: kind.clone(),
-                        stop: stop.clone(),
-                    };
-                    connections.spawn(conn.serve(stream));
+                        Err(e) => warn!(thread = t, %addr, error = %e, "HTTP thread cannot listen; the others serve"),
+                    }
                 }
+                while loops.join_next().await.is_some() {}
+            });
+            drop(done_tx);
+        });
+        if let Err(e) = spawned {
+            warn!(thread = t, error = %e, "cannot start an HTTP thread");
+        }
+    }
+    drop(done_tx);
+    // Every thread dropped its sender: all have stopped.
+    let _ = done_rx.recv().await;
+}
+
+/// Accepts connections until `stop` says true, then stops accepting and gives the open
+/// connections `grace` to finish their in-flight requests (idle keep-alive connections
+/// are closed at once, HTTP/2 ones get a GOAWAY). Connections still busy are dropped.
+async fn accept_loop(
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    kind: ListenerKind,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Typically EMFILE/ENFILE: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Bound to a wildcard address: ask which one the client reached.
+                let local = if local_addr.ip().is_unspecified() {
+                    let Ok(local) = stream.local_addr() else { continue };
+                    local
+                } else {
+                    local_addr
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = Connection {
+                    state: Arc::clone(&state),
+                    builder: builder.clone(),
+                    local,
+                    peer,
+                    kind: kind.clone(),
+                    stop: stop.clone(),
+                };
+                connections.spawn(conn.serve(stream));
             }
         }
-        drop(listener);
-        info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
-        let finish = async { while connections.join_next().await.is_some() {} };
-        if tokio::time::timeout(grace, finish).await.is_err() {
-            warn!(%local_addr, remaining = connections.len(), "grace period over, dropping busy connections");
-            connections.abort_all();
-            while connections.join_next().await.is_some() {}
-        }
+    }
+    drop(listener);
+    info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
+    let finish = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, finish).await.is_err() {
+        warn!(%local_addr, remaining = connections.len(), "grace period over, dropping busy connections");
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }
 
@@ -273,6 +342,9 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         } else {
             dispatch(state, conn, &site, route, req).await
         }
+    } else if (method == Method::GET || method == Method::HEAD) && matches!(route, "static" | "whoami" | "healthz" | "metrics") {
+        // Nothing to read from the client here (a body of a GET is ignored): no timer to arm.
+        dispatch(state, conn, &site, route, req).await
     } else {
         match tokio::time::timeout(state.request_timeout, dispatch(state, conn, &site, route, req)).await {
             Ok(response) => response,
@@ -285,7 +357,7 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     };
 
     let headers = response.headers_mut();
-    headers.insert("x-release", site.version_header().clone());
+    headers.insert(X_RELEASE, site.version_header().clone());
     if state.health.is_draining() && version <= Version::HTTP_11 {
         // Keep-alive clients reconnect, and the balancer sends them to another node.
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

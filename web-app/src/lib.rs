@@ -153,6 +153,7 @@ pub struct Node {
     tls_addr: Option<SocketAddr>,
     udp: Option<UdpEcho>,
     shutdown_grace: Duration,
+    threads: usize,
 }
 
 /// Loads and verifies the site, binds the listeners (and the UDP echo socket if configured)
@@ -207,6 +208,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Node> {
         listen = %local_addr,
         tls_listen = ?tls_addr,
         redirect_http = config.redirect_http,
+        http_threads = config.threads,
         storage = storage.is_some(),
         udp_echo = ?udp.as_ref().map(UdpEcho::local_addr),
         "web node started"
@@ -224,7 +226,15 @@ pub async fn bind(config: Config) -> anyhow::Result<Node> {
         header_read_timeout: config.header_read_timeout,
         reload_lock: tokio::sync::Mutex::new(()),
     };
-    Ok(Node { state: Arc::new(state), listeners, local_addr, tls_addr, udp, shutdown_grace: config.shutdown_grace })
+    Ok(Node {
+        state: Arc::new(state),
+        listeners,
+        local_addr,
+        tls_addr,
+        udp,
+        shutdown_grace: config.shutdown_grace,
+        threads: config.threads,
+    })
 }
 
 /// [`bind`] then [`Node::run`]: serves until `shutdown` completes.
@@ -255,14 +265,10 @@ impl Node {
 
     /// Serves until `shutdown` completes, then shuts everything down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Node { state, listeners, udp, shutdown_grace, .. } = self;
+        let Node { state, listeners, udp, shutdown_grace, threads, .. } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let storage_tasks = storage_tasks(Arc::clone(&state), stop_rx.clone());
-        let mut http = tokio::task::JoinSet::new();
-        for listener in listeners {
-            http.spawn(listener.run(Arc::clone(&state), stop_rx.clone(), shutdown_grace));
-        }
-        let http = async move { while http.join_next().await.is_some() {} };
+        let http = http::serve(listeners, threads, Arc::clone(&state), stop_rx.clone(), shutdown_grace);
         let udp = async {
             match udp {
                 Some(udp) => {

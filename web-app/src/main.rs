@@ -30,7 +30,14 @@ fn run() -> anyhow::Result<()> {
         }
         None => {
             let config = cli.into_config()?;
-            tokio::runtime::Runtime::new().context("starting the tokio runtime")?.block_on(serve(config))
+            // The HTTP threads run runtimes of their own; this one has signals, storage
+            // migration and pings, and the UDP echo.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?
+                .block_on(serve(config))
         }
     }
 }
