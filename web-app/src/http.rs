@@ -228,16 +228,19 @@ struct Connection {
 }
 
 impl Connection {
+    /// The connection's task. Its future stays small (the large states are boxed), since
+    /// spawning moves it: a new connection per request would otherwise copy kilobytes.
     async fn serve(self, stream: TcpStream) {
         match self.kind.clone() {
             ListenerKind::Tls(acceptor) => {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => self.serve_io(tls, true).await,
+                let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
+                match handshake.await {
+                    Ok(Ok(tls)) => Box::pin(self.serve_io(tls, true)).await,
                     Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
                 }
             }
-            _ => self.serve_io(stream, false).await,
+            _ => Box::pin(self.serve_io(stream, false)).await,
         }
     }
 

@@ -4,7 +4,7 @@
 //! p99 of each, and the ratios web-app/nginx for requests/s and nginx/web-app for p99 (so
 //! >= 1.0 means web-app is at least as good on both).
 //!
-//! Fair setup: nginx has as many workers as web-app has runtime threads (`WEB_BENCH_THREADS`,
+//! Fair setup: nginx has as many workers as web-app has HTTP threads (`WEB_BENCH_THREADS`,
 //! default: the CPU count), `sendfile on`, `open_file_cache`, keep-alive without a request
 //! limit, no access log; web-app serves a verified release (small files kept in memory) with
 //! `RUST_LOG=warn` (no access log either). wrk runs on the same machine (2 threads, 32
@@ -174,9 +174,8 @@ fn main() {
             .args(["--releases"]).arg(&releases)
             .args(["--listen", &format!("127.0.0.1:{web_http}"), "--tls-listen", &format!("127.0.0.1:{web_https}")])
             .args(["--tls-cert"]).arg(certs.join("node.pem")).args(["--tls-key"]).arg(certs.join("node-key.pem"))
-            .args(["--node", "bench"])
+            .args(["--node", "bench", "--threads", &threads.to_string()])
             .env("RUST_LOG", "warn")
-            .env("TOKIO_WORKER_THREADS", threads.to_string())
             .stdout(fs::File::create(&web_log).unwrap())
             .stderr(fs::File::create(w.join("web-app.err")).unwrap())
             .spawn()
@@ -230,7 +229,7 @@ fn main() {
     }
 
     let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
-    println!("web-bench: web-app ({threads} runtime threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, best of {rounds}");
+    println!("web-bench: web-app ({threads} HTTP threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, best of {rounds}");
     println!("{:<34} {:>12} {:>9} {:>12} {:>9} {:>9} {:>9} {:>7}", "row", "web-app r/s", "p99 ms", "nginx r/s", "p99 ms", "r/s x", "p99 x", "errors");
     let mut below = 0;
     for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
