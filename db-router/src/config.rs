@@ -11,6 +11,7 @@
 //! max_replication_lag_s = 10         # a replica further behind gets no reads
 //! failover_wait_ms = 10000           # writes wait this long for a new primary, then fail
 //! connect_timeout_ms = 2000
+//! threads = 1                        # session threads (default: half the CPUs, at least 1)
 //!
 //! [[user]]                           # accounts clients log in with; the same accounts
 //! name = "app"                       # (same passwords) must exist on both servers
@@ -80,6 +81,8 @@ struct File {
     #[serde(default)]
     connect_timeout_ms: Option<Spanned<i64>>,
     #[serde(default)]
+    threads: Option<Spanned<i64>>,
+    #[serde(default)]
     user: Vec<UserFile>,
     #[serde(default)]
     monitor: Option<Spanned<MonitorConfig>>,
@@ -107,6 +110,8 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub settings: Settings,
     pub users: HashMap<String, User>,
+    /// Threads serving client sessions (`router::serve_threads`).
+    pub threads: usize,
 }
 
 struct Ctx<'a> {
@@ -172,6 +177,7 @@ impl Config {
             connect_timeout: Duration::from_millis(cx.int(&f.connect_timeout_ms, "connect_timeout_ms", 1..600_001, 2000)?),
             max_packet: defaults.max_packet,
         };
+        let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
         let mut monitor = f.monitor.as_ref().map(|m| m.get_ref().clone()).unwrap_or_default();
         if let Some(m) = &f.monitor {
@@ -208,7 +214,7 @@ impl Config {
                 return cx.err(u.name.span(), format!("user {name:?} is listed twice"));
             }
         }
-        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, monitor, settings, users })
+        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, monitor, settings, users, threads })
     }
 }
 
@@ -224,6 +230,7 @@ mod tests {
         assert_eq!(c.users.len(), 2);
         assert_eq!(c.users["app"].stored, Some(protocol::native_stored_hash(b"apppw")));
         assert!(c.settings.read_your_writes);
+        assert_eq!(c.threads, crate::router::default_threads());
     }
 
     fn err_line(text: &str) -> (Option<usize>, String) {
@@ -243,6 +250,10 @@ mod tests {
         assert!(msg.contains("not an address"), "{msg}");
         let (line, _) = err_line(&format!("{base}ryw_timeout_ms = -1\n{users}"));
         assert_eq!(line, Some(3));
+        let (line, msg) = err_line(&format!("{base}threads = 0\n{users}"));
+        assert_eq!(line, Some(3));
+        assert!(msg.contains("threads"), "{msg}");
+        assert_eq!(Config::parse("t.toml", &format!("{base}threads = 3\n{users}")).unwrap().threads, 3);
         let (line, msg) = err_line(&format!("{base}{users}[[user]]\nname = \"a\"\npassword_hash = \"*00\"\n"));
         assert_eq!(line, Some(8), "{msg}");
         let (line, msg) = err_line(&format!("{base}{users}[[user]]\nname = \"a\"\npassword = \"x\"\n"));

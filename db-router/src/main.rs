@@ -53,7 +53,7 @@ fn main() {
 
 fn run(path: &std::path::Path) -> Result<()> {
     let cfg = Config::load(path)?;
-    // Monitor and admin API on this thread; client sessions on one thread per CPU
+    // Monitor and admin API on this thread; client sessions on `threads` threads
     // (router::serve_threads).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
     rt.block_on(async move {
@@ -63,8 +63,7 @@ fn run(path: &std::path::Path) -> Result<()> {
         let backends: Vec<_> = std::iter::once(cfg.primary).chain(cfg.replica).collect();
         let monitor = Monitor::spawn(cfg.monitor.clone(), backends, publisher, &mut registry);
         let shared = Shared::new(cfg.users.clone(), cfg.settings.clone(), metrics, subscriber);
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let addr = router::serve_threads(cfg.listen, Arc::clone(&shared), threads)
+        let addr = router::serve_threads(cfg.listen, Arc::clone(&shared), cfg.threads)
             .with_context(|| format!("cannot listen on {}: is another process using it?", cfg.listen))?;
         if let Some(a) = cfg.admin_listen {
             let (bound, _) = admin::spawn(a, Admin { registry: Arc::new(registry), monitor: Some(monitor) })

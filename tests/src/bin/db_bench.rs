@@ -105,7 +105,8 @@ fn main() {
     let shared = Shared::new(users, Settings::default(), Arc::clone(&metrics), subscriber);
     // The router runs on its own threads, as `db-router run` does.
     let _publisher = publisher;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    // As many as `db-router run` uses by default; DB_BENCH_ROUTER_THREADS overrides.
+    let threads = std::env::var("DB_BENCH_ROUTER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(router::default_threads);
     let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
 
     eprintln!("db-bench: sysbench prepare ({TABLES} tables x {TABLE_SIZE} rows) on the primary");
