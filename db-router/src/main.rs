@@ -33,6 +33,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask a running router for its view of the backends (GET /status on its admin API).
+    Status {
+        /// The router's `admin_listen` address.
+        #[arg(long, default_value = "127.0.0.1:9104")]
+        admin: std::net::SocketAddr,
+    },
+    /// Make a fenced old primary (or the named backend) a replica of the current primary
+    /// (POST /rejoin on the router's admin API); it serves reads once it has caught up.
+    Rejoin {
+        #[arg(long, default_value = "127.0.0.1:9104")]
+        admin: std::net::SocketAddr,
+        /// The backend to rejoin (IP:PORT); default: the fenced one.
+        #[arg(long)]
+        backend: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() {
@@ -44,6 +59,14 @@ fn main() {
     let result = match cli.command {
         Command::CheckConfig { config } => Config::load(&config).map(|_| println!("{}: ok", config.display())).map_err(anyhow::Error::from),
         Command::Run { config } => run(&config),
+        Command::Status { admin } => admin_request(hyper::Method::GET, format!("http://{admin}/status")),
+        Command::Rejoin { admin, backend } => admin_request(
+            hyper::Method::POST,
+            match backend {
+                Some(b) => format!("http://{admin}/rejoin?backend={b}"),
+                None => format!("http://{admin}/rejoin"),
+            },
+        ),
     };
     if let Err(e) = result {
         eprintln!("db-router: {e:#}");
@@ -74,6 +97,27 @@ fn run(path: &std::path::Path) -> Result<()> {
         tracing::info!(listen = %addr, primary = %cfg.primary, replica = ?cfg.replica, "db-router serving");
         shutdown_signal().await;
         tracing::info!("stopping");
+        Ok(())
+    })
+}
+
+/// One request to a running router's admin API; prints the answer, fails on a non-2xx status.
+fn admin_request(method: hyper::Method, uri: String) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<Empty<bytes::Bytes>>();
+        let req = hyper::Request::builder().method(method).uri(&uri).body(Empty::new())?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(60), client.request(req))
+            .await
+            .with_context(|| format!("{uri}: no answer within 60 s"))?
+            .with_context(|| format!("{uri}: no router answering (is `db-router run` up? --admin)"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        anyhow::ensure!(status.is_success(), "{status}: {}", text.trim());
+        println!("{}", text.trim());
         Ok(())
     })
 }

@@ -120,4 +120,14 @@ fn run_serves_the_mariadb_cli_and_metrics() {
     let metrics = http_get(admin, "/metrics").expect("admin answers");
     assert!(metrics.contains("db_router_statements_total{target=\"replica\"}"), "{metrics}");
     assert!(metrics.contains("db_router_sessions_total"), "{metrics}");
+    // The admin commands of the CLI: status names both backends; rejoin with nothing fenced
+    // is refused with the reason and a non-zero exit.
+    let cli = |args: &[&str]| Command::new(BIN).args(args).arg("--admin").arg(admin.to_string()).output().unwrap();
+    let status = cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(text.contains(&pair.primary.addr().to_string()) && text.contains(&pair.replica.addr().to_string()), "{text}");
+    let rejoin = cli(&["rejoin"]);
+    let err = String::from_utf8_lossy(&rejoin.stderr);
+    assert!(!rejoin.status.success() && err.contains("409"), "rejoin with nothing to rejoin: {err}");
 }
