@@ -69,3 +69,17 @@ pub fn hex(frame: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A latency as wrk prints it (`812.00us`, `4.25ms`, `1.02s`), in milliseconds.
+pub fn wrk_ms(s: &str) -> f64 {
+    let s = s.trim();
+    if let Some(v) = s.strip_suffix("us") {
+        v.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(v) = s.strip_suffix("ms") {
+        v.parse().unwrap()
+    } else if let Some(v) = s.strip_suffix('s') {
+        v.parse::<f64>().unwrap() * 1000.0
+    } else {
+        panic!("latency {s:?}")
+    }
+}

@@ -29,19 +29,6 @@ fn cpu_jiffies() -> u64 {
     f.iter().take(8).sum::<u64>() - f[3] - f[4]
 }
 
-fn to_ms(s: &str) -> f64 {
-    let s = s.trim();
-    if let Some(v) = s.strip_suffix("us") {
-        v.parse::<f64>().unwrap() / 1000.0
-    } else if let Some(v) = s.strip_suffix("ms") {
-        v.parse().unwrap()
-    } else if let Some(v) = s.strip_suffix('s') {
-        v.parse::<f64>().unwrap() * 1000.0
-    } else {
-        panic!("latency {s:?}")
-    }
-}
-
 /// Concurrent connections of every wrk run.
 const CONNS: u32 = 32;
 
@@ -72,9 +59,9 @@ fn wrk(stack: &Stack, url: &str, close: bool, secs: u32, pace_ms: Option<u32>) -
         if let Some(v) = l.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap();
         } else if let Some(v) = l.strip_prefix("50%") {
-            r.p50_ms = to_ms(v);
+            r.p50_ms = tests::wrk_ms(v);
         } else if let Some(v) = l.strip_prefix("99%") {
-            r.p99_ms = to_ms(v);
+            r.p99_ms = tests::wrk_ms(v);
         } else if l.contains("requests in") {
             total = l.split_whitespace().next().unwrap().parse().unwrap();
         } else if let Some(v) = l.strip_prefix("Socket errors:") {

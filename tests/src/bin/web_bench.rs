@@ -97,19 +97,6 @@ struct Result {
     errors: u64,
 }
 
-fn to_ms(s: &str) -> f64 {
-    let s = s.trim();
-    if let Some(v) = s.strip_suffix("us") {
-        v.parse::<f64>().unwrap() / 1000.0
-    } else if let Some(v) = s.strip_suffix("ms") {
-        v.parse().unwrap()
-    } else if let Some(v) = s.strip_suffix('s') {
-        v.parse::<f64>().unwrap() * 1000.0
-    } else {
-        panic!("latency {s:?}")
-    }
-}
-
 fn wrk(url: &str, close: bool, secs: u32) -> Result {
     let mut cmd = Command::new("timeout");
     cmd.args(["-s", "KILL", &(secs + 20).to_string(), "wrk", "-t2", &format!("-c{CONNS}"), &format!("-d{secs}s"), "--latency"]);
@@ -123,7 +110,7 @@ fn wrk(url: &str, close: bool, secs: u32) -> Result {
         if let Some(v) = l.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap();
         } else if let Some(v) = l.strip_prefix("99%") {
-            r.p99_ms = to_ms(v);
+            r.p99_ms = tests::wrk_ms(v);
         } else if let Some(v) = l.strip_prefix("Socket errors:") {
             r.errors += v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
         } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
