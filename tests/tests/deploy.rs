@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -23,49 +23,80 @@ use tests::{
 const LOOP_PORT_BASE: u16 = 1100;
 const LOOP_PORTS: u32 = 15_000;
 
+/// (node, release) pairs seen answering through the VIP.
+type Seen = BTreeSet<(String, String)>;
+
 struct Load {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u32, Vec<String>, BTreeSet<(String, String)>)>,
+    seen: Arc<Mutex<Seen>>,
+    thread: std::thread::JoinHandle<(u32, Vec<String>)>,
 }
 
+/// At least this long per new connection (at most 500/s), so that LOOP_PORTS last 30 s: a
+/// deploy that takes longer than the load would otherwise end unobserved.
+const PACE: Duration = Duration::from_millis(2);
+
 /// New connections (one GET /whoami each) plus a keep-alive connection, until stopped
-/// (bounded: 120 s, LOOP_PORTS connections).
+/// (bounded: 120 s, LOOP_PORTS connections, paced by PACE).
 fn start_load(stack: &Stack, first_port: u16) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
+    let seen = Arc::new(Mutex::new(Seen::new()));
+    let (flag, seen_by_load) = (stop.clone(), seen.clone());
     let thread = stack.spawn_in_ns("client", move || {
         let vip = SocketAddr::from((VIP, HTTP_PORT));
         let mut keep = Conn::open_from(first_port - 1, vip).expect("keep-alive connection");
-        let (mut ok, mut failed, mut seen) = (0u32, Vec::new(), BTreeSet::new());
+        let (mut ok, mut failed) = (0u32, Vec::new());
         let start = Instant::now();
         let mut note = |r: std::io::Result<(u16, Vec<u8>)>, what: String| match r {
             Ok((200, body)) => {
                 let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let release = v["release"].as_str().or(v["version"].as_str()).unwrap_or("?").to_string();
-                seen.insert((v["node"].as_str().unwrap_or("?").to_string(), release));
+                seen_by_load.lock().unwrap().insert((v["node"].as_str().unwrap_or("?").to_string(), release));
                 ok += 1;
             }
             other => failed.push(format!("{what}: {other:?}")),
         };
+        let mut exhausted = true;
         for i in 0..LOOP_PORTS {
             if flag.load(Ordering::SeqCst) || start.elapsed() > Duration::from_secs(120) {
+                exhausted = false;
                 break;
             }
+            let began = Instant::now();
             let port = first_port + i as u16;
             note(Conn::open_from(port, vip).and_then(|mut c| c.get("/whoami", false)), format!("connection {i}"));
             if i % 4 == 0 {
                 note(keep.get("/whoami", true), format!("keep-alive {i}"));
             }
+            std::thread::sleep(PACE.saturating_sub(began.elapsed()));
         }
-        (ok, failed, seen)
+        if exhausted {
+            failed.push(format!("the load ran out of its {LOOP_PORTS} source ports before it was stopped"));
+        }
+        (ok, failed)
     });
-    Load { stop, thread }
+    Load { stop, seen, thread }
 }
 
 impl Load {
-    fn finish(self) -> (u32, Vec<String>, BTreeSet<(String, String)>) {
+    /// Waits (at most `limit`) until every node has answered through the VIP on `release`.
+    fn wait_for_every_node_on(&self, release: &str, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let seen = self.seen.lock().unwrap();
+            if ["web1", "web2"].iter().all(|n| seen.contains(&(n.to_string(), release.to_string()))) {
+                return;
+            }
+            drop(seen);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn finish(self) -> (u32, Vec<String>, Seen) {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("load thread")
+        let (ok, failed) = self.thread.join().expect("load thread");
+        let seen = self.seen.lock().unwrap().clone();
+        (ok, failed, seen)
     }
 }
 
@@ -100,7 +131,7 @@ fn rolling_deploys_under_load() {
     let load = start_load(&stack, LOOP_PORT_BASE + 1);
     std::thread::sleep(Duration::from_millis(300));
     let (ok, out) = stack.deploy(&checked, "2.0.0");
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_for_every_node_on("2.0.0", Duration::from_secs(10));
     let (served, failed, seen) = load.finish();
     eprintln!("{out}\n{served} requests served during the deploy, {} failed; seen {seen:?}", failed.len());
     assert!(ok, "deploy 2.0.0 failed:\n{out}");
