@@ -14,7 +14,8 @@
 //!
 //! Needs no root. `cargo xtask bench` runs it; alone: build web-app in release mode, then
 //! `cargo run --release -p tests --bin web-bench`. `WEB_BENCH_SECS` (default 5) per run,
-//! `WEB_BENCH_ROUNDS` (default 1; the best of each row is kept).
+//! `WEB_BENCH_ROUNDS` (default 1; the best of each row is kept), `WEB_BENCH_ROWS` (run only the
+//! rows whose name contains one of these comma-separated words, e.g. `100 KiB plain`).
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -124,6 +125,9 @@ fn wrk(url: &str, close: bool, secs: u32) -> Result {
 fn main() {
     let secs: u32 = std::env::var("WEB_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let rounds: usize = std::env::var("WEB_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let rows: Vec<String> = std::env::var("WEB_BENCH_ROWS")
+        .map(|s| s.split(',').map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect())
+        .unwrap_or_default();
     let threads: usize = std::env::var("WEB_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -222,6 +226,10 @@ fn main() {
     for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
         for tls in [false, true] {
             for close in [false, true] {
+                let row = format!("{size} {} {}", if tls { "TLS" } else { "plain" }, if close { "new-conn" } else { "keep-alive" });
+                if !rows.is_empty() && !rows.iter().any(|r| row.contains(r.as_str())) {
+                    continue;
+                }
                 let (wp, np, scheme) = if tls { (web_https, ngx_https, "https") } else { (web_http, ngx_http, "http") };
                 let mut best = [Result::default(); 2];
                 for _ in 0..rounds {
@@ -238,7 +246,6 @@ fn main() {
                 if rps_ratio < 1.0 || p99_ratio < 1.0 {
                     below += 1;
                 }
-                let row = format!("{size} {} {}", if tls { "TLS" } else { "plain" }, if close { "new-conn" } else { "keep-alive" });
                 println!(
                     "{row:<34} {:>12.0} {:>9.2} {:>12.0} {:>9.2} {:>8.2}x {:>8.2}x {:>7}",
                     web_r.rps, web_r.p99_ms, ngx_r.rps, ngx_r.p99_ms, rps_ratio, p99_ratio, web_r.errors + ngx_r.errors
