@@ -17,16 +17,21 @@ use mysql_common::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpStream, UnixStream},
 };
 
-use crate::protocol::{self, frame_header, MAX_FRAME};
+use crate::{
+    protocol::{self, frame_header, MAX_FRAME},
+    stream::Stream,
+};
 
 /// Why a backend exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot connect to {addr} over its Unix socket {}: {source}", path.display())]
+    ConnectUnix { addr: SocketAddr, path: std::path::PathBuf, source: std::io::Error },
     #[error("connection to {addr} lost: {source}")]
     Io { addr: SocketAddr, source: std::io::Error },
     #[error("{addr} refused the login: {message}")]
@@ -59,11 +64,16 @@ pub struct Login<'a> {
     /// Ask for `CLIENT_SESSION_TRACK` even if the client did not (read-your-writes).
     pub session_track: bool,
     pub timeout: Duration,
+    /// The server's Unix socket, when it runs on this host and the configuration names it
+    /// (`sockets`): the connection goes there instead of to the TCP address.
+    pub unix_socket: Option<&'a std::path::Path>,
 }
 
 pub struct Backend {
+    /// The server's address (its identity in the routing view), even when connected over
+    /// its Unix socket.
     pub addr: SocketAddr,
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Capabilities negotiated with this server.
@@ -111,7 +121,7 @@ pub enum Expect {
 /// Where relayed frames go.
 pub enum Sink<'a> {
     Client {
-        stream: &'a mut TcpStream,
+        stream: &'a mut Stream,
         out: &'a mut BytesMut,
         /// The client did not negotiate `CLIENT_SESSION_TRACK`: OK packets carrying session
         /// state are rewritten without it.
@@ -148,8 +158,10 @@ impl Backend {
     }
 
     async fn connect_inner(addr: SocketAddr, login: &Login<'_>) -> Result<Backend, BackendError> {
-        let stream = TcpStream::connect(addr).await.map_err(|source| BackendError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
+        let stream: Stream = match login.unix_socket {
+            Some(path) => UnixStream::connect(path).await.map_err(|source| BackendError::ConnectUnix { addr, path: path.into(), source })?.into(),
+            None => TcpStream::connect(addr).await.map_err(|source| BackendError::Connect { addr, source })?.into(),
+        };
         let mut be = Backend {
             addr,
             stream,

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:3307"          # where clients connect (MySQL protocol)
+//! listen_socket = "/run/db-router.sock"  # and, for clients on this host, a Unix socket (optional)
 //! admin_listen = "127.0.0.1:9104"    # /metrics and /status (optional)
 //! primary = "127.0.0.1:33061"        # the writable server at start; the monitor follows failovers
 //! replica = "127.0.0.1:33062"        # serves autocommit reads
@@ -12,6 +13,9 @@
 //! failover_wait_ms = 10000           # writes wait this long for a new primary, then fail
 //! connect_timeout_ms = 2000
 //! threads = 1                        # session threads (default: half the CPUs, at least 1)
+//!
+//! [sockets]                          # optional: servers on this host, reached over their
+//! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)
 //!
 //! [[user]]                           # accounts clients log in with; the same accounts
 //! name = "app"                       # (same passwords) must exist on both servers
@@ -28,7 +32,14 @@
 //! fail_after = 3
 //! ```
 
-use std::{collections::HashMap, fmt, net::SocketAddr, ops::Range, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
@@ -66,6 +77,8 @@ impl std::error::Error for ConfigError {}
 struct File {
     listen: Spanned<String>,
     #[serde(default)]
+    listen_socket: Option<Spanned<String>>,
+    #[serde(default)]
     admin_listen: Option<Spanned<String>>,
     primary: Spanned<String>,
     #[serde(default)]
@@ -82,6 +95,8 @@ struct File {
     connect_timeout_ms: Option<Spanned<i64>>,
     #[serde(default)]
     threads: Option<Spanned<i64>>,
+    #[serde(default)]
+    sockets: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
     user: Vec<UserFile>,
     #[serde(default)]
@@ -101,6 +116,8 @@ struct UserFile {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// A Unix socket clients on this host may use instead of `listen`.
+    pub listen_socket: Option<PathBuf>,
     pub admin_listen: Option<SocketAddr>,
     pub primary: SocketAddr,
     pub replica: Option<SocketAddr>,
@@ -130,6 +147,13 @@ impl Ctx<'_> {
         v.get_ref()
             .parse()
             .or_else(|_| self.err(v.span(), format!("{what} {:?} is not an address:port such as \"127.0.0.1:3307\"", v.get_ref())))
+    }
+    fn path(&self, v: &Spanned<String>, what: &str) -> Result<PathBuf, ConfigError> {
+        let p = PathBuf::from(v.get_ref());
+        if !p.is_absolute() {
+            return self.err(v.span(), format!("{what} {:?} must be an absolute path", v.get_ref()));
+        }
+        Ok(p)
     }
     fn int(&self, v: &Option<Spanned<i64>>, what: &str, range: Range<i64>, default: i64) -> Result<u64, ConfigError> {
         match v {
@@ -169,6 +193,15 @@ impl Config {
                 return cx.err(a.span(), "admin_listen is the same address as listen");
             }
         }
+        let listen_socket = f.listen_socket.as_ref().map(|p| cx.path(p, "listen_socket")).transpose()?;
+        let mut sockets = HashMap::new();
+        for (addr, path) in &f.sockets {
+            let a = cx.addr(addr, "sockets key")?;
+            if a != primary && Some(a) != replica {
+                return cx.err(addr.span(), format!("sockets: {a} is neither the primary nor the replica"));
+            }
+            sockets.insert(a, cx.path(path, "socket")?);
+        }
         let defaults = Settings::default();
         let settings = Settings {
             read_your_writes: f.read_your_writes.unwrap_or(defaults.read_your_writes),
@@ -176,6 +209,7 @@ impl Config {
             failover_wait: Duration::from_millis(cx.int(&f.failover_wait_ms, "failover_wait_ms", 0..600_001, 10_000)?),
             connect_timeout: Duration::from_millis(cx.int(&f.connect_timeout_ms, "connect_timeout_ms", 1..600_001, 2000)?),
             max_packet: defaults.max_packet,
+            sockets,
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
@@ -214,7 +248,7 @@ impl Config {
                 return cx.err(u.name.span(), format!("user {name:?} is listed twice"));
             }
         }
-        Ok(Config { listen, admin_listen, primary, replica, max_replication_lag, monitor, settings, users, threads })
+        Ok(Config { listen, listen_socket, admin_listen, primary, replica, max_replication_lag, monitor, settings, users, threads })
     }
 }
 
@@ -266,5 +300,17 @@ mod tests {
         assert!(msg.contains("interval_ms"), "{msg}");
         let (line, msg) = err_line(&format!("{base}{users}[monitor]\nintervall_ms = 5\n"));
         assert_eq!(line, Some(7), "{msg}");
+        let (line, msg) = err_line(&format!("{base}listen_socket = \"rel.sock\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("absolute"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}{users}[sockets]\n\"127.0.0.1:2\" = \"/s\"\n"));
+        assert_eq!(line, Some(7), "{msg}");
+        assert!(msg.contains("neither the primary nor the replica"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}{users}[sockets]\n\"127.0.0.1:1\" = \"s\"\n"));
+        assert_eq!(line, Some(7), "{msg}");
+        assert!(msg.contains("absolute"), "{msg}");
+        let c = Config::parse("t.toml", &format!("{base}listen_socket = \"/r.sock\"\n{users}[sockets]\n\"127.0.0.1:1\" = \"/p.sock\"\n")).unwrap();
+        assert_eq!(c.listen_socket, Some(PathBuf::from("/r.sock")));
+        assert_eq!(c.settings.sockets, [("127.0.0.1:1".parse().unwrap(), PathBuf::from("/p.sock"))].into());
     }
 }

@@ -3,7 +3,8 @@
 //! - [`topology`]: where writes and reads go right now; the monitor publishes, sessions read.
 //! - [`classify`]: which backend a statement may run on (tokenizer plus rules).
 //! - [`protocol`], [`backend`], [`session`], [`router`]: the MySQL-protocol relay: client
-//!   login, per-session backend connections, response relay, routing and session state.
+//!   login, per-session backend connections, response relay, routing and session state;
+//!   [`stream`]: TCP or Unix-socket connections on either side.
 //! - [`config`]: the `db-router` TOML configuration.
 //! - [`monitor`]: polls the backends, publishes the routing view, fails over, fences, rejoins.
 //! - [`admin`]: HTTP `/metrics`, `/status`, `POST /rejoin`.
@@ -17,5 +18,6 @@ pub mod monitor;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod stream;
 pub mod tier;
 pub mod topology;

@@ -86,7 +86,12 @@ fn run(path: &std::path::Path) -> Result<()> {
         let backends: Vec<_> = std::iter::once(cfg.primary).chain(cfg.replica).collect();
         let monitor = Monitor::spawn(cfg.monitor.clone(), backends, publisher, &mut registry);
         let shared = Shared::new(cfg.users.clone(), cfg.settings.clone(), metrics, subscriber);
-        let addr = router::serve_threads(cfg.listen, Arc::clone(&shared), cfg.threads)
+        // Removed again when this scope ends (shutdown).
+        let unix = match &cfg.listen_socket {
+            Some(p) => Some(router::UnixSocket::bind(p).with_context(|| format!("cannot listen on listen_socket {}", p.display()))?),
+            None => None,
+        };
+        let addr = router::serve_threads_with(cfg.listen, unix.as_ref(), Arc::clone(&shared), cfg.threads)
             .with_context(|| format!("cannot listen on {}: is another process using it?", cfg.listen))?;
         if let Some(a) = cfg.admin_listen {
             let (bound, _) = admin::spawn(a, Admin { registry: Arc::new(registry), monitor: Some(monitor) })
@@ -94,7 +99,7 @@ fn run(path: &std::path::Path) -> Result<()> {
                 .with_context(|| format!("cannot listen on admin_listen {a}: is another process using it?"))?;
             tracing::info!(admin = %bound, "admin API serving /metrics /status /live /ready, POST /rejoin");
         }
-        tracing::info!(listen = %addr, primary = %cfg.primary, replica = ?cfg.replica, "db-router serving");
+        tracing::info!(listen = %addr, listen_socket = ?cfg.listen_socket, primary = %cfg.primary, replica = ?cfg.replica, "db-router serving");
         shutdown_signal().await;
         tracing::info!("stopping");
         Ok(())

@@ -20,16 +20,14 @@ use mysql_common::{
     packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse},
     proto::MySerialize,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     backend::{Backend, BackendError, Expect, Login, RelayError, Sink, Summary},
     classify::{self, Class},
     protocol::{self, codes, frame_header, MAX_FRAME},
     router::Shared,
+    stream::Stream,
 };
 
 const COM_QUIT: u8 = 0x01;
@@ -88,8 +86,9 @@ struct Prepared {
 
 struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
-    peer: SocketAddr,
+    client: Stream,
+    /// The client's host as MariaDB would name it in errors ("localhost" for the Unix socket).
+    peer: String,
     cbuf: BytesMut,
     out: BytesMut,
     caps: CapabilityFlags,
@@ -122,8 +121,7 @@ struct Session {
     next_stmt: u32,
 }
 
-pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
     let metrics = shared.metrics.clone();
     metrics.sessions.inc();
     metrics.sessions_active.inc();
@@ -295,7 +293,7 @@ impl Session {
                 let msg = format!(
                     "Access denied for user '{}'@'{}' (using password: {})",
                     String::from_utf8_lossy(&self.user),
-                    self.peer.ip(),
+                    self.peer,
                     if token.is_empty() { "NO" } else { "YES" }
                 );
                 let _ = self.send_err(next, codes::ACCESS_DENIED, &msg).await;
@@ -408,7 +406,7 @@ impl Session {
         }
     }
 
-    fn login_params(&self, session_track: bool) -> Login<'_> {
+    fn login_params(&self, addr: SocketAddr, session_track: bool) -> Login<'_> {
         Login {
             user: &self.user,
             sha1_password: self.sha1_password.as_ref(),
@@ -417,6 +415,7 @@ impl Session {
             collation: self.collation,
             session_track,
             timeout: self.shared.settings.connect_timeout,
+            unix_socket: self.shared.settings.sockets.get(&addr).map(|p| p.as_path()),
         }
     }
 
@@ -467,7 +466,7 @@ impl Session {
     }
 
     async fn open_replica(&mut self, addr: SocketAddr) -> Result<(), String> {
-        let login = self.login_params(false);
+        let login = self.login_params(addr, false);
         match Backend::connect(addr, &login).await {
             Ok(mut be) => match self.prepare_connection(&mut be, false).await {
                 Ok(()) => {
@@ -502,7 +501,7 @@ impl Session {
                     }
                     self.drop_primary();
                 }
-                let login = self.login_params(self.shared.settings.read_your_writes);
+                let login = self.login_params(addr, self.shared.settings.read_your_writes);
                 match Backend::connect(addr, &login).await {
                     Ok(mut be) => match self.prepare_connection(&mut be, true).await {
                         Ok(()) => {

@@ -706,3 +706,50 @@ fn reads_fall_back_to_the_primary_when_the_replica_is_down() {
     });
     assert!(rig.metrics.errors_backend.get() >= 1);
 }
+
+/// A client on the router's Unix socket, and the router on the servers' Unix sockets
+/// (`Settings::sockets`): each server names the connection that ran the statement
+/// "localhost" (a TCP connection would be "127.0.0.1:port"); reads still go to the replica,
+/// transactions to the primary.
+#[test]
+fn unix_sockets_on_both_sides() {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if !tier::available_or_skip("unix_sockets_on_both_sides") {
+        return;
+    }
+    let pair = Pair::start_default().expect("start a primary/replica pair");
+    let (p, r) = (pair.primary.connect_addr(), pair.replica.connect_addr());
+    let settings = Settings {
+        read_your_writes: false,
+        sockets: [(p, pair.primary.socket()), (r, pair.replica.socket())].into(),
+        ..Settings::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let metrics = Metrics::register(&mut Registry::default());
+    let (_publisher, subscriber) = topology::channel(Routing { primary: Some(p), replica: Some(r), generation: 1 });
+    let shared = Shared::new(users(), settings, metrics, subscriber);
+    let path = std::env::temp_dir().join(format!("dbr-router-{}-{}.sock", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let socket = router::UnixSocket::bind(&path).expect("bind the router's socket");
+    // A second bind while the first serves is refused; the file is not taken over.
+    {
+        let _guard = rt.enter();
+        router::spawn_unix(&socket, shared).expect("serve the socket");
+    }
+    let err = router::UnixSocket::bind(&path).err().expect("a live socket is not replaced");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    let sql = "SELECT @@server_id, HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID(); \
+               BEGIN; SELECT @@server_id, HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID(); COMMIT";
+    let out = std::process::Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=socket"])
+        .arg(format!("--socket={}", socket.path().display()))
+        .args(["-uapp", "-papppw", "app", "--batch", "--skip-column-names", "-e", sql])
+        .output()
+        .expect("run mariadb");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (rid, pid) = (pair.replica.server_id(), pair.primary.server_id());
+    assert_eq!(text, format!("{rid}\tlocalhost\n{pid}\tlocalhost\n"), "read on the replica, transaction on the primary, both over Unix sockets");
+    drop(rt);
+    drop(socket);
+    assert!(!path.exists(), "the router's socket file is removed on drop");
+}

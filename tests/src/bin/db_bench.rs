@@ -14,9 +14,24 @@
 //! machine every extra hop also waits for a CPU; the router's own CPU time per query
 //! (`getrusage` of this process, which is the router) is reported beside it.
 //!
-//! `cargo xtask bench` runs it; alone: `cargo run --release -p tests --bin db-bench [seconds]`.
+//! Then, for the point select at one thread, where the hop costs most, the same rounds with
+//! reference paths that show what the hop itself costs on this machine:
+//!
+//! - direct to the replica (where the router sends these reads),
+//! - HAProxy in TCP mode in front of the replica: a relay that parses nothing and routes
+//!   nothing, the floor for any proxy that relays over loopback TCP,
+//! - the router with Unix sockets on both legs (`listen_socket`, `sockets`: a router beside
+//!   the application and the servers), next to sysbench directly on the primary's socket.
+//!
+//! `cargo xtask bench` runs it; alone: `cargo run --release -p tests --bin db-bench [seconds]`;
+//! `db-bench hold` starts everything, prints the addresses and waits (for profiling by hand).
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::Arc,
+    time::Duration,
+};
 
 use db_router::{
     protocol,
@@ -37,13 +52,28 @@ struct Run {
     errors: u64,
 }
 
-fn sysbench(port: u16, args: &[&str], threads: u32, seconds: u32) -> Run {
+/// Where sysbench connects.
+#[derive(Clone, Copy)]
+enum To<'a> {
+    Tcp(u16),
+    Socket(&'a Path),
+}
+
+impl To<'_> {
+    fn args(&self) -> Vec<String> {
+        match self {
+            To::Tcp(port) => vec!["--mysql-host=127.0.0.1".into(), format!("--mysql-port={port}")],
+            To::Socket(path) => vec![format!("--mysql-socket={}", path.display())],
+        }
+    }
+}
+
+fn sysbench(to: To<'_>, args: &[&str], threads: u32, seconds: u32) -> Run {
     let out = Command::new("sysbench")
         .args(args)
+        .args(to.args())
         .args([
             "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            &format!("--mysql-port={port}"),
             &format!("--mysql-user={}", SYSBENCH.user),
             &format!("--mysql-password={}", SYSBENCH.password),
             &format!("--mysql-db={}", tier::SYSBENCH_DB),
@@ -88,8 +118,66 @@ fn rusage(who: libc::c_int) -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// CPU time of another process (all its threads) so far, from /proc.
+fn process_cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): utime is the 14th field.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
+}
+
+/// HAProxy in TCP mode in front of `backend`, stopped (and its directory removed) on drop.
+struct Haproxy {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Haproxy {
+    fn start(backend: std::net::SocketAddr) -> Haproxy {
+        let dir = std::env::temp_dir().join(format!("db-bench-haproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("haproxy temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let cfg = dir.join("haproxy.cfg");
+        let text = format!(
+            "global\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 1h\n    timeout server 1h\n\
+             listen db\n    bind 127.0.0.1:{port}\n    server db {backend}\n"
+        );
+        std::fs::write(&cfg, text).expect("write haproxy.cfg");
+        let child = Command::new("haproxy").arg("-db").arg("-f").arg(&cfg).spawn().expect("run haproxy (apt-get install haproxy)");
+        let h = Haproxy { child, dir, port };
+        tier::poll("haproxy listening", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        h
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One path of the comparison rows: where sysbench connects and whose CPU to charge.
+struct Lane<'a> {
+    name: &'a str,
+    to: To<'a>,
+    /// `Some(None)`: this process (the router); `Some(Some(pid))`: that process (HAProxy).
+    relay: Option<Option<u32>>,
+}
+
+fn users_for_bench() -> std::collections::HashMap<String, User> {
+    [(SYSBENCH.user.to_string(), User { stored: Some(protocol::native_stored_hash(SYSBENCH.password.as_bytes())) })].into()
+}
+
 fn main() {
-    let seconds: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let arg = std::env::args().nth(1);
+    let hold = arg.as_deref() == Some("hold");
+    let seconds: u32 = arg.and_then(|s| s.parse().ok()).unwrap_or(10);
     if !tier::available_or_skip("db-bench") {
         std::process::exit(1);
     }
@@ -101,13 +189,21 @@ fn main() {
     let metrics = Metrics::register(&mut registry);
     let (publisher, subscriber) =
         topology::channel(Routing { primary: Some(primary), replica: Some(pair.replica.connect_addr()), generation: 1 });
-    let users = [(SYSBENCH.user.to_string(), User { stored: Some(protocol::native_stored_hash(SYSBENCH.password.as_bytes())) })].into();
-    let shared = Shared::new(users, Settings::default(), Arc::clone(&metrics), subscriber);
+    let shared = Shared::new(users_for_bench(), Settings::default(), Arc::clone(&metrics), subscriber);
     // The router runs on its own threads, as `db-router run` does.
-    let _publisher = publisher;
     // As many as `db-router run` uses by default; DB_BENCH_ROUTER_THREADS overrides.
     let threads = std::env::var("DB_BENCH_ROUTER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(router::default_threads);
     let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
+    // A second router for the Unix-socket row: clients on its socket, servers on theirs.
+    let unix_settings = Settings {
+        sockets: [(primary, pair.primary.socket()), (pair.replica.connect_addr(), pair.replica.socket())].into(),
+        ..Settings::default()
+    };
+    let unix_shared = Shared::new(users_for_bench(), unix_settings, Arc::clone(&metrics), publisher.subscribe());
+    let socket_path = std::env::temp_dir().join(format!("db-bench-router-{}.sock", std::process::id()));
+    let router_socket = router::UnixSocket::bind(&socket_path).expect("router socket");
+    router::serve_threads_with("127.0.0.1:0".parse().unwrap(), Some(&router_socket), unix_shared, threads).expect("router listens on its socket");
+    let haproxy = Haproxy::start(pair.replica.connect_addr());
 
     eprintln!("db-bench: sysbench prepare ({TABLES} tables x {TABLE_SIZE} rows) on the primary");
     let prep = Command::new("sysbench")
@@ -123,6 +219,20 @@ fn main() {
         .expect("run sysbench prepare");
     assert!(prep.status.success(), "sysbench prepare: {}", String::from_utf8_lossy(&prep.stderr));
     pair.wait_caught_up(Duration::from_secs(120)).expect("replica caught up");
+    if hold {
+        // For profiling by hand: everything stays up until stdin closes.
+        println!(
+            "router 127.0.0.1:{} (pid {}), primary {} (pid {:?}), replica {} (pid {:?}); close stdin to stop",
+            router_addr.port(),
+            std::process::id(),
+            primary,
+            pair.primary.pid(),
+            pair.replica.connect_addr(),
+            pair.replica.pid()
+        );
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        return;
+    }
 
     let workloads: [(&str, &[&str], u32); 3] = [
         ("oltp_point_select, 1 thread", &["oltp_point_select"], 1),
@@ -136,18 +246,18 @@ fn main() {
     );
     for (name, args, threads) in workloads {
         // Warm both paths (buffer pool, the router's connections), then measure.
-        sysbench(primary.port(), args, threads, 2);
-        sysbench(router_addr.port(), args, threads, 2);
+        sysbench(To::Tcp(primary.port()), args, threads, 2);
+        sysbench(To::Tcp(router_addr.port()), args, threads, 2);
         // Alternate short runs, so that both paths see the same background load.
         let (mut direct, mut routed, mut router_cpu) = (Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Duration::ZERO);
         let mut client_cpu = Duration::ZERO;
         let chunk = (seconds / ROUNDS).max(1);
         for _ in 0..ROUNDS {
             let c0 = children_cpu_time();
-            let d = sysbench(primary.port(), args, threads, chunk);
+            let d = sysbench(To::Tcp(primary.port()), args, threads, chunk);
             client_cpu += children_cpu_time() - c0;
             let cpu0 = cpu_time();
-            let r = sysbench(router_addr.port(), args, threads, chunk);
+            let r = sysbench(To::Tcp(router_addr.port()), args, threads, chunk);
             // This process is the router (the benchmark driver only waits for sysbench).
             router_cpu += cpu_time() - cpu0;
             direct.qps += d.qps / ROUNDS as f64;
@@ -171,6 +281,14 @@ fn main() {
         eprintln!("db-bench: {name}: sysbench avg latency {:.3} ms direct, {:.3} ms through the router", direct.avg_ms, routed.avg_ms);
         println!("{:<42} sysbench's own CPU per query (direct, for scale): {client_cpu_us:.1} µs", "");
     }
+    compare_lanes(&[
+        Lane { name: "direct to the primary, TCP", to: To::Tcp(primary.port()), relay: None },
+        Lane { name: "router, TCP", to: To::Tcp(router_addr.port()), relay: Some(None) },
+        Lane { name: "direct to the replica, TCP", to: To::Tcp(pair.replica.connect_addr().port()), relay: None },
+        Lane { name: "HAProxy tcp mode -> replica, TCP", to: To::Tcp(haproxy.port), relay: Some(Some(haproxy.child.id())) },
+        Lane { name: "direct to the primary, Unix socket", to: To::Socket(&pair.primary.socket()), relay: None },
+        Lane { name: "router, Unix sockets both legs", to: To::Socket(router_socket.path()), relay: Some(None) },
+    ], seconds);
     println!(
         "router statements: {} to the replica, {} to the primary",
         metrics.to_replica.get(),
@@ -180,5 +298,36 @@ fn main() {
     println!("router CPU: this process's user+system time per routed query, including the kernel's loopback TCP work it triggers");
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average during the run: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    drop(haproxy);
+    drop(router_socket);
     drop(pair);
+}
+
+/// The point select at one thread over several paths, alternated round by round; QPS, ratio
+/// and added latency against the first path, and the relay's CPU per query.
+fn compare_lanes(lanes: &[Lane<'_>], seconds: u32) {
+    let args: &[&str] = &["oltp_point_select"];
+    for p in lanes {
+        sysbench(p.to, args, 1, 1);
+    }
+    let chunk = (seconds / ROUNDS).max(1);
+    let mut qps = vec![0.0; lanes.len()];
+    let mut cpu = vec![Duration::ZERO; lanes.len()];
+    for _ in 0..ROUNDS {
+        for (i, p) in lanes.iter().enumerate() {
+            let before = p.relay.map(|pid| pid.map(process_cpu_time).unwrap_or_else(cpu_time));
+            let r = sysbench(p.to, args, 1, chunk);
+            if let (Some(b), Some(pid)) = (before, p.relay) {
+                cpu[i] += pid.map(process_cpu_time).unwrap_or_else(cpu_time) - b;
+            }
+            qps[i] += r.qps / ROUNDS as f64;
+        }
+    }
+    println!();
+    println!("oltp_point_select, 1 thread, by path ({ROUNDS} alternating runs of {chunk} s each):");
+    println!("{:<42} {:>11} {:>14} {:>15} {:>16}", "path", "QPS", "vs first row", "added µs/query", "relay CPU µs/q");
+    for (i, p) in lanes.iter().enumerate() {
+        let cpu_us = if p.relay.is_some() { format!("{:.1}", cpu[i].as_secs_f64() * 1e6 / (qps[i] * (chunk * ROUNDS) as f64)) } else { "-".into() };
+        println!("{:<42} {:>11.0} {:>13.2}x {:>15.1} {:>16}", p.name, qps[i], qps[i] / qps[0], (1.0 / qps[i] - 1.0 / qps[0]) * 1e6, cpu_us);
+    }
 }
