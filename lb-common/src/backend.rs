@@ -56,8 +56,9 @@ pub struct NextHop {
     /// Path MTU to the backend (route or device).
     pub mtu: u16,
     pub _pad: u16,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
+    /// Destination then source MAC of the frames towards the backend, as three 4-byte
+    /// words in memory order (see [`eth_macs`]): three word stores write them.
+    pub macs: [u32; 3],
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
@@ -74,6 +75,17 @@ impl NextHop {
 }
 
 user_pod!(Backend, NextHop);
+
+/// Destination and source MAC as the first 12 bytes of an Ethernet header, in 4-byte words
+/// in memory order (`u32::from_ne_bytes` of each four bytes).
+#[inline(always)]
+pub fn eth_macs(dst: [u8; 6], src: [u8; 6]) -> [u32; 3] {
+    [
+        u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]),
+        u32::from_ne_bytes([dst[4], dst[5], src[0], src[1]]),
+        u32::from_ne_bytes([src[2], src[3], src[4], src[5]]),
+    ]
+}
 
 /// The ring slot a new flow takes: the per-CPU new-flow counter of the VIP, offset by the
 /// CPU number so that CPUs start at different slots. Each CPU walks the ring in order, so
@@ -94,6 +106,14 @@ pub fn ring_index(vip_num: u32, half: u32, slot: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
+
+    #[test]
+    fn eth_macs_are_the_header_bytes_in_words() {
+        let (dst, src) = ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]);
+        let bytes: Vec<u8> = eth_macs(dst, src).iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    }
 
     #[test]
     fn slots_cycle_and_cpus_start_apart() {

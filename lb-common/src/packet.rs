@@ -25,6 +25,19 @@ pub const TCP_ACK: u8 = 0x10;
 pub trait Frame {
     /// `N` bytes at `off`, or `None` if the frame is shorter than `off + N`.
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    /// `N` 4-byte words at `off` in memory order (`u32::from_ne_bytes` of each 4 bytes), or
+    /// `None` if the frame is shorter than `off + 4 * N`. In the kernel each word is one
+    /// (possibly misaligned) load, where a byte array would be split into byte loads.
+    #[inline(always)]
+    fn load_words<const N: usize>(&self, off: usize) -> Option<[u32; N]> {
+        let mut w = [0u32; N];
+        let mut i = 0;
+        while i < N {
+            w[i] = u32::from_ne_bytes(self.load(off + 4 * i)?);
+            i += 1;
+        }
+        Some(w)
+    }
     /// Whether the frame holds at least `len` bytes.
     fn holds(&self, len: usize) -> bool;
 }
@@ -82,32 +95,47 @@ pub fn parse_l2<F: Frame + ?Sized>(f: &F) -> Result<usize, Counter> {
     }
 }
 
-/// A checked IPv4 header at `l3_off`.
+/// A checked IPv4 header at `l3_off`, as its first five 4-byte words in memory order
+/// (each `u32::from_ne_bytes` of four header bytes), which is how the kernel loads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4 {
-    pub hdr: [u8; IPV4_HLEN],
+    pub words: [u32; 5],
     /// Header length including options (20..=60).
     pub ihl: usize,
     pub tot_len: u16,
 }
 
+/// Byte `i` (0..4) of a word loaded in memory order.
+#[inline(always)]
+fn byte(w: u32, i: usize) -> u8 {
+    w.to_ne_bytes()[i]
+}
+
 impl Ipv4 {
     #[inline(always)]
+    pub fn tos(&self) -> u8 {
+        byte(self.words[0], 1)
+    }
+    #[inline(always)]
     pub fn proto(&self) -> u8 {
-        self.hdr[9]
+        byte(self.words[2], 1)
+    }
+    #[inline(always)]
+    pub fn df(&self) -> bool {
+        byte(self.words[1], 2) & 0x40 != 0
     }
     #[inline(always)]
     pub fn is_fragment(&self) -> bool {
         // More-fragments flag or a fragment offset.
-        u16::from_be_bytes([self.hdr[6], self.hdr[7]]) & 0x3fff != 0
+        u16::from_be_bytes([byte(self.words[1], 2), byte(self.words[1], 3)]) & 0x3fff != 0
     }
     #[inline(always)]
     pub fn src(&self) -> [u8; 4] {
-        [self.hdr[12], self.hdr[13], self.hdr[14], self.hdr[15]]
+        self.words[3].to_ne_bytes()
     }
     #[inline(always)]
     pub fn dst(&self) -> [u8; 4] {
-        [self.hdr[16], self.hdr[17], self.hdr[18], self.hdr[19]]
+        self.words[4].to_ne_bytes()
     }
 }
 
@@ -115,16 +143,17 @@ impl Ipv4 {
 /// whole packet (total length) inside the frame. Trailing bytes (Ethernet padding) are fine.
 #[inline(always)]
 pub fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3_off: usize) -> Option<Ipv4> {
-    let hdr: [u8; IPV4_HLEN] = f.load(l3_off)?;
-    if hdr[0] >> 4 != 4 {
+    let words: [u32; 5] = f.load_words(l3_off)?;
+    let b0 = byte(words[0], 0);
+    if b0 >> 4 != 4 {
         return None;
     }
-    let ihl = usize::from(hdr[0] & 0x0f) * 4;
-    let tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    let ihl = usize::from(b0 & 0x0f) * 4;
+    let tot_len = u16::from_be_bytes([byte(words[0], 2), byte(words[0], 3)]);
     if ihl < IPV4_HLEN || usize::from(tot_len) < ihl || !f.holds(l3_off + usize::from(tot_len)) {
         return None;
     }
-    Some(Ipv4 { hdr, ihl, tot_len })
+    Some(Ipv4 { words, ihl, tot_len })
 }
 
 /// Parses Ethernet (with at most one VLAN tag), IPv4 (with options) and TCP or UDP.
@@ -138,30 +167,31 @@ pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<Parsed, Counter> {
     let l4_off = l3_off + ip.ihl;
     let l4_len = usize::from(ip.tot_len) - ip.ihl;
     let proto = ip.proto();
+    // Both ports are the first word of TCP and UDP headers alike.
     let (ports, tcp_flags) = match proto {
         PROTO_TCP => {
-            let tcp: [u8; 20] = f.load(l4_off).ok_or(Counter::Malformed)?;
-            let doff = usize::from(tcp[12] >> 4) * 4;
+            let tcp: [u32; 5] = f.load_words(l4_off).ok_or(Counter::Malformed)?;
+            let doff = usize::from(byte(tcp[3], 0) >> 4) * 4;
             if doff < 20 || doff > l4_len {
                 return Err(Counter::Malformed);
             }
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[13])
+            (tcp[0].to_ne_bytes(), byte(tcp[3], 1))
         }
         PROTO_UDP => {
-            let udp: [u8; 8] = f.load(l4_off).ok_or(Counter::Malformed)?;
-            let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+            let udp: [u32; 2] = f.load_words(l4_off).ok_or(Counter::Malformed)?;
+            let len = usize::from(u16::from_be_bytes([byte(udp[1], 0), byte(udp[1], 1)]));
             if len < 8 || len > l4_len {
                 return Err(Counter::Malformed);
             }
-            ([udp[0], udp[1], udp[2], udp[3]], 0)
+            (udp[0].to_ne_bytes(), 0)
         }
         _ => return Err(Counter::OtherL4),
     };
     Ok(Parsed {
         l3_off,
         ip_len: ip.tot_len,
-        tos: ip.hdr[1],
-        df: ip.hdr[6] & 0x40 != 0,
+        tos: ip.tos(),
+        df: ip.df(),
         tcp_flags,
         key: FlowKey {
             src: ip.src(),

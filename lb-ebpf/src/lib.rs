@@ -46,6 +46,16 @@ impl Frame for XdpFrame {
     }
 
     #[inline(always)]
+    fn load_words<const N: usize>(&self, off: usize) -> Option<[u32; N]> {
+        let start = self.data + off;
+        if start + 4 * N > self.end {
+            return None;
+        }
+        // SAFETY: start..start+4N lies inside the packet, checked just above.
+        Some(unsafe { core::ptr::read_unaligned(start as *const [u32; N]) })
+    }
+
+    #[inline(always)]
     fn holds(&self, len: usize) -> bool {
         self.data + len <= self.end
     }
@@ -58,19 +68,34 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> bool {
     unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, delta) == 0 }
 }
 
-/// Rewrites the Ethernet header of `frame`: both MACs, and the ethertype (with the VLAN tag,
-/// when `l3_off` is 18) taken from `old` (the header as it was received).
+impl XdpFrame {
+    /// Writes `words` (4-byte words in memory order) at `off`; false (nothing written) if
+    /// the frame is too short. One store per word, where a byte array would be split into
+    /// byte stores.
+    #[inline(always)]
+    pub fn store_words<const N: usize>(&self, off: usize, words: &[u32; N]) -> bool {
+        let start = self.data + off;
+        if start + 4 * N > self.end {
+            return false;
+        }
+        // SAFETY: start..start+4N lies inside the packet, checked just above.
+        unsafe { core::ptr::write_unaligned(start as *mut [u32; N], *words) };
+        true
+    }
+}
+
+/// Writes an Ethernet header at the start of `frame`: the MACs (`lb_common::backend::eth_macs`
+/// words) and, up to `l3_off` (14, or 18 with a VLAN tag), the bytes that followed the MACs
+/// in the received frame (`tail`: ethertype, or VLAN tag and ethertype).
 #[inline(always)]
-pub fn write_l2(frame: &XdpFrame, l3_off: usize, old: &[u8; 18], dst: &[u8; 6], src: &[u8; 6]) -> bool {
-    let mut h = *old;
-    h[..6].copy_from_slice(dst);
-    h[6..12].copy_from_slice(src);
+pub fn write_eth(frame: &XdpFrame, l3_off: usize, macs: &[u32; 3], tail: &[u8; 6]) -> bool {
+    if !frame.store_words(0, macs) {
+        return false;
+    }
     if l3_off == 18 {
-        frame.store(0, &h)
+        frame.store(12, tail)
     } else {
-        let mut short = [0u8; 14];
-        short.copy_from_slice(&h[..14]);
-        frame.store(0, &short)
+        frame.store(12, &[tail[0], tail[1]])
     }
 }
 

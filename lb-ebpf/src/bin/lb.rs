@@ -17,14 +17,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    backend::{ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
-    encap::{outer_ipv4, outer_len, LbConfig, IPIP_OVERHEAD},
-    flow::{FlowCacheSlot, FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_SLOTS},
+    backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
+    encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
+    flow::{FlowCache, FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     packet::{parse_frame, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_TABLE_SIZE},
 };
-use lb_ebpf::{adjust_head, write_l2, XdpFrame};
+use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
 /// Open-addressing table of VIPs (see `lb_common::vip::find_vip`).
 #[map]
@@ -39,9 +39,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-/// Per-CPU cache in front of `FLOWS` (see `FlowCacheSlot`).
+/// Per-CPU cache in front of `FLOWS` (see `FlowCache`): one value per CPU.
 #[map]
-static FLOW_CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static FLOW_CACHE: PerCpuArray<FlowCache> = PerCpuArray::with_max_entries(1, 0);
 /// Per-CPU cache of FIB answers, by backend index.
 #[map]
 static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -120,7 +120,6 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let generation = cfg.generation;
     let hash = p.key.hash();
     let words = p.key.words();
-    let cache = FLOW_CACHE.get_ptr_mut(hash & (FLOW_CACHE_SLOTS - 1));
 
     let mut new_flow = false;
     let backend_idx = if p.opens_flow() && p.key.proto == PROTO_TCP {
@@ -154,11 +153,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 }
             }
         }
-    } else if let Some(b) = cache.and_then(|c| {
-        // SAFETY: per-CPU value.
-        let c = unsafe { &*c };
-        (c.generation == generation && c.key == words).then_some(c.backend)
-    }) {
+    } else if let Some(b) = FLOW_CACHE.get(0).and_then(|c| c.get(hash, words, generation)) {
         bump(stats, Counter::FlowHit);
         b
     } else {
@@ -196,10 +191,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         // Cache what the table said, for the flow's next packets. SYNs never fill the cache,
         // so a SYN flood cannot push established flows out of it.
         if p.tcp_flags & TCP_RST == 0 {
-            if let Some(c) = cache {
-                // SAFETY: per-CPU value.
-                unsafe { *c = FlowCacheSlot { key: words, backend: found, generation } };
-            }
+            cache_flow(hash, words, found, generation);
         }
         found
     };
@@ -222,10 +214,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         };
         bump(stats, Counter::Resteer);
         let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
-        if let Some(c) = cache {
-            // SAFETY: per-CPU value.
-            unsafe { *c = FlowCacheSlot { key: words, backend: idx, generation } };
-        }
+        cache_flow(hash, words, idx, generation);
         backend_idx = idx;
         backend = b;
     }
@@ -234,7 +223,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         return xdp_action::XDP_DROP;
     };
     let (action, sent) = if vip.is_l2() {
-        forward_l2(&frame, &p, backend, stats)
+        forward_l2(&frame, backend, stats)
     } else {
         forward_ipip(ctx, &frame, &p, cfg, backend_idx, backend, stats)
     };
@@ -254,16 +243,23 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     action
 }
 
+#[inline(always)]
+fn cache_flow(hash: u32, words: [u64; 2], backend: u32, generation: u32) {
+    if let Some(c) = FLOW_CACHE.get_ptr_mut(0) {
+        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
+        unsafe { &mut *c }.put(hash, words, backend, generation);
+    }
+}
+
 /// `l2` mode: the backend is on our segment; point the frame at its MAC and send it back out.
 #[inline(always)]
-fn forward_l2(frame: &XdpFrame, p: &Parsed, backend: &Backend, stats: &mut GlobalStats) -> (u32, bool) {
-    let Some(old) = frame.load::<18>(0) else {
+fn forward_l2(frame: &XdpFrame, backend: &Backend, stats: &mut GlobalStats) -> (u32, bool) {
+    let Some(old) = frame.load::<6>(0) else {
         bump(stats, Counter::Malformed);
         return (xdp_action::XDP_PASS, false);
     };
-    // Our own MAC is the one the frame was sent to.
-    let ours = [old[0], old[1], old[2], old[3], old[4], old[5]];
-    if !write_l2(frame, p.l3_off, &old, &backend.mac, &ours) {
+    // Our own MAC is the one the frame was sent to; the rest of the header stays.
+    if !frame.store_words(0, &eth_macs(backend.mac, old)) {
         bump(stats, Counter::EncapError);
         return (xdp_action::XDP_PASS, false);
     }
@@ -328,10 +324,23 @@ fn next_hop(
     entry.ingress = ingress;
     entry.generation = cfg.generation;
     entry.mtu = mtu;
-    entry.smac = fib.smac;
-    entry.dmac = fib.dmac;
+    entry.macs = fib_macs(fib);
     Ok(nh)
 }
+
+/// `eth_macs(fib.dmac, fib.smac)`, read as 2-byte words: the verifier refuses misaligned
+/// stack reads, into which LLVM would otherwise merge the byte reads (dmac is at offset 58).
+#[inline(always)]
+fn fib_macs(fib: &bpf_fib_lookup) -> [u32; 3] {
+    let (d, s) = (fib.dmac.as_ptr().cast::<u16>(), fib.smac.as_ptr().cast::<u16>());
+    // SAFETY: both are 2-byte aligned (offsets 58 and 52) and 6 bytes long; volatile keeps
+    // LLVM from merging the reads into misaligned 4-byte ones.
+    let h = |p: *const u16, i: usize| u32::from(unsafe { core::ptr::read_volatile(p.add(i)) });
+    // Little-endian (the only BPF target we build): the low half is the first two bytes.
+    [h(d, 0) | h(d, 1) << 16, h(d, 2) | h(s, 0) << 16, h(s, 1) | h(s, 2) << 16]
+}
+#[cfg(target_endian = "big")]
+compile_error!("fib_macs assumes a little-endian target");
 
 /// Forwarding returns the action and whether the packet went (or was handed to the kernel
 /// encapsulated) towards the backend.
@@ -369,36 +378,42 @@ fn forward_ipip(
         }
     }
 
-    let Some(old) = frame.load::<18>(0) else {
+    // The Ethernet header as received: the MACs, and what follows them up to the IPv4
+    // header (bytes 12..18 exist in any frame the parser accepted).
+    let (Some(old_macs), Some(tail)) = (frame.load_words::<3>(0), frame.load::<6>(12)) else {
         bump(stats, Counter::Malformed);
         return (xdp_action::XDP_PASS, false);
     };
-    let outer = outer_ipv4(cfg.encap_src, backend.addr, p.ip_len, p.tos, p.df);
+    let outer = outer_ipv4_words(
+        u32::from_ne_bytes(cfg.encap_src),
+        u32::from_ne_bytes(backend.addr),
+        p.ip_len,
+        p.tos,
+        p.df,
+    );
     if !adjust_head(ctx, -(IPIP_OVERHEAD as i32)) {
         bump(stats, Counter::EncapError);
         return (xdp_action::XDP_PASS, false);
     }
     let frame = XdpFrame::new(ctx);
     let l3_off = p.l3_off;
-    if !frame.store(l3_off, &outer) {
+    if !frame.store_words(l3_off, &outer) {
         // Cannot happen (the frame just grew by 20 bytes); undo to leave it as it came.
         adjust_head(ctx, IPIP_OVERHEAD as i32);
         bump(stats, Counter::EncapError);
         return (xdp_action::XDP_PASS, false);
     }
-    let old_dst = [old[0], old[1], old[2], old[3], old[4], old[5]];
-    let old_src = [old[6], old[7], old[8], old[9], old[10], old[11]];
-    let (action, counter, dst, src) = match nh {
+    let (action, counter, macs) = match nh {
         // The kernel resolves the neighbour and forwards the encapsulated packet itself.
-        None => (xdp_action::XDP_PASS, Counter::FibNoNeigh, old_dst, old_src),
-        Some(nh) if nh.ifindex == ingress => (xdp_action::XDP_TX, Counter::Tx, nh.dmac, nh.smac),
+        None => (xdp_action::XDP_PASS, Counter::FibNoNeigh, old_macs),
+        Some(nh) if nh.ifindex == ingress => (xdp_action::XDP_TX, Counter::Tx, nh.macs),
         Some(nh) => match TX_PORTS.redirect(nh.ifindex, 0) {
-            Ok(action) => (action, Counter::Redirect, nh.dmac, nh.smac),
+            Ok(action) => (action, Counter::Redirect, nh.macs),
             // Not a port of ours: let the kernel forward the encapsulated packet.
-            Err(_) => (xdp_action::XDP_PASS, Counter::EncapError, old_dst, old_src),
+            Err(_) => (xdp_action::XDP_PASS, Counter::EncapError, old_macs),
         },
     };
-    write_l2(&frame, l3_off, &old, &dst, &src);
+    write_eth(&frame, l3_off, &macs, &tail);
     bump(stats, counter);
     (action, true)
 }

@@ -76,6 +76,10 @@ fn main() {
         .map(|i| Pkt::tcp([172, 18, (i >> 8) as u8, i as u8], 30_000, [10, 0, 0, 1], 22, TCP_ACK).payload(&[0x55; 64]).build())
         .collect();
 
+    // LB_BENCH_PATHS=syn,ack,plain (any subset) measures only those paths: for profiling one.
+    let paths = std::env::var("LB_BENCH_PATHS").unwrap_or_else(|_| "syn,ack,plain".into());
+    let wanted = ["syn", "ack", "plain"].map(|p| paths.split(',').any(|w| w.trim() == p));
+
     // The machine's speed drifts (shared host): alternate short chunks of every path and
     // compare like with like, chunk by chunk; report the median and the 10th percentile.
     let mut results: [Vec<f64>; 4] = Default::default();
@@ -97,9 +101,11 @@ fn main() {
         let acks = Scenario { frames: (0..chunk).map(|i| ack[(c * chunk + i) % ack.len()].clone()).collect(), expect: XDP_TX };
         let plain = Scenario { frames: (0..chunk).map(|i| non_vip[(c * chunk + i) % non_vip.len()].clone()).collect(), expect: XDP_PASS };
         results[0].push(measure(floor, &plain, ingress));
-        results[1].push(measure(dp.program(), &syns, ingress));
-        results[2].push(measure(dp.program(), &acks, ingress));
-        results[3].push(measure(dp.program(), &plain, ingress));
+        for (k, s) in [(1, &syns), (2, &acks), (3, &plain)] {
+            if wanted[k - 1] {
+                results[k].push(measure(dp.program(), s, ingress));
+            }
+        }
     }
     let pct = |v: &[f64], p: f64| {
         let mut v = v.to_vec();
@@ -114,6 +120,9 @@ fn main() {
     let (f50, f10) = (pct(&results[0], 0.5), pct(&results[0], 0.1));
     println!("{:<28} {:>8.1} {:>8.1} {:>9} {:>9} {:>11} {:>12} {:>10}", "floor: XDP_PASS program", f50, f10, "-", "-", "-", "-", "-");
     for (k, (name, katran)) in KATRAN.iter().enumerate() {
+        if !wanted[k] {
+            continue;
+        }
         let (p50, p10) = (pct(&results[k + 1], 0.5), pct(&results[k + 1], 0.1));
         let (n50, n10) = ((p50 - f50).max(0.0), (p10 - f10).max(0.0));
         let ratio = n50 / katran;
