@@ -23,6 +23,11 @@
 //! - the router with Unix sockets on both legs (`listen_socket`, `sockets`: a router beside
 //!   the application and the servers), next to sysbench directly on the primary's socket.
 //!
+//! Placement: by default the scheduler places everything. `DB_BENCH_PIN=colocated` pins
+//! sysbench and the router (and HAProxy) to CPU 0 and both servers to CPU 1 (a router beside
+//! the application, the common ProxySQL layout); `DB_BENCH_PIN=one-cpu` pins everything to
+//! CPU 0. Direct runs get the same pinning of sysbench and servers.
+//!
 //! `cargo xtask bench` runs it; alone: `cargo run --release -p tests --bin db-bench [seconds]`;
 //! `db-bench hold` starts everything, prints the addresses and waits (for profiling by hand).
 
@@ -68,8 +73,52 @@ impl To<'_> {
     }
 }
 
+/// CPU lists for the application side (sysbench, router, HAProxy) and the servers.
+struct Placement {
+    name: &'static str,
+    app: Option<&'static str>,
+    db: Option<&'static str>,
+}
+
+static PLACEMENT: std::sync::OnceLock<Placement> = std::sync::OnceLock::new();
+
+fn placement() -> &'static Placement {
+    PLACEMENT.get_or_init(|| match std::env::var("DB_BENCH_PIN").as_deref() {
+        Ok("colocated") => Placement { name: "sysbench, router and HAProxy pinned to CPU 0, both servers to CPU 1", app: Some("0"), db: Some("1") },
+        Ok("one-cpu") => Placement { name: "everything pinned to CPU 0", app: Some("0"), db: Some("0") },
+        Ok("") | Err(_) => Placement { name: "none pinned (the scheduler places everything)", app: None, db: None },
+        Ok(other) => panic!("DB_BENCH_PIN={other:?}: use colocated or one-cpu (or leave it unset)"),
+    })
+}
+
+/// `taskset -a -p` on a process (all its threads).
+fn pin_process(pid: u32, cpus: &str) {
+    let ok = Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "taskset -a -p -c {cpus} {pid} failed");
+}
+
+/// Pins this process's router threads (named `db-router-*`).
+fn pin_router_threads(cpus: &str) {
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("db-router") {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let ok = Command::new("taskset").args(["-p", "-c", cpus, &tid]).output().map(|o| o.status.success()).unwrap_or(false);
+            assert!(ok, "taskset -p -c {cpus} {tid} failed");
+        }
+    }
+}
+
 fn sysbench(to: To<'_>, args: &[&str], threads: u32, seconds: u32) -> Run {
-    let out = Command::new("sysbench")
+    let mut cmd = match placement().app {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus, "sysbench"]);
+            c
+        }
+        None => Command::new("sysbench"),
+    };
+    let out = cmd
         .args(args)
         .args(to.args())
         .args([
@@ -204,6 +253,16 @@ fn main() {
     let router_socket = router::UnixSocket::bind(&socket_path).expect("router socket");
     router::serve_threads_with("127.0.0.1:0".parse().unwrap(), Some(&router_socket), unix_shared, threads).expect("router listens on its socket");
     let haproxy = Haproxy::start(pair.replica.connect_addr());
+    let place = placement();
+    if let Some(cpus) = place.app {
+        pin_router_threads(cpus);
+        pin_process(haproxy.child.id(), cpus);
+    }
+    if let Some(cpus) = place.db {
+        for server in [&pair.primary, &pair.replica] {
+            pin_process(server.pid().expect("server runs") as u32, cpus);
+        }
+    }
 
     eprintln!("db-bench: sysbench prepare ({TABLES} tables x {TABLE_SIZE} rows) on the primary");
     let prep = Command::new("sysbench")
@@ -240,6 +299,7 @@ fn main() {
         ("oltp_read_only --skip_trx=on, 4 threads", &["oltp_read_only", "--skip_trx=on"], 4),
     ];
     println!("db-router vs direct to the primary, sysbench {seconds} s per path and workload ({ROUNDS} alternating runs), same machine (2 vCPUs shared)");
+    println!("placement: {} (DB_BENCH_PIN)", place.name);
     println!(
         "{:<42} {:>11} {:>11} {:>6} {:>15} {:>16} {:>7}",
         "workload", "direct QPS", "router QPS", "ratio", "added µs/query", "router CPU µs/q", "errors"
