@@ -23,10 +23,11 @@
 //! - the router with Unix sockets on both legs (`listen_socket`, `sockets`: a router beside
 //!   the application and the servers), next to sysbench directly on the primary's socket.
 //!
-//! Placement: by default the scheduler places everything. `DB_BENCH_PIN=colocated` pins
-//! sysbench and the router (and HAProxy) to CPU 0 and both servers to CPU 1 (a router beside
-//! the application, the common ProxySQL layout); `DB_BENCH_PIN=one-cpu` pins everything to
-//! CPU 0. Direct runs get the same pinning of sysbench and servers.
+//! Placement: everything is measured twice, first as the scheduler places it, then
+//! `colocated`: sysbench and the router (and HAProxy) pinned to CPU 0, both servers to CPU 1,
+//! a router beside the application with the database on other hardware (the common ProxySQL
+//! layout). Direct runs get the same pinning of sysbench and servers. `DB_BENCH_PIN=none`,
+//! `colocated` or `one-cpu` (everything on CPU 0) measures that placement only.
 //!
 //! `cargo xtask bench` runs it; alone: `cargo run --release -p tests --bin db-bench [seconds]`;
 //! `db-bench hold` starts everything, prints the addresses and waits (for profiling by hand).
@@ -80,15 +81,39 @@ struct Placement {
     db: Option<&'static str>,
 }
 
-static PLACEMENT: std::sync::OnceLock<Placement> = std::sync::OnceLock::new();
+const NONE: Placement = Placement { name: "none pinned (the scheduler places everything)", app: None, db: None };
+const COLOCATED: Placement =
+    Placement { name: "colocated: sysbench, router and HAProxy pinned to CPU 0, both servers to CPU 1", app: Some("0"), db: Some("1") };
+const ONE_CPU: Placement = Placement { name: "one-cpu: everything pinned to CPU 0", app: Some("0"), db: Some("0") };
+
+/// The placement being measured (sysbench runs are pinned by it).
+static PLACEMENT: std::sync::Mutex<&Placement> = std::sync::Mutex::new(&NONE);
 
 fn placement() -> &'static Placement {
-    PLACEMENT.get_or_init(|| match std::env::var("DB_BENCH_PIN").as_deref() {
-        Ok("colocated") => Placement { name: "sysbench, router and HAProxy pinned to CPU 0, both servers to CPU 1", app: Some("0"), db: Some("1") },
-        Ok("one-cpu") => Placement { name: "everything pinned to CPU 0", app: Some("0"), db: Some("0") },
-        Ok("") | Err(_) => Placement { name: "none pinned (the scheduler places everything)", app: None, db: None },
-        Ok(other) => panic!("DB_BENCH_PIN={other:?}: use colocated or one-cpu (or leave it unset)"),
-    })
+    *PLACEMENT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn placements() -> Vec<&'static Placement> {
+    match std::env::var("DB_BENCH_PIN").as_deref() {
+        Ok("none") => vec![&NONE],
+        Ok("colocated") => vec![&COLOCATED],
+        Ok("one-cpu") => vec![&ONE_CPU],
+        Ok("") | Err(_) => vec![&NONE, &COLOCATED],
+        Ok(other) => panic!("DB_BENCH_PIN={other:?}: use none, colocated or one-cpu (unset: none, then colocated)"),
+    }
+}
+
+/// Pins the router threads, HAProxy and the servers as `place` says (all CPUs where it says
+/// nothing, undoing an earlier placement); sysbench runs read it from [`placement`].
+fn apply(place: &'static Placement, haproxy: u32, servers: [u32; 2]) {
+    let all = format!("0-{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) - 1);
+    let app = place.app.unwrap_or(&all);
+    pin_router_threads(app);
+    pin_process(haproxy, app);
+    for pid in servers {
+        pin_process(pid, place.db.unwrap_or(&all));
+    }
+    *PLACEMENT.lock().unwrap_or_else(|e| e.into_inner()) = place;
 }
 
 /// `taskset -a -p` on a process (all its threads).
@@ -253,16 +278,7 @@ fn main() {
     let router_socket = router::UnixSocket::bind(&socket_path).expect("router socket");
     router::serve_threads_with("127.0.0.1:0".parse().unwrap(), Some(&router_socket), unix_shared, threads).expect("router listens on its socket");
     let haproxy = Haproxy::start(pair.replica.connect_addr());
-    let place = placement();
-    if let Some(cpus) = place.app {
-        pin_router_threads(cpus);
-        pin_process(haproxy.child.id(), cpus);
-    }
-    if let Some(cpus) = place.db {
-        for server in [&pair.primary, &pair.replica] {
-            pin_process(server.pid().expect("server runs") as u32, cpus);
-        }
-    }
+    let servers = [&pair.primary, &pair.replica].map(|s| s.pid().expect("server runs") as u32);
 
     eprintln!("db-bench: sysbench prepare ({TABLES} tables x {TABLE_SIZE} rows) on the primary");
     let prep = Command::new("sysbench")
@@ -299,25 +315,55 @@ fn main() {
         ("oltp_read_only --skip_trx=on, 4 threads", &["oltp_read_only", "--skip_trx=on"], 4),
     ];
     println!("db-router vs direct to the primary, sysbench {seconds} s per path and workload ({ROUNDS} alternating runs), same machine (2 vCPUs shared)");
-    println!("placement: {} (DB_BENCH_PIN)", place.name);
+    for place in placements() {
+        apply(place, haproxy.child.id(), servers);
+        println!();
+        println!("placement: {}", place.name);
+        measure(&workloads, seconds, primary.port(), router_addr.port());
+        compare_lanes(&[
+            Lane { name: "direct to the primary, TCP", to: To::Tcp(primary.port()), relay: None },
+            Lane { name: "router, TCP", to: To::Tcp(router_addr.port()), relay: Some(None) },
+            Lane { name: "direct to the replica, TCP", to: To::Tcp(pair.replica.connect_addr().port()), relay: None },
+            Lane { name: "HAProxy tcp mode -> replica, TCP", to: To::Tcp(haproxy.port), relay: Some(Some(haproxy.child.id())) },
+            Lane { name: "direct to the primary, Unix socket", to: To::Socket(&pair.primary.socket()), relay: None },
+            Lane { name: "router, Unix sockets both legs", to: To::Socket(router_socket.path()), relay: Some(None) },
+        ], seconds);
+    }
+    println!();
+    println!(
+        "router statements: {} to the replica, {} to the primary",
+        metrics.to_replica.get(),
+        metrics.to_primary.get()
+    );
+    println!("targets (issue 6): ratio >= 0.90, added < 20 µs per point select at 1 thread");
+    println!("router CPU: this process's user+system time per routed query, including the kernel's loopback TCP work it triggers");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at the end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    drop(haproxy);
+    drop(router_socket);
+    drop(pair);
+}
+
+/// The workloads through the router and directly to the primary, alternated.
+fn measure(workloads: &[(&str, &[&str], u32)], seconds: u32, primary: u16, router: u16) {
     println!(
         "{:<42} {:>11} {:>11} {:>6} {:>15} {:>16} {:>7}",
         "workload", "direct QPS", "router QPS", "ratio", "added µs/query", "router CPU µs/q", "errors"
     );
-    for (name, args, threads) in workloads {
+    for &(name, args, threads) in workloads {
         // Warm both paths (buffer pool, the router's connections), then measure.
-        sysbench(To::Tcp(primary.port()), args, threads, 2);
-        sysbench(To::Tcp(router_addr.port()), args, threads, 2);
+        sysbench(To::Tcp(primary), args, threads, 2);
+        sysbench(To::Tcp(router), args, threads, 2);
         // Alternate short runs, so that both paths see the same background load.
         let (mut direct, mut routed, mut router_cpu) = (Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Duration::ZERO);
         let mut client_cpu = Duration::ZERO;
         let chunk = (seconds / ROUNDS).max(1);
         for _ in 0..ROUNDS {
             let c0 = children_cpu_time();
-            let d = sysbench(To::Tcp(primary.port()), args, threads, chunk);
+            let d = sysbench(To::Tcp(primary), args, threads, chunk);
             client_cpu += children_cpu_time() - c0;
             let cpu0 = cpu_time();
-            let r = sysbench(To::Tcp(router_addr.port()), args, threads, chunk);
+            let r = sysbench(To::Tcp(router), args, threads, chunk);
             // This process is the router (the benchmark driver only waits for sysbench).
             router_cpu += cpu_time() - cpu0;
             direct.qps += d.qps / ROUNDS as f64;
@@ -341,26 +387,6 @@ fn main() {
         eprintln!("db-bench: {name}: sysbench avg latency {:.3} ms direct, {:.3} ms through the router", direct.avg_ms, routed.avg_ms);
         println!("{:<42} sysbench's own CPU per query (direct, for scale): {client_cpu_us:.1} µs", "");
     }
-    compare_lanes(&[
-        Lane { name: "direct to the primary, TCP", to: To::Tcp(primary.port()), relay: None },
-        Lane { name: "router, TCP", to: To::Tcp(router_addr.port()), relay: Some(None) },
-        Lane { name: "direct to the replica, TCP", to: To::Tcp(pair.replica.connect_addr().port()), relay: None },
-        Lane { name: "HAProxy tcp mode -> replica, TCP", to: To::Tcp(haproxy.port), relay: Some(Some(haproxy.child.id())) },
-        Lane { name: "direct to the primary, Unix socket", to: To::Socket(&pair.primary.socket()), relay: None },
-        Lane { name: "router, Unix sockets both legs", to: To::Socket(router_socket.path()), relay: Some(None) },
-    ], seconds);
-    println!(
-        "router statements: {} to the replica, {} to the primary",
-        metrics.to_replica.get(),
-        metrics.to_primary.get()
-    );
-    println!("targets (issue 6): ratio >= 0.90, added < 20 µs per point select at 1 thread");
-    println!("router CPU: this process's user+system time per routed query, including the kernel's loopback TCP work it triggers");
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("load average during the run: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
-    drop(haproxy);
-    drop(router_socket);
-    drop(pair);
 }
 
 /// The point select at one thread over several paths, alternated round by round; QPS, ratio
