@@ -268,3 +268,65 @@ pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Soc
     tokio::spawn(serve(listener, shared));
     Ok(local)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unique temp path, removed (if anything is there) when the test ends, even on failure.
+    struct TempPath(PathBuf);
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn temp_path(tag: &str) -> TempPath {
+        static N: AtomicU32 = AtomicU32::new(0);
+        TempPath(std::env::temp_dir().join(format!("dbr-{tag}-{}-{}.sock", std::process::id(), N.fetch_add(1, Ordering::Relaxed))))
+    }
+
+    #[test]
+    fn unix_socket_replaces_a_stale_file_refuses_others_and_cleans_up() {
+        // A socket file nobody listens on any more (std leaves the file behind).
+        let guard = temp_path("stale");
+        let stale = &guard.0;
+        drop(std::os::unix::net::UnixListener::bind(stale).unwrap());
+        assert!(stale.exists());
+        let s = UnixSocket::bind(stale).expect("a stale socket file is replaced");
+        assert!(std::os::unix::net::UnixStream::connect(stale).is_ok(), "the new socket accepts");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(stale).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o777, "local clients of any user may connect");
+        drop(s);
+        assert!(!stale.exists(), "removed on drop");
+
+        // A regular file is never removed.
+        let guard = temp_path("file");
+        let file = &guard.0;
+        std::fs::write(file, b"data").unwrap();
+        let err = UnixSocket::bind(file).err().expect("not a socket");
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read(file).unwrap(), b"data");
+    }
+
+    #[test]
+    fn backend_socket_errors_name_the_socket() {
+        let guard = temp_path("missing");
+        let path = &guard.0;
+        let login = crate::backend::Login {
+            user: b"u",
+            sha1_password: None,
+            database: None,
+            client_caps: crate::protocol::server_capabilities(),
+            collation: 45,
+            session_track: false,
+            timeout: Duration::from_secs(5),
+            unix_socket: Some(path),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(crate::backend::Backend::connect("127.0.0.1:1".parse().unwrap(), &login)).err().expect("no socket there");
+        let msg = err.to_string();
+        assert!(msg.contains("127.0.0.1:1") && msg.contains(&*path.to_string_lossy()), "{msg}");
+    }
+}
