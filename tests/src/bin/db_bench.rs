@@ -50,7 +50,7 @@ use prometheus_client::registry::Registry;
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
 /// Each workload alternates direct and routed runs this many times.
-const ROUNDS: u32 = 3;
+const ROUNDS: u32 = 5;
 
 struct Run {
     qps: f64,
@@ -347,8 +347,8 @@ fn main() {
 /// The workloads through the router and directly to the primary, alternated.
 fn measure(workloads: &[(&str, &[&str], u32)], seconds: u32, primary: u16, router: u16) {
     println!(
-        "{:<42} {:>11} {:>11} {:>6} {:>15} {:>16} {:>7}",
-        "workload", "direct QPS", "router QPS", "ratio", "added µs/query", "router CPU µs/q", "errors"
+        "{:<42} {:>11} {:>11} {:>6} {:>12} {:>15} {:>16} {:>7}",
+        "workload", "direct QPS", "router QPS", "ratio", "round ratios", "added µs/query", "router CPU µs/q", "errors"
     );
     for &(name, args, threads) in workloads {
         // Warm both paths (buffer pool, the router's connections), then measure.
@@ -357,6 +357,9 @@ fn measure(workloads: &[(&str, &[&str], u32)], seconds: u32, primary: u16, route
         // Alternate short runs, so that both paths see the same background load.
         let (mut direct, mut routed, mut router_cpu) = (Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Run { qps: 0.0, avg_ms: 0.0, errors: 0 }, Duration::ZERO);
         let mut client_cpu = Duration::ZERO;
+        // Each round's router/direct ratio: their spread shows how much the machine's other
+        // load moved the figures.
+        let (mut lo, mut hi) = (f64::MAX, 0.0f64);
         let chunk = (seconds / ROUNDS).max(1);
         for _ in 0..ROUNDS {
             let c0 = children_cpu_time();
@@ -371,15 +374,18 @@ fn measure(workloads: &[(&str, &[&str], u32)], seconds: u32, primary: u16, route
             routed.qps += r.qps / ROUNDS as f64;
             routed.avg_ms += r.avg_ms / ROUNDS as f64;
             routed.errors += r.errors;
+            lo = lo.min(r.qps / d.qps);
+            hi = hi.max(r.qps / d.qps);
         }
         let router_cpu_us = router_cpu.as_secs_f64() * 1e6 / (routed.qps * (chunk * ROUNDS) as f64);
         let client_cpu_us = client_cpu.as_secs_f64() * 1e6 / (direct.qps * (chunk * ROUNDS) as f64);
         let added_us = (threads as f64 / routed.qps - threads as f64 / direct.qps) * 1e6;
         println!(
-            "{name:<42} {:>11.0} {:>11.0} {:>5.2}x {:>15.1} {:>16.1} {:>7}",
+            "{name:<42} {:>11.0} {:>11.0} {:>5.2}x {:>12} {:>15.1} {:>16.1} {:>7}",
             direct.qps,
             routed.qps,
             routed.qps / direct.qps,
+            format!("{lo:.2}-{hi:.2}"),
             added_us,
             router_cpu_us,
             routed.errors
@@ -399,7 +405,9 @@ fn compare_lanes(lanes: &[Lane<'_>], seconds: u32) {
     let chunk = (seconds / ROUNDS).max(1);
     let mut qps = vec![0.0; lanes.len()];
     let mut cpu = vec![Duration::ZERO; lanes.len()];
+    let mut spread = vec![(f64::MAX, 0.0f64); lanes.len()];
     for _ in 0..ROUNDS {
+        let mut first = 0.0;
         for (i, p) in lanes.iter().enumerate() {
             let before = p.relay.map(|pid| pid.map(process_cpu_time).unwrap_or_else(cpu_time));
             let r = sysbench(p.to, args, 1, chunk);
@@ -407,13 +415,26 @@ fn compare_lanes(lanes: &[Lane<'_>], seconds: u32) {
                 cpu[i] += pid.map(process_cpu_time).unwrap_or_else(cpu_time) - b;
             }
             qps[i] += r.qps / ROUNDS as f64;
+            if i == 0 {
+                first = r.qps;
+            }
+            spread[i] = (spread[i].0.min(r.qps / first), spread[i].1.max(r.qps / first));
         }
     }
     println!();
     println!("oltp_point_select, 1 thread, by path ({ROUNDS} alternating runs of {chunk} s each):");
-    println!("{:<42} {:>11} {:>14} {:>15} {:>16}", "path", "QPS", "vs first row", "added µs/query", "relay CPU µs/q");
+    println!("{:<42} {:>11} {:>14} {:>12} {:>15} {:>16}", "path", "QPS", "vs first row", "round ratios", "added µs/query", "relay CPU µs/q");
     for (i, p) in lanes.iter().enumerate() {
         let cpu_us = if p.relay.is_some() { format!("{:.1}", cpu[i].as_secs_f64() * 1e6 / (qps[i] * (chunk * ROUNDS) as f64)) } else { "-".into() };
-        println!("{:<42} {:>11.0} {:>13.2}x {:>15.1} {:>16}", p.name, qps[i], qps[i] / qps[0], (1.0 / qps[i] - 1.0 / qps[0]) * 1e6, cpu_us);
+        let (lo, hi) = spread[i];
+        println!(
+            "{:<42} {:>11.0} {:>13.2}x {:>12} {:>15.1} {:>16}",
+            p.name,
+            qps[i],
+            qps[i] / qps[0],
+            format!("{lo:.2}-{hi:.2}"),
+            (1.0 / qps[i] - 1.0 / qps[0]) * 1e6,
+            cpu_us
+        );
     }
 }
