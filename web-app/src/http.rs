@@ -28,6 +28,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::sendfile::SendfileStream;
 use crate::State;
 
 /// Error type of response bodies.
@@ -240,7 +241,8 @@ impl Connection {
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
                 }
             }
-            _ => Box::pin(self.serve_io(stream, false)).await,
+            // Plain HTTP: cached files go out with sendfile.
+            _ => Box::pin(self.serve_io(SendfileStream::new(stream), false)).await,
         }
     }
 

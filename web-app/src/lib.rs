@@ -36,6 +36,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod release;
+pub mod sendfile;
 pub mod site;
 pub mod storage;
 pub mod tls;

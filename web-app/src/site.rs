@@ -27,6 +27,7 @@ use tower_http::services::ServeDir;
 
 use crate::http::{full, text, Body, BoxError};
 use crate::release::{self, CachedFile, Manifest, ReleaseError};
+use crate::sendfile;
 
 /// Where a node's static files come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,28 @@ impl Entry {
             gzip: file.gzip,
             br: file.br,
         })
+    }
+}
+
+/// Moves the bodies worth `sendfile` (see [`crate::sendfile`]) into one sealed memory file;
+/// if that fails they stay on the heap, served the same way by copying.
+fn pack_for_sendfile(cache: &mut HashMap<String, Entry>) {
+    let mut bodies: Vec<&mut Bytes> = cache
+        .values_mut()
+        .flat_map(|e| [Some(&mut e.body), e.gzip.as_mut(), e.br.as_mut()])
+        .flatten()
+        .filter(|b| b.len() >= sendfile::SENDFILE_MIN)
+        .collect();
+    if bodies.is_empty() {
+        return;
+    }
+    match sendfile::pack(&bodies.iter().map(|b| &b[..]).collect::<Vec<_>>()) {
+        Ok(packed) => {
+            for (body, packed) in bodies.iter_mut().zip(packed) {
+                **body = packed;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot map the cached files for sendfile; serving them by copy"),
     }
 }
 
@@ -126,7 +149,8 @@ impl Site {
         let version_header =
             HeaderValue::from_str(&version).unwrap_or_else(|_| HeaderValue::from_static("invalid-version"));
         // A file whose headers cannot be prepared is simply served from disk.
-        let cache = cache.into_iter().filter_map(|(path, file)| Some((path, Entry::new(file)?))).collect();
+        let mut cache = cache.into_iter().filter_map(|(path, file)| Some((path, Entry::new(file)?))).collect();
+        pack_for_sendfile(&mut cache);
         Site { version, dir, manifest, cache, files, version_header }
     }
 

@@ -127,6 +127,68 @@ async fn in_flight_download_finishes_on_the_old_release() {
     assert!(response.body == big_v1, "the download started on 1.0.0 is 1.0.0's file, whole");
 }
 
+/// A cached file large enough to go out with sendfile on plain HTTP (see
+/// `web_app::sendfile`), read slowly through a small receive buffer on a keep-alive
+/// connection: two pipelined responses, byte-exact; the first still the old release's bytes
+/// after a reload freed that release while it was in flight, the second either release's
+/// (whichever it was answered from) but whole.
+#[tokio::test]
+async fn sendfile_responses_are_exact_through_a_slow_reader_and_a_reload() {
+    let len = 200 * 1024;
+    assert!(len >= web_app::sendfile::SENDFILE_MIN && len as u64 <= web_app::release::CACHE_MAX_FILE);
+    let v1 = pattern(len);
+    let node = start_release(&[("mid.bin", &v1)], |_| {}).await;
+    let v2: Vec<u8> = v1.iter().map(|b| b ^ 0x5a).collect();
+    make_release(node.base.path(), "2.0.0", &[("mid.bin", &v2)]);
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = within(socket.connect(node.addr)).await.unwrap();
+    stream
+        .write_all(b"GET /mid.bin HTTP/1.1\r\nHost: t\r\n\r\nGET /mid.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = vec![0u8; 1024];
+    within(stream.read_exact(&mut received)).await.unwrap();
+
+    web_app::release::activate(&node.releases(), "2.0.0").unwrap();
+    assert!(matches!(node.handle.reload().await.unwrap(), Reloaded::Switched { .. }));
+    let fresh = get(node.addr, "/mid.bin").await;
+    assert!(fresh.body == v2, "new requests get the new release");
+
+    // The rest, slowly: small reads with pauses, so the server meets a full socket often.
+    within(async {
+        let mut chunk = vec![0u8; 3000];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&chunk[..n]);
+            if received.len() % 5 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    })
+    .await;
+    let mut rest = &received[..];
+    for i in 0..2 {
+        let end = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+        let head = parse_response(&rest[..end]);
+        assert_eq!(head.status, 200, "response {i}");
+        let release = head.header("x-release").expect("x-release").to_owned();
+        if i == 0 {
+            assert_eq!(release, "1.0.0", "the first response is from the release it started on");
+        }
+        let expected = if release == "1.0.0" { &v1 } else { &v2 };
+        let body_len: usize = head.header("content-length").expect("content-length").parse().unwrap();
+        assert_eq!(body_len, len, "response {i}");
+        assert!(rest[end..end + body_len] == expected[..], "response {i}: body differs from {release}'s file");
+        rest = &rest[end + body_len..];
+    }
+    assert!(rest.is_empty(), "{} bytes after the two responses", rest.len());
+}
+
 #[tokio::test]
 async fn start_without_a_valid_release_fails_clearly() {
     let base = tempfile::tempdir().unwrap();
