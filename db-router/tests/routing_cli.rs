@@ -87,14 +87,16 @@ fn run_serves_the_mariadb_cli_and_metrics() {
     let pair = Pair::start_default().expect("start a primary/replica pair");
     let dir = TempDir::new("run");
     let (port, admin_port) = (free_port(), free_port());
+    let sock = dir.0.join("router.sock");
     let config = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nprimary = \"{}\"\nreplica = \"{}\"\n\n[[user]]\nname = \"app\"\npassword = \"apppw\"\n\n[monitor]\ninterval_ms = 100\n",
+        "listen = \"127.0.0.1:{port}\"\nlisten_socket = \"{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nprimary = \"{}\"\nreplica = \"{}\"\n\n[[user]]\nname = \"app\"\npassword = \"apppw\"\n\n[monitor]\ninterval_ms = 100\n",
+        sock.display(),
         pair.primary.connect_addr(),
         pair.replica.connect_addr()
     );
     let path = dir.0.join("router.toml");
     std::fs::write(&path, config).unwrap();
-    let _router = Running(Command::new(BIN).args(["run", "--config"]).arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let mut router = Running(Command::new(BIN).args(["run", "--config"]).arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mariadb = |sql: &str| {
@@ -130,4 +132,23 @@ fn run_serves_the_mariadb_cli_and_metrics() {
     let rejoin = cli(&["rejoin"]);
     let err = String::from_utf8_lossy(&rejoin.stderr);
     assert!(!rejoin.status.success() && err.contains("409"), "rejoin with nothing to rejoin: {err}");
+
+    // listen_socket: the same router on its Unix socket.
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=socket", "--batch", "--skip-column-names"])
+        .arg(format!("--socket={}", sock.display()))
+        .args(["-uapp", "-papppw", "app", "-e", "SELECT COUNT(*) FROM t"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    // SIGTERM: the router stops and removes its socket file.
+    // SAFETY: kill on our own child's pid.
+    assert_eq!(unsafe { libc::kill(router.0.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while router.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "router did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sock.exists(), "the router removes its socket file when it stops");
 }
