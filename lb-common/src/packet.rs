@@ -159,11 +159,25 @@ pub fn parse_ipv4<F: Frame + ?Sized>(f: &F, l3_off: usize) -> Option<Ipv4> {
 /// Parses Ethernet (with at most one VLAN tag), IPv4 (with options) and TCP or UDP.
 #[inline(always)]
 pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<Parsed, Counter> {
+    let (l3_off, ip) = parse_l3(f)?;
+    parse_l4(f, l3_off, &ip)
+}
+
+/// The first half of [`parse_frame`]: Ethernet and an unfragmented IPv4 header, with the
+/// IPv4 header's offset. The balancer looks at the destination address before it reads on.
+#[inline(always)]
+pub fn parse_l3<F: Frame + ?Sized>(f: &F) -> Result<(usize, Ipv4), Counter> {
     let l3_off = parse_l2(f)?;
     let ip = parse_ipv4(f, l3_off).ok_or(Counter::Malformed)?;
     if ip.is_fragment() {
         return Err(Counter::Fragment);
     }
+    Ok((l3_off, ip))
+}
+
+/// The second half of [`parse_frame`]: the TCP or UDP header after `ip` at `l3_off`.
+#[inline(always)]
+pub fn parse_l4<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<Parsed, Counter> {
     let l4_off = l3_off + ip.ihl;
     let l4_len = usize::from(ip.tot_len) - ip.ihl;
     let proto = ip.proto();

@@ -41,6 +41,29 @@ impl VipKey {
     }
 }
 
+/// Words of the VIP address filter: a bitmap of 4096 bits, one per hash of a destination
+/// address ([`addr_filter_bit`]), set for the address of every VIP. A packet whose
+/// destination's bit is clear is for no VIP: the program passes it without reading its
+/// TCP or UDP header or probing the VIP table. Userspace sets a bit before it adds a VIP
+/// and clears it after the last VIP with that bit is gone, so no VIP is ever filtered out.
+pub const VIP_ADDR_FILTER_WORDS: u32 = 64;
+
+/// The filter bit of a destination address (0..4096): Fibonacci hashing, one multiply.
+#[inline(always)]
+pub fn addr_filter_bit(addr: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1) >> (32 - (VIP_ADDR_FILTER_WORDS * 64).trailing_zeros())
+}
+
+/// The filter words for a set of VIP addresses.
+pub fn addr_filter<I: IntoIterator<Item = [u8; 4]>>(addrs: I) -> [u64; VIP_ADDR_FILTER_WORDS as usize] {
+    let mut words = [0u64; VIP_ADDR_FILTER_WORDS as usize];
+    for a in addrs {
+        let bit = addr_filter_bit(a);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
+}
+
 /// Slots of the VIP table: an open-addressing hash table in a BPF array, eight slots per
 /// VIP at most load. The kernel finds a VIP with at most [`VIP_PROBES`] inlined array reads
 /// instead of a hash-map helper call (jhash and a bucket walk): the lookup every packet,
@@ -218,6 +241,22 @@ mod tests {
             }
         }
         slots
+    }
+
+    #[test]
+    fn addr_filter_has_the_bit_of_every_vip_and_few_others() {
+        let vips: Vec<[u8; 4]> = (0..512u32).map(|i| [10, 100, (i >> 8) as u8, i as u8]).collect();
+        let words = addr_filter(vips.iter().copied());
+        let has = |a: [u8; 4]| {
+            let b = addr_filter_bit(a);
+            assert!(b < VIP_ADDR_FILTER_WORDS * 64);
+            words[(b / 64) as usize] >> (b % 64) & 1 == 1
+        };
+        assert!(vips.iter().all(|&a| has(a)), "no VIP is ever filtered out");
+        // 512 VIP addresses set at most 512 of 4096 bits: most other addresses are filtered.
+        let others = (0..65536u32).filter(|&i| has([192, 168, (i >> 8) as u8, i as u8])).count();
+        assert!(others < 65536 / 4, "{others} of 65536 other addresses pass the filter");
+        assert_eq!(addr_filter(core::iter::empty()), [0; VIP_ADDR_FILTER_WORDS as usize]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use lb_common::{
     encap::LbConfig,
     flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
-    vip::{table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS},
+    vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
 };
 
 use crate::objects;
@@ -57,12 +57,15 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 11] =
-    ["VIPS", "RINGS", "BACKENDS", "FLOWS", "FLOW_CACHE", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
+pub const MAPS: [&str; 12] =
+    ["VIPS", "VIP_ADDRS", "RINGS", "BACKENDS", "FLOWS", "FLOW_CACHE", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
 
 pub struct Dataplane {
     ebpf: Ebpf,
     vips: Array<MapData, VipSlot>,
+    vip_addrs: Array<MapData, u64>,
+    /// What `VIP_ADDRS` holds, once written.
+    vip_addrs_written: Option<[u64; lb_common::vip::VIP_ADDR_FILTER_WORDS as usize]>,
     /// Where each VIP sits in `vips`.
     vip_table: VipTable,
     rings: Array<MapData, u32>,
@@ -105,6 +108,8 @@ impl Dataplane {
         prog.load()?;
         Ok(Self {
             vips: take(&mut ebpf, "VIPS")?,
+            vip_addrs: take(&mut ebpf, "VIP_ADDRS")?,
+            vip_addrs_written: None,
             vip_table: VipTable::default(),
             rings: take(&mut ebpf, "RINGS")?,
             backends: take(&mut ebpf, "BACKENDS")?,
@@ -186,6 +191,8 @@ impl Dataplane {
             return Err(DataplaneError::BackendIndex(b));
         }
         let (slot, new) = self.vip_table.place(&key).map_err(|_| DataplaneError::VipTableCrowded(key))?;
+        // The address filter lets the VIP's packets through before the VIP exists.
+        self.write_addr_filter()?;
         let current = self.vips.get(&slot, 0).map_err(map_err("VIPS"))?;
         let half = if new { 0 } else { current.meta.ring_half() ^ 1 };
         for (i, &backend) in ring.iter().enumerate() {
@@ -204,7 +211,29 @@ impl Dataplane {
         if let Some(slot) = self.vip_table.remove(key) {
             let tomb = VipSlot { key: self.vip_table.key_at(slot), meta: VipMeta::default() };
             self.vips.set(slot, tomb, 0).map_err(map_err("VIPS"))?;
+            self.write_addr_filter()?;
         }
+        Ok(())
+    }
+
+    /// Writes the VIP address filter for the VIPs of the table (see
+    /// `lb_common::vip::VIP_ADDR_FILTER_WORDS`): the words that changed, and every word the
+    /// first time (which clears bits that a previous run left in a pinned map).
+    fn write_addr_filter(&mut self) -> Result<(), DataplaneError> {
+        let addrs = (0..lb_common::vip::VIP_TABLE_SIZE)
+            .map(|slot| self.vip_table.key_at(slot))
+            .filter(|&k| k != SLOT_EMPTY && k != SLOT_TOMBSTONE)
+            .map(|k| {
+                let b = k.to_ne_bytes();
+                [b[0], b[1], b[2], b[3]]
+            });
+        let words = addr_filter(addrs);
+        for (i, &w) in words.iter().enumerate() {
+            if self.vip_addrs_written.is_none_or(|old| old[i] != w) {
+                self.vip_addrs.set(i as u32, w, 0).map_err(map_err("VIP_ADDRS"))?;
+            }
+        }
+        self.vip_addrs_written = Some(words);
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use lb_common::{
 use lb_userspace::{
     decap::Decap,
     testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    Dataplane,
 };
 use tests::{hex, lab::*, pin_to_cpu, privileged};
 
@@ -334,6 +335,54 @@ fn a_thousand_vips_and_vips_without_backends() {
         let f = Pkt::tcp(CLIENT, 40003, key(n).addr, 443, TCP_SYN).build();
         assert_eq!(testrun::run(dp.program(), &f, Some(ingress)).unwrap().action, XDP_TX, "VIP number {n}");
     }
+}
+
+/// The VIP address filter (`lb_common::vip::addr_filter_bit`) lets a VIP's packets in from
+/// the moment the VIP exists, and stops reading the TCP header of packets to an address once
+/// its last VIP is gone. Observable through the counters: a packet with a truncated TCP
+/// header is Malformed when its address has a VIP and NotVip when it has none.
+#[test]
+fn vip_address_filter_follows_vip_changes() {
+    use lb_common::vip::{ForwardMode, VipKey, PROTO_TCP};
+    if !privileged("vip_address_filter_follows_vip_changes") {
+        return;
+    }
+    let (ingress, mut dp) = loaded();
+    let addr = [10, 201, 0, 1];
+    let (web, alt) = (VipKey::new(addr, 443, PROTO_TCP), VipKey::new(addr, 8443, PROTO_TCP));
+    let syn = |port: u16| Pkt::tcp(CLIENT, 40000, addr, port, TCP_SYN).build();
+    // IPv4 total length 30: the TCP header ends after 10 bytes.
+    let truncated = {
+        let mut f = syn(443);
+        f.truncate(14 + 20 + 10);
+        f[16..18].copy_from_slice(&30u16.to_be_bytes());
+        f
+    };
+    let run = |dp: &Dataplane, f: &[u8]| testrun::run(dp.program(), f, Some(ingress)).unwrap();
+    let counts = |dp: &Dataplane| {
+        let g = dp.global_stats().unwrap();
+        (g.get(Counter::NotVip), g.get(Counter::Malformed))
+    };
+    let (not_vip, malformed) = counts(&dp);
+    assert_eq!(run(&dp, &truncated).action, XDP_PASS);
+    assert_eq!(counts(&dp), (not_vip + 1, malformed), "no VIP on the address: filtered before TCP");
+
+    dp.set_vip(web, 10, ForwardMode::Ipip, &[0]).unwrap();
+    dp.set_vip(alt, 11, ForwardMode::Ipip, &[1]).unwrap();
+    assert_eq!(run(&dp, &syn(443)).action, XDP_TX);
+    assert_eq!(run(&dp, &syn(8443)).action, XDP_TX);
+    let got = run(&dp, &truncated);
+    assert_eq!((got.action, &got.frame), (XDP_PASS, &truncated));
+    assert_eq!(counts(&dp), (not_vip + 1, malformed + 1), "a VIP's address: its TCP header is read");
+
+    dp.remove_vip(&web).unwrap();
+    assert_eq!(run(&dp, &syn(443)).action, XDP_PASS, "removed");
+    assert_eq!(run(&dp, &syn(8443)).action, XDP_TX, "the address keeps its other VIP");
+    dp.remove_vip(&alt).unwrap();
+    assert_eq!(run(&dp, &syn(8443)).action, XDP_PASS, "removed");
+    let before = counts(&dp);
+    assert_eq!(run(&dp, &truncated).action, XDP_PASS);
+    assert_eq!(counts(&dp), (before.0 + 1, before.1), "the last VIP gone: filtered again");
 }
 
 /// A backend marked down: its pinned flows move (by hash) to a live backend of the ring,

@@ -20,15 +20,18 @@ use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     flow::{FlowCache, FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
-    packet::{parse_frame, Frame, Parsed, TCP_RST},
+    packet::{parse_l3, parse_l4, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
 /// Open-addressing table of VIPs (see `lb_common::vip::find_vip`).
 #[map]
 static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
+/// Bitmap of the hashes of VIP addresses (see `lb_common::vip::addr_filter_bit`).
+#[map]
+static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
 /// Two rings of `RING_SIZE` backend indexes per VIP (active and next), flat.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * RING_SIZE, 0);
@@ -94,7 +97,21 @@ fn bump(stats: &mut GlobalStats, c: Counter) {
 #[inline(always)]
 fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let frame = XdpFrame::new(ctx);
-    let p = match parse_frame(&frame) {
+    let (l3_off, ip) = match parse_l3(&frame) {
+        Ok(l3) => l3,
+        Err(c) => {
+            bump(stats, c);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    // Most traffic that is not for a VIP is not even for a VIP address: passed here, before
+    // its TCP or UDP header is read.
+    let bit = addr_filter_bit(ip.dst());
+    if VIP_ADDRS.get(bit / 64).is_some_and(|w| w >> (bit % 64) & 1 == 0) {
+        bump(stats, Counter::NotVip);
+        return xdp_action::XDP_PASS;
+    }
+    let p = match parse_l4(&frame, l3_off, &ip) {
         Ok(p) => p,
         Err(c) => {
             bump(stats, c);
