@@ -162,17 +162,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builders = Arc::new(Builders::new(&state));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -195,10 +185,10 @@ async fn accept_loop(
                 } else {
                     local_addr
                 };
-                let _ = stream.set_nodelay(true);
+                // TCP_NODELAY: inherited from the listening socket (Linux), no syscall here.
                 let conn = Connection {
                     state: Arc::clone(&state),
-                    builder: builder.clone(),
+                    builders: Arc::clone(&builders),
                     local,
                     peer,
                     kind: kind.clone(),
@@ -218,10 +208,41 @@ async fn accept_loop(
     }
 }
 
+/// hyper's connection builders, made once per accept loop: `auto` when the protocol is not
+/// known yet, `h1`/`h2` when it is (ALPN, or the first bytes read): hyper-util's auto builder
+/// would otherwise read the first 24 bytes on their own to look for the HTTP/2 preface, one
+/// more read per connection.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(state: &State) -> Builders {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Builders { h1: auto.clone().http1_only(), h2: auto.clone().http2_only(), auto }
+    }
+
+    fn for_version(&self, h2: Option<bool>) -> &auto::Builder<TokioExecutor> {
+        match h2 {
+            Some(true) => &self.h2,
+            Some(false) => &self.h1,
+            None => &self.auto,
+        }
+    }
+}
+
 /// What every request of a connection needs to know about it.
 struct Connection {
     state: Arc<State>,
-    builder: auto::Builder<TokioExecutor>,
+    builders: Arc<Builders>,
     local: SocketAddr,
     peer: SocketAddr,
     kind: ListenerKind,
@@ -236,21 +257,41 @@ impl Connection {
             ListenerKind::Tls(acceptor) => {
                 let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
                 match handshake.await {
-                    Ok(Ok(tls)) => Box::pin(self.serve_io(tls, true)).await,
+                    Ok(Ok(tls)) => {
+                        // ALPN says which protocol; without it, hyper-util looks at the bytes.
+                        let h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
+                        Box::pin(self.serve_io(tls, true, h2)).await
+                    }
                     Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
                 }
             }
-            // Plain HTTP: cached files go out with sendfile.
-            _ => Box::pin(self.serve_io(SendfileStream::new(stream), false)).await,
+            // Plain HTTP: cached files go out with sendfile. The first read (bounded like a
+            // request head) tells HTTP/1.1 from HTTP/2 with prior knowledge.
+            _ => {
+                let mut io = SendfileStream::new(stream);
+                let mut stop = self.stop.clone();
+                let first = tokio::time::timeout(self.state.header_read_timeout, io.read_preface());
+                let read = tokio::select! {
+                    read = first => read,
+                    // Shutting down: a connection that has sent nothing yet closes at once.
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                match read {
+                    Ok(Ok(h2)) => Box::pin(self.serve_io(io, false, Some(h2))).await,
+                    Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "reading the first request failed"),
+                    Err(_) => debug!(peer = %self.peer, "no request in time"),
+                }
+            }
         }
     }
 
-    async fn serve_io<I>(self, io: I, tls: bool)
+    /// Serves HTTP/2 (`h2` true), HTTP/1.1 (false) or whichever the client speaks (`None`).
+    async fn serve_io<I>(self, io: I, tls: bool, h2: Option<bool>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { state, builder, local, peer, kind, mut stop } = self;
+        let Connection { state, builders, local, peer, kind, mut stop } = self;
         let is_h2 = Arc::new(AtomicBool::new(false));
         let mut drain = state.health.drain_watch();
         let info = Arc::new(ConnInfo { local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
@@ -259,7 +300,7 @@ impl Connection {
             let info = Arc::clone(&info);
             async move { Ok::<_, Infallible>(handle(&state, &info, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let conn = builders.for_version(h2).serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let (mut shutting_down, mut drain_open) = (false, true);
         loop {

@@ -33,7 +33,7 @@ use std::sync::{PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Buffers at least this long that lie in a region are sent with `sendfile`.
@@ -136,14 +136,42 @@ pub fn pack(bodies: &[&[u8]]) -> io::Result<Vec<Bytes>> {
         .collect())
 }
 
+/// The first bytes an HTTP/2 client with prior knowledge sends.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// A TCP connection whose writes of region bytes go out with `sendfile` (see the module).
+/// It can also read the start of the connection ahead ([`SendfileStream::read_preface`]) and
+/// replays those bytes to its reader first.
 pub struct SendfileStream {
     stream: TcpStream,
+    replay: Bytes,
 }
 
 impl SendfileStream {
     pub fn new(stream: TcpStream) -> SendfileStream {
-        SendfileStream { stream }
+        SendfileStream { stream, replay: Bytes::new() }
+    }
+
+    /// Reads the first bytes of the connection (kept, and read again by the next reads) until
+    /// they show whether the client speaks HTTP/2 with prior knowledge (true) or not. One
+    /// read of up to 2 KiB usually decides, and leaves hyper a whole request head. End of
+    /// stream decides "not HTTP/2" (hyper then sees it too).
+    pub async fn read_preface(&mut self) -> io::Result<bool> {
+        let mut buf = [0u8; 2048];
+        let mut filled = 0;
+        let h2 = loop {
+            let n = self.stream.read(&mut buf[filled..]).await?;
+            filled += n;
+            let seen = filled.min(H2_PREFACE.len());
+            if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
+                break false;
+            }
+            if filled >= H2_PREFACE.len() {
+                break true;
+            }
+        };
+        self.replay = Bytes::copy_from_slice(&buf[..filled]);
+        Ok(h2)
     }
 
     /// Runs the non-blocking socket operation `op` once the socket is writable, as often as
@@ -203,6 +231,11 @@ fn first_in_region(bufs: &[IoSlice<'_>]) -> Option<(usize, (RawFd, u64))> {
 
 impl AsyncRead for SendfileStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -364,6 +397,42 @@ mod tests {
         assert!(got == expected, "bytes differ");
         assert!(calls > 4, "the slow reader forced partial writes ({calls} calls)");
         assert!(sendfile_calls > 0);
+    }
+
+    /// What the client sends first decides the protocol, and every byte read ahead is read
+    /// again, in order, whatever the read sizes.
+    #[tokio::test]
+    async fn preface_detection_replays_what_it_read() {
+        let check = |parts: Vec<&'static [u8]>, h2: bool| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let all: Vec<u8> = parts.concat();
+            let writer = tokio::spawn(async move {
+                for part in parts {
+                    client.write_all(part).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                client.shutdown().await.unwrap();
+                client
+            });
+            let mut server = SendfileStream::new(server);
+            assert_eq!(server.read_preface().await.unwrap(), h2, "{:?}", String::from_utf8_lossy(&all));
+            let mut got = Vec::new();
+            let mut small = [0u8; 3];
+            let n = server.read(&mut small).await.unwrap();
+            got.extend_from_slice(&small[..n]);
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, all);
+            drop(writer.await.unwrap());
+        };
+        check(vec![b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"], false).await;
+        check(vec![H2_PREFACE, b"\0\0\0\x04\0\0\0\0\0"], true).await;
+        check(vec![b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\nmore"], true).await;
+        check(vec![b"PRI * HT", b"TP/1.1\r\n\r\n"], false).await;
+        check(vec![b"PRI"], false).await; // then end of stream
+        check(vec![&[b'x'; 5000]], false).await; // longer than one read ahead
+        check(vec![], false).await;
     }
 
     #[tokio::test]
