@@ -4,7 +4,9 @@
 //! access log and the metrics.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -208,34 +211,36 @@ async fn accept_loop(
     }
 }
 
-/// hyper's connection builders, made once per accept loop: `auto` when the protocol is not
-/// known yet, `h1`/`h2` when it is (ALPN, or the first bytes read): hyper-util's auto builder
-/// would otherwise read the first 24 bytes on their own to look for the HTTP/2 preface, one
-/// more read per connection.
+/// hyper's connection builders, made once per accept loop: `h1`/`h2` when the protocol is
+/// known (ALPN, or the first bytes read), `auto` when it is not (TLS without ALPN). Knowing it
+/// first saves hyper-util's auto builder a read of its own (the first 24 bytes, to look for
+/// the HTTP/2 preface) per connection.
 struct Builders {
     auto: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
     fn new(state: &State) -> Builders {
+        const H2_MAX_STREAMS: u32 = 256;
+        const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+        const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .keep_alive_interval(Some(H2_PING_INTERVAL));
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
         auto.http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(256)
-            .max_header_list_size(64 * 1024)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        Builders { h1: auto.clone().http1_only(), h2: auto.clone().http2_only(), auto }
-    }
-
-    fn for_version(&self, h2: Option<bool>) -> &auto::Builder<TokioExecutor> {
-        match h2 {
-            Some(true) => &self.h2,
-            Some(false) => &self.h1,
-            None => &self.auto,
-        }
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .keep_alive_interval(Some(H2_PING_INTERVAL));
+        Builders { auto, h1, h2 }
     }
 }
 
@@ -291,16 +296,44 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { state, builders, local, peer, kind, mut stop } = self;
-        let is_h2 = Arc::new(AtomicBool::new(false));
-        let mut drain = state.health.drain_watch();
+        let Connection { state, builders, local, peer, kind, stop } = self;
+        let is_h2 = Arc::new(AtomicBool::new(h2 == Some(true)));
+        let drain = state.health.drain_watch();
         let info = Arc::new(ConnInfo { local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
         let service = service_fn(move |req| {
             let state = Arc::clone(&state);
             let info = Arc::clone(&info);
             async move { Ok::<_, Infallible>(handle(&state, &info, req).await) }
         });
-        let conn = builders.for_version(h2).serve_connection(TokioIo::new(io), service);
+        let io = TokioIo::new(io);
+        let watch = ConnWatch { peer, stop, drain, is_h2 };
+        // hyper's own HTTP/1.1 or HTTP/2 connection when the protocol is known: smaller than
+        // the auto connection (which holds room for either), so less to move per connection.
+        match h2 {
+            Some(false) => Box::pin(watch.drive(builders.h1.serve_connection(io, service), |c| c.graceful_shutdown())).await,
+            Some(true) => Box::pin(watch.drive(builders.h2.serve_connection(io, service), |c| c.graceful_shutdown())).await,
+            None => Box::pin(watch.drive(builders.auto.serve_connection(io, service), |c| c.graceful_shutdown())).await,
+        }
+    }
+}
+
+/// What a connection watches besides its requests: shutdown and drain.
+struct ConnWatch {
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+    is_h2: Arc<AtomicBool>,
+}
+
+impl ConnWatch {
+    /// Runs `conn` to its end; on shutdown, or on drain for HTTP/2, asks it to finish
+    /// gracefully (`graceful` is the connection type's `graceful_shutdown`).
+    async fn drive<C, E>(self, conn: C, graceful: impl Fn(Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let ConnWatch { peer, mut stop, mut drain, is_h2 } = self;
         tokio::pin!(conn);
         let (mut shutting_down, mut drain_open) = (false, true);
         loop {
@@ -312,7 +345,7 @@ impl Connection {
                     break;
                 }
                 _ = stop.changed(), if !shutting_down => {
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                     shutting_down = true;
                 }
                 changed = drain.changed(), if !shutting_down && drain_open => {
@@ -322,7 +355,7 @@ impl Connection {
                         // HTTP/2: GOAWAY, in-flight streams finish. (HTTP/1.1 connections
                         // get `Connection: close` on their next response instead: closing
                         // an idle one here could race with a request the client is sending.)
-                        conn.as_mut().graceful_shutdown();
+                        graceful(conn.as_mut());
                         shutting_down = true;
                     }
                 }
