@@ -166,11 +166,21 @@ async fn accept_loop(
     grace: Duration,
 ) {
     let builders = Arc::new(Builders::new(&state));
+    // The connections watch stop and drain through channels of this loop's own, fed from the
+    // node's: every connection registers with them, and a channel shared by all HTTP threads
+    // would bounce its lock between CPUs on each connection.
+    let mut drain = state.health.drain_watch();
+    let (local_stop, conn_stop) = watch::channel(false);
+    let (local_drain, conn_drain) = watch::channel(*drain.borrow_and_update());
+    let mut drain_open = true;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            changed = drain.changed(), if drain_open => match changed {
+                Ok(()) => { local_drain.send_replace(*drain.borrow_and_update()); }
+                Err(_) => drain_open = false,
+            },
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
@@ -195,13 +205,18 @@ async fn accept_loop(
                     local,
                     peer,
                     kind: kind.clone(),
-                    stop: stop.clone(),
+                    stop: conn_stop.clone(),
+                    drain: conn_drain.clone(),
                 };
                 connections.spawn(conn.serve(stream));
+                // Reap finished connections here rather than in a `join_next` branch: that
+                // would wake this loop once more for every connection that ends.
+                while connections.try_join_next().is_some() {}
             }
         }
     }
     drop(listener);
+    local_stop.send_replace(true);
     info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
     let finish = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, finish).await.is_err() {
@@ -251,7 +266,9 @@ struct Connection {
     local: SocketAddr,
     peer: SocketAddr,
     kind: ListenerKind,
+    /// The accept loop's stop and drain channels.
     stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 }
 
 impl Connection {
@@ -296,9 +313,8 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { state, builders, local, peer, kind, stop } = self;
+        let Connection { state, builders, local, peer, kind, stop, drain } = self;
         let is_h2 = Arc::new(AtomicBool::new(h2 == Some(true)));
-        let drain = state.health.drain_watch();
         let info = Arc::new(ConnInfo { local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
         let service = service_fn(move |req| {
             let state = Arc::clone(&state);
