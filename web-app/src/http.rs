@@ -288,23 +288,25 @@ impl Connection {
                     Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
                 }
             }
-            // Plain HTTP: cached files go out with sendfile. The first read (bounded like a
-            // request head) tells HTTP/1.1 from HTTP/2 with prior knowledge.
-            _ => {
-                let mut io = SendfileStream::new(stream);
-                let mut stop = self.stop.clone();
-                let first = tokio::time::timeout(self.state.header_read_timeout, io.read_preface());
-                let read = tokio::select! {
-                    read = first => read,
-                    // Shutting down: a connection that has sent nothing yet closes at once.
-                    _ = stop.wait_for(|stop| *stop) => return,
-                };
-                match read {
-                    Ok(Ok(h2)) => Box::pin(self.serve_io(io, false, Some(h2))).await,
-                    Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "reading the first request failed"),
-                    Err(_) => debug!(peer = %self.peer, "no request in time"),
-                }
-            }
+            _ => self.serve_plain(stream).await,
+        }
+    }
+
+    /// Plain HTTP: cached files go out with sendfile. The first read (bounded like a request
+    /// head) tells HTTP/1.1 from HTTP/2 with prior knowledge.
+    async fn serve_plain(self, stream: TcpStream) {
+        let mut io = SendfileStream::new(stream);
+        let mut stop = self.stop.clone();
+        let first = tokio::time::timeout(self.state.header_read_timeout, io.read_preface());
+        let read = tokio::select! {
+            read = first => read,
+            // Shutting down: a connection that has sent nothing yet closes at once.
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        match read {
+            Ok(Ok(h2)) => Box::pin(self.serve_io(io, false, Some(h2))).await,
+            Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "reading the first request failed"),
+            Err(_) => debug!(peer = %self.peer, "no request in time"),
         }
     }
 
@@ -315,11 +317,12 @@ impl Connection {
     {
         let Connection { state, builders, local, peer, kind, stop, drain } = self;
         let is_h2 = Arc::new(AtomicBool::new(h2 == Some(true)));
-        let info = Arc::new(ConnInfo { local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
+        // One reference-counted value per request, and it is this connection's own: cloning
+        // the node's `Arc<State>` per request would bounce its count between the threads.
+        let info = Arc::new(ConnInfo { state, local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
         let service = service_fn(move |req| {
-            let state = Arc::clone(&state);
             let info = Arc::clone(&info);
-            async move { Ok::<_, Infallible>(handle(&state, &info, req).await) }
+            async move { Ok::<_, Infallible>(handle(&info.state, &info, req).await) }
         });
         let io = TokioIo::new(io);
         let watch = ConnWatch { peer, stop, drain, is_h2 };
@@ -381,6 +384,7 @@ impl ConnWatch {
 }
 
 struct ConnInfo {
+    state: Arc<State>,
     local: SocketAddr,
     peer: SocketAddr,
     tls: bool,

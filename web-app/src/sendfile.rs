@@ -157,20 +157,19 @@ impl SendfileStream {
     /// read of up to 2 KiB usually decides, and leaves hyper a whole request head. End of
     /// stream decides "not HTTP/2" (hyper then sees it too).
     pub async fn read_preface(&mut self) -> io::Result<bool> {
-        let mut buf = [0u8; 2048];
-        let mut filled = 0;
+        // On the heap, not in the future: a connection's future is moved when it is spawned.
+        let mut buf = bytes::BytesMut::with_capacity(2048);
         let h2 = loop {
-            let n = self.stream.read(&mut buf[filled..]).await?;
-            filled += n;
-            let seen = filled.min(H2_PREFACE.len());
+            let n = self.stream.read_buf(&mut buf).await?;
+            let seen = buf.len().min(H2_PREFACE.len());
             if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
                 break false;
             }
-            if filled >= H2_PREFACE.len() {
+            if buf.len() >= H2_PREFACE.len() {
                 break true;
             }
         };
-        self.replay = Bytes::copy_from_slice(&buf[..filled]);
+        self.replay = buf.freeze();
         Ok(h2)
     }
 
