@@ -366,7 +366,7 @@ mod tests {
                     return got;
                 }
                 got.extend_from_slice(&chunk[..n]);
-                if got.len() % 7 == 0 {
+                if got.len().is_multiple_of(7) {
                     tokio::task::yield_now().await;
                 }
             }

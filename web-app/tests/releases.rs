@@ -165,7 +165,7 @@ async fn sendfile_responses_are_exact_through_a_slow_reader_and_a_reload() {
                 break;
             }
             received.extend_from_slice(&chunk[..n]);
-            if received.len() % 5 == 0 {
+            if received.len().is_multiple_of(5) {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
