@@ -243,8 +243,12 @@ fn template() -> Result<&'static Path> {
 fn init_template(programs: &Programs, root: &Path) -> Result<PathBuf> {
     let data = root.join("data");
     fs::create_dir_all(&data).map_err(io_err(format!("create {}", data.display())))?;
+    // Its own tmpdir, as for every instance: temporary tables of the bootstrap must not live
+    // in a /tmp that other processes (and their clean-ups) share.
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
     let cnf = root.join("my.cnf");
-    let mut text = format!("[mariadbd]\ndatadir={}\n", data.display());
+    let mut text = format!("[mariadbd]\ndatadir={}\ntmpdir={}\n", data.display(), tmp.display());
     for o in INNODB_OPTIONS {
         text.push_str(o);
         text.push('\n');
@@ -422,8 +426,11 @@ impl Instance {
     }
 
     fn write_cnf(&self) -> Result<()> {
+        let tmp = self.dir.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
         let mut text = String::from("[mariadbd]\n");
         let _ = writeln!(text, "datadir={}", self.datadir().display());
+        let _ = writeln!(text, "tmpdir={}", tmp.display());
         let _ = writeln!(text, "socket={}", self.socket().display());
         let _ = writeln!(text, "pid-file={}", self.pid_file().display());
         let _ = writeln!(text, "log-error={}", self.error_log().display());
