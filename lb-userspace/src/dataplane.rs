@@ -93,6 +93,12 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 impl Dataplane {
     /// Loads the object and the program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        Self::load_object(objects::balancer(), opts)
+    }
+
+    /// [`Dataplane::load`] from another build of the balancer object with the same maps (the
+    /// benchmark compares a baseline build with this one in the same run).
+    pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Self, DataplaneError> {
         let pins: Vec<(&str, std::path::PathBuf)> =
             opts.pin_dir.iter().flat_map(|d| MAPS.iter().map(move |&m| (m, d.join(m)))).collect();
         let mut loader = EbpfLoader::new();
@@ -100,7 +106,7 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(objects::balancer())?;
+        let mut ebpf = loader.load(object)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(DataplaneError::MissingMap(PROGRAM))?

@@ -5,6 +5,8 @@
 //! accounting (BPF_ENABLE_STATS: run_time_ns / run_cnt), which excludes the syscall.
 //!
 //! Run as root: `cargo xtask bench` (or `cargo run --release -p tests --bin dataplane-bench`).
+//! `LB_BENCH_BASELINE=<object>` also measures another build of the balancer object (same
+//! maps) in the same chunks and prints this build's time relative to it.
 
 use aya::{programs::Xdp, sys::{enable_stats, Stats}, Ebpf};
 use lb_common::{
@@ -42,6 +44,11 @@ fn measure(prog: &Xdp, s: &Scenario, ingress: u32) -> f64 {
     (after.run_time() - before.run_time()).as_nanos() as f64 / runs as f64
 }
 
+/// A flow table large enough that the new-flow path never evicts during the run.
+fn flow_table_size() -> u32 {
+    std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20)
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -53,8 +60,19 @@ fn main() {
     let cpu: usize = std::env::var("LB_BENCH_CPU").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     pin_to_cpu(cpu);
     let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20), pin_dir: None }).expect("load balancer");
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
     configure(&mut dp);
+    // LB_BENCH_BASELINE=<balancer object> (e.g. a copy of target/release/build/lb-userspace-*/out/lb
+    // from before a change): measured beside this build, chunk by chunk, as the floor is.
+    // Separate runs cannot resolve 10 % on a shared host; this can.
+    let baseline_path = std::env::var("LB_BENCH_BASELINE").ok();
+    let baseline = baseline_path.as_ref().map(|path| {
+        let object = std::fs::read(path).unwrap_or_else(|e| panic!("LB_BENCH_BASELINE {path}: {e}"));
+        let mut b = Dataplane::load_object(&object, &LoadOptions { flow_table_size: flow_table_size(), pin_dir: None })
+            .unwrap_or_else(|e| panic!("LB_BENCH_BASELINE {path}: {e}"));
+        configure(&mut b);
+        b
+    });
     let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
     let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
     floor.load().expect("load xdp_pass");
@@ -66,7 +84,9 @@ fn main() {
     let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
     for &(i, port) in &est_flows {
         let src = [172, 17, (i >> 8) as u8, i as u8];
-        testrun::run(dp.program(), &Pkt::tcp(src, port, VIP, 80, TCP_SYN).build(), Some(ingress)).unwrap();
+        for d in std::iter::once(&dp).chain(baseline.as_ref()) {
+            testrun::run(d.program(), &Pkt::tcp(src, port, VIP, 80, TCP_SYN).build(), Some(ingress)).unwrap();
+        }
     }
     let ack: Vec<Vec<u8>> = est_flows
         .iter()
@@ -83,6 +103,7 @@ fn main() {
     // The machine's speed drifts (shared host): alternate short chunks of every path and
     // compare like with like, chunk by chunk; report the median and the 10th percentile.
     let mut results: [Vec<f64>; 4] = Default::default();
+    let mut base_results: [Vec<f64>; 3] = Default::default();
     let mut syn_src = 0u32;
     let chunk = per_round.min(2000);
     let chunks = (per_round * rounds / chunk).max(20);
@@ -103,7 +124,16 @@ fn main() {
         results[0].push(measure(floor, &plain, ingress));
         for (k, s) in [(1, &syns), (2, &acks), (3, &plain)] {
             if wanted[k - 1] {
+                // With a baseline, which of the two goes first alternates by chunk: the
+                // second runs on caches the first warmed.
+                let base_first = c % 2 == 1;
+                if let (Some(b), true) = (&baseline, base_first) {
+                    base_results[k - 1].push(measure(b.program(), s, ingress));
+                }
                 results[k].push(measure(dp.program(), s, ingress));
+                if let (Some(b), false) = (&baseline, base_first) {
+                    base_results[k - 1].push(measure(b.program(), s, ingress));
+                }
             }
         }
     }
@@ -130,6 +160,20 @@ fn main() {
             "{name:<28} {p50:>8.1} {p10:>8.1} {n50:>9.1} {n10:>9.1} {katran:>11.0} {ratio:>12.2} {:>10}",
             if ratio <= 0.5 { "<= 0.5 ok" } else { "> 0.5 MISS" }
         );
+    }
+    if let Some(path) = &baseline_path {
+        println!("this build vs LB_BENCH_BASELINE={path}, same chunks (ratio < 1: this build is faster)");
+        println!("{:<28} {:>13} {:>13} {:>18}", "path", "base net p50", "this net p50", "this/base per chunk");
+        for (k, (name, _)) in KATRAN.iter().enumerate() {
+            if !wanted[k] {
+                continue;
+            }
+            // Net of the floor chunk by chunk, then the median of the per-chunk ratios.
+            let net = |v: &[f64]| v.iter().zip(&results[0]).map(|(x, f)| (x - f).max(1.0)).collect::<Vec<_>>();
+            let (this, base) = (net(&results[k + 1]), net(&base_results[k]));
+            let ratios: Vec<f64> = this.iter().zip(&base).map(|(t, b)| t / b).collect();
+            println!("{name:<28} {:>13.1} {:>13.1} {:>17.2}x", pct(&base, 0.5), pct(&this, 0.5), pct(&ratios, 0.5));
+        }
     }
     let g = dp.global_stats().unwrap();
     println!("(counters: {} new flows, {} flow hits, {} not-VIP)", g.get(lb_common::stats::Counter::NewFlow), g.get(lb_common::stats::Counter::FlowHit), g.get(lb_common::stats::Counter::NotVip));
