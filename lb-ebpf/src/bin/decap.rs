@@ -14,7 +14,7 @@ use lb_common::{
     packet::{parse_ipip, Frame},
     stats::{Counter, GlobalStats},
 };
-use lb_ebpf::{adjust_head, XdpFrame};
+use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
 /// The host's own addresses: outer destinations to decapsulate (value unused).
 #[map]
@@ -44,19 +44,13 @@ fn decap(ctx: &XdpContext) -> Counter {
     if unsafe { DECAP_ADDRS.get(&d.outer_dst) }.is_none() {
         return Counter::DecapNotLocal;
     }
-    let Some(l2) = frame.load::<18>(0) else { return Counter::DecapMalformed };
+    let (Some(macs), Some(tail)) = (frame.load_words::<3>(0), frame.load::<6>(12)) else {
+        return Counter::DecapMalformed;
+    };
     // outer_len is 20..=60 (checked by the parser); mask to let the verifier see it.
     let outer_len = (d.outer_len & 0x3c) as i32;
     if !adjust_head(ctx, outer_len) {
         return Counter::DecapMalformed;
     }
-    let frame = XdpFrame::new(ctx);
-    let ok = if d.l3_off == 18 {
-        frame.store(0, &l2)
-    } else {
-        let mut short = [0u8; 14];
-        short.copy_from_slice(&l2[..14]);
-        frame.store(0, &short)
-    };
-    if ok { Counter::Decap } else { Counter::DecapMalformed }
+    if write_eth(&XdpFrame::new(ctx), d.l3_off, &macs, &tail) { Counter::Decap } else { Counter::DecapMalformed }
 }
