@@ -143,6 +143,9 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                 }
                 while loops.join_next().await.is_some() {}
             });
+            // Connections still open after their grace period end here, before the thread
+            // says it has stopped.
+            drop(runtime);
             drop(done_tx);
         });
         if let Err(e) = spawned {
@@ -173,7 +176,7 @@ async fn accept_loop(
     let (local_stop, conn_stop) = watch::channel(false);
     let (local_drain, conn_drain) = watch::channel(*drain.borrow_and_update());
     let mut drain_open = true;
-    let mut connections = JoinSet::new();
+    let connections = Arc::new(OpenConnections::default());
     loop {
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
@@ -200,6 +203,7 @@ async fn accept_loop(
                 };
                 // TCP_NODELAY: inherited from the listening socket (Linux), no syscall here.
                 let conn = Connection {
+                    _open: connections.open(),
                     state: Arc::clone(&state),
                     builders: Arc::clone(&builders),
                     local,
@@ -208,21 +212,63 @@ async fn accept_loop(
                     stop: conn_stop.clone(),
                     drain: conn_drain.clone(),
                 };
-                connections.spawn(conn.serve(stream));
-                // Reap finished connections here rather than in a `join_next` branch: that
-                // would wake this loop once more for every connection that ends.
-                while connections.try_join_next().is_some() {}
+                // Boxed: the task then holds a pointer, not the future, and tokio moves the
+                // task's future several times between spawn and completion.
+                tokio::spawn(Box::pin(conn.serve(stream)));
             }
         }
     }
     drop(listener);
     local_stop.send_replace(true);
     info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
-    let finish = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(grace, finish).await.is_err() {
+    if tokio::time::timeout(grace, connections.all_closed()).await.is_err() {
+        // They end when the thread's runtime is dropped (see `serve`).
         warn!(%local_addr, remaining = connections.len(), "grace period over, dropping busy connections");
-        connections.abort_all();
-        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// The connections of an accept loop still open, so that its shutdown can wait for them. (A
+/// `JoinSet` does that too, at the cost of an entry allocated, linked and reaped per
+/// connection, which shows with a new connection per request.)
+#[derive(Default)]
+struct OpenConnections {
+    count: std::sync::atomic::AtomicUsize,
+    all_closed: tokio::sync::Notify,
+}
+
+/// Counts one open connection until dropped.
+struct OpenGuard(Arc<OpenConnections>);
+
+impl OpenConnections {
+    fn open(self: &Arc<Self>) -> OpenGuard {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(Arc::clone(self))
+    }
+
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Returns once no connection is open.
+    async fn all_closed(&self) {
+        loop {
+            let closed = self.all_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read: a last close in between is not missed.
+            closed.as_mut().enable();
+            if self.len() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
     }
 }
 
@@ -261,6 +307,8 @@ impl Builders {
 
 /// What every request of a connection needs to know about it.
 struct Connection {
+    /// Counted as open while this (or what it becomes) lives.
+    _open: OpenGuard,
     state: Arc<State>,
     builders: Arc<Builders>,
     local: SocketAddr,
@@ -276,19 +324,23 @@ impl Connection {
     /// spawning moves it: a new connection per request would otherwise copy kilobytes.
     async fn serve(self, stream: TcpStream) {
         match self.kind.clone() {
-            ListenerKind::Tls(acceptor) => {
-                let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
-                match handshake.await {
-                    Ok(Ok(tls)) => {
-                        // ALPN says which protocol; without it, hyper-util looks at the bytes.
-                        let h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
-                        Box::pin(self.serve_io(tls, true, h2)).await
-                    }
-                    Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
-                }
-            }
+            // Boxed: a TLS stream held across the handshake's await would make every
+            // connection's future (plain ones too) kilobytes larger.
+            ListenerKind::Tls(acceptor) => Box::pin(self.serve_tls(acceptor, stream)).await,
             _ => self.serve_plain(stream).await,
+        }
+    }
+
+    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream) {
+        let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
+        match handshake.await {
+            Ok(Ok(tls)) => {
+                // ALPN says which protocol; without it, hyper-util looks at the bytes.
+                let h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
+                Box::pin(self.serve_io(tls, true, h2)).await
+            }
+            Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
         }
     }
 
@@ -315,17 +367,17 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { state, builders, local, peer, kind, stop, drain } = self;
-        let is_h2 = Arc::new(AtomicBool::new(h2 == Some(true)));
+        let Connection { _open, state, builders, local, peer, kind, stop, drain } = self;
+        let is_h2 = AtomicBool::new(h2 == Some(true));
         // One reference-counted value per request, and it is this connection's own: cloning
         // the node's `Arc<State>` per request would bounce its count between the threads.
-        let info = Arc::new(ConnInfo { state, local, peer, tls, kind, is_h2: Arc::clone(&is_h2) });
+        let info = Arc::new(ConnInfo { state, local, peer, tls, kind, is_h2 });
+        let watch = ConnWatch { info: Arc::clone(&info), stop, drain, h1_only: h2 == Some(false), _open };
         let service = service_fn(move |req| {
             let info = Arc::clone(&info);
             async move { Ok::<_, Infallible>(handle(&info.state, &info, req).await) }
         });
         let io = TokioIo::new(io);
-        let watch = ConnWatch { peer, stop, drain, is_h2 };
         // hyper's own HTTP/1.1 or HTTP/2 connection when the protocol is known: smaller than
         // the auto connection (which holds room for either), so less to move per connection.
         match h2 {
@@ -338,10 +390,12 @@ impl Connection {
 
 /// What a connection watches besides its requests: shutdown and drain.
 struct ConnWatch {
-    peer: SocketAddr,
+    info: Arc<ConnInfo>,
     stop: watch::Receiver<bool>,
     drain: watch::Receiver<bool>,
-    is_h2: Arc<AtomicBool>,
+    _open: OpenGuard,
+    /// Served by hyper's HTTP/1.1 connection: can never become HTTP/2.
+    h1_only: bool,
 }
 
 impl ConnWatch {
@@ -352,9 +406,12 @@ impl ConnWatch {
         C: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let ConnWatch { peer, mut stop, mut drain, is_h2 } = self;
+        let ConnWatch { info, mut stop, mut drain, h1_only, _open } = self;
+        let (peer, is_h2) = (info.peer, &info.is_h2);
         tokio::pin!(conn);
-        let (mut shutting_down, mut drain_open) = (false, true);
+        // An HTTP/1.1-only connection ignores drain (its responses say `Connection: close`
+        // instead): one channel less to register with per connection.
+        let (mut shutting_down, mut drain_open) = (false, !h1_only);
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
@@ -389,7 +446,8 @@ struct ConnInfo {
     peer: SocketAddr,
     tls: bool,
     kind: ListenerKind,
-    is_h2: Arc<AtomicBool>,
+    /// Set by the first HTTP/2 request (known from the start with ALPN or prior knowledge).
+    is_h2: AtomicBool,
 }
 
 /// Fixed route names for metrics and the access log.
@@ -435,24 +493,11 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     // The release this request is served from, even if a reload switches it meanwhile.
     let site = state.site.load_full();
 
-    let mut response = if let ListenerKind::RedirectToHttps { https_port } = conn.kind {
-        if redirect {
-            redirect_to_https(&req, https_port)
-        } else {
-            dispatch(state, conn, &site, route, req).await
-        }
-    } else if (method == Method::GET || method == Method::HEAD) && matches!(route, "static" | "whoami" | "healthz" | "metrics") {
-        // Nothing to read from the client here (a body of a GET is ignored): no timer to arm.
-        dispatch(state, conn, &site, route, req).await
-    } else {
-        match tokio::time::timeout(state.request_timeout, dispatch(state, conn, &site, route, req)).await {
-            Ok(response) => response,
-            Err(_) => {
-                let mut response = text(StatusCode::REQUEST_TIMEOUT, "request not received in time\n");
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                response
-            }
-        }
+    let mut response = match answer_now(state, conn, &site, route, redirect, &req) {
+        Some(response) => response,
+        // Boxed: this future is written into hyper's connection for every request, so it
+        // stays as small as the answers above need.
+        None => Box::pin(answer_later(state, conn, &site, route, req)).await,
     };
 
     let headers = response.headers_mut();
@@ -469,6 +514,70 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         Access { method: &method, path: &path, version, status, bytes, elapsed, release: &site.version }.log(conn);
     }
     response
+}
+
+/// The answers that need no waiting (nothing to read from the client, no storage, no file
+/// system): redirects, `/whoami`, `/healthz`, `/metrics` and files kept in memory.
+fn answer_now(
+    state: &State,
+    conn: &ConnInfo,
+    site: &crate::site::Site,
+    route: &'static str,
+    redirect: bool,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    if redirect {
+        if let ListenerKind::RedirectToHttps { https_port } = conn.kind {
+            return Some(redirect_to_https(req, https_port));
+        }
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    match route {
+        "static" => site.serve_from_memory(req),
+        "whoami" | "healthz" | "metrics" => Some(answer_get(state, conn, site, route)),
+        _ => None,
+    }
+}
+
+/// The other answers (and methods not allowed), under the request timeout when they read
+/// from the client.
+async fn answer_later(
+    state: &State,
+    conn: &ConnInfo,
+    site: &Arc<crate::site::Site>,
+    route: &'static str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let method = req.method();
+    let get_or_head = method == Method::GET || method == Method::HEAD;
+    // Nothing to read from the client (a body of a GET is ignored): no timer to arm.
+    let reads_nothing = matches!(conn.kind, ListenerKind::RedirectToHttps { .. })
+        || (get_or_head && matches!(route, "static" | "whoami" | "healthz" | "metrics"));
+    let allowed = |allow| async move { method_not_allowed(allow) };
+    // The routes that wait for something are boxed: the request's future is written into
+    // hyper's connection for every request, so it stays as small as the routes answered at
+    // once need (a few hundred bytes instead of kilobytes).
+    let answer: Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> = match route {
+        "whoami" | "healthz" | "metrics" if get_or_head => return answer_get(state, conn, site, route),
+        "upload" if method == Method::POST || method == Method::PUT => Box::pin(upload(state, req)),
+        "upload" => Box::pin(allowed("POST, PUT")),
+        "app" | "api_notes" | "api_note" => Box::pin(crate::app::handle(state, site, req)),
+        "static" => Box::pin(Arc::clone(site).serve(req)),
+        _ => Box::pin(allowed("GET, HEAD")),
+    };
+    if reads_nothing {
+        return answer.await;
+    }
+    match tokio::time::timeout(state.request_timeout, answer).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = text(StatusCode::REQUEST_TIMEOUT, "request not received in time\n");
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 /// One access log line.
@@ -500,22 +609,15 @@ impl Access<'_> {
     }
 }
 
-async fn dispatch(
-    state: &State,
-    conn: &ConnInfo,
-    site: &Arc<crate::site::Site>,
-    route: &'static str,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let method = req.method();
-    let get_or_head = method == Method::GET || method == Method::HEAD;
+/// GET/HEAD of `/whoami`, `/healthz` or `/metrics` (`route`).
+fn answer_get(state: &State, conn: &ConnInfo, site: &crate::site::Site, route: &'static str) -> Response<Body> {
     match route {
-        "whoami" if get_or_head => whoami(state, site, conn),
-        "healthz" if get_or_head => match state.health.check() {
+        "whoami" => whoami(state, site, conn),
+        "healthz" => match state.health.check() {
             Ok(()) => text(StatusCode::OK, "ok"),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, &reason),
         },
-        "metrics" if get_or_head => {
+        _ => {
             let mut response = Response::new(full(state.metrics.encode(state.health.check().is_ok())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -523,12 +625,6 @@ async fn dispatch(
             );
             response
         }
-        "upload" if method == Method::POST || method == Method::PUT => upload(state, req).await,
-        "upload" => method_not_allowed("POST, PUT"),
-        "app" | "api_notes" | "api_note" => crate::app::handle(state, site, req).await,
-        "static" => Arc::clone(site).serve(req).await,
-        "whoami" | "healthz" | "metrics" => method_not_allowed("GET, HEAD"),
-        _ => method_not_allowed("GET, HEAD"),
     }
 }
 

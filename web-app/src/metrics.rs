@@ -9,6 +9,8 @@
 //!
 //! Routes are a fixed set of names (never the raw path), so label cardinality stays bounded.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -47,8 +49,23 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.5, 15))
 }
 
+/// Tells the `Metrics` of one node from another's (tests run several in one process).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// At most this many handles are kept per thread (then the cache starts over).
+const MAX_HANDLES: usize = 64;
+
+thread_local! {
+    /// The request counter and latency histogram of each label set this thread has counted,
+    /// by `Metrics` id: handles share their values with the families, and finding one here
+    /// takes no lock and no hashing (the families' lookup takes a read lock shared by every
+    /// HTTP thread, and hashes the labels, for every request).
+    static HANDLES: RefCell<Vec<(u64, RequestLabels, Counter, Histogram)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The node's metrics and their registry.
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
@@ -79,6 +96,7 @@ impl Default for Metrics {
         let ready = Gauge::default();
         registry.register("web_ready", "1 when /healthz answers ok", ready.clone());
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             latency,
@@ -102,8 +120,23 @@ impl Metrics {
             hyper::Method::DELETE => "DELETE",
             _ => "other",
         };
-        self.requests.get_or_create(&RequestLabels { route, method, status }).inc();
-        self.latency.get_or_create(&RouteLabels { route }).observe(seconds);
+        let labels = RequestLabels { route, method, status };
+        HANDLES.with(|handles| {
+            let mut handles = handles.borrow_mut();
+            let found = handles.iter().position(|(id, l, ..)| *id == self.id && *l == labels);
+            let i = found.unwrap_or_else(|| {
+                if handles.len() >= MAX_HANDLES {
+                    handles.clear();
+                }
+                let counter = self.requests.get_or_create(&labels).clone();
+                let histogram = self.latency.get_or_create(&RouteLabels { route }).clone();
+                handles.push((self.id, labels, counter, histogram));
+                handles.len() - 1
+            });
+            let (_, _, counter, histogram) = &handles[i];
+            counter.inc();
+            histogram.observe(seconds);
+        });
     }
 
     /// Counts a release reload: `switched`, `unchanged` or `refused`.
@@ -128,5 +161,51 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests_line(text: &str, route: &str, status: u16) -> Option<String> {
+        let needle = format!("web_requests_total{{route=\"{route}\",method=\"GET\",status=\"{status}\"}}");
+        text.lines().find(|l| l.starts_with(&needle)).map(str::to_owned)
+    }
+
+    /// Two nodes' metrics counted from the same thread (the handles this thread keeps are
+    /// per `Metrics`) stay apart, and every count shows in the text.
+    #[test]
+    fn counts_stay_with_their_metrics() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        for _ in 0..3 {
+            a.observe("static", &hyper::Method::GET, 200, 0.001);
+        }
+        b.observe("static", &hyper::Method::GET, 200, 0.001);
+        a.observe("static", &hyper::Method::GET, 404, 0.001);
+        let (ta, tb) = (a.encode(true), b.encode(true));
+        assert!(requests_line(&ta, "static", 200).unwrap().ends_with(" 3"), "{ta}");
+        assert!(requests_line(&ta, "static", 404).unwrap().ends_with(" 1"), "{ta}");
+        assert!(requests_line(&tb, "static", 200).unwrap().ends_with(" 1"), "{tb}");
+        assert!(requests_line(&tb, "static", 404).is_none(), "{tb}");
+        assert!(ta.contains("web_request_duration_seconds_count{route=\"static\"} 4"), "{ta}");
+        assert!(tb.contains("web_request_duration_seconds_count{route=\"static\"} 1"), "{tb}");
+    }
+
+    /// More label sets than the thread keeps handles for: every request is still counted.
+    #[test]
+    fn counts_survive_the_handle_cache_starting_over() {
+        let metrics = Metrics::default();
+        let statuses: Vec<u16> = (0..(MAX_HANDLES as u16 + 10)).map(|i| 200 + i).collect();
+        for round in 0..2 {
+            for &status in &statuses {
+                metrics.observe("other", &hyper::Method::GET, status, 0.0);
+            }
+            let text = metrics.encode(true);
+            for &status in &statuses {
+                let line = requests_line(&text, "other", status).unwrap_or_else(|| panic!("{status} missing"));
+                assert!(line.ends_with(&format!(" {}", round + 1)), "{line}");
+            }
+        }
     }
 }

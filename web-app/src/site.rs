@@ -53,12 +53,15 @@ struct Entry {
     etag: HeaderValue,
     etag_gzip: HeaderValue,
     etag_br: HeaderValue,
+    /// The headers of a 200 (or HEAD) answer with each body: identity, gzip, br. Cloned per
+    /// request, which costs less than building them (no hashing of header names).
+    headers: [HeaderMap; 3],
 }
 
 impl Entry {
     fn new(file: CachedFile) -> Option<Entry> {
         let variant = |suffix: &str| HeaderValue::from_str(&format!("{}-{suffix}\"", file.etag.trim_end_matches('"'))).ok();
-        Some(Entry {
+        let mut entry = Entry {
             content_type: HeaderValue::from_static(file.content_type),
             last_modified: HeaderValue::from_str(&file.last_modified).ok()?,
             modified_secs: file.modified.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -68,7 +71,31 @@ impl Entry {
             body: file.body,
             gzip: file.gzip,
             br: file.br,
-        })
+            headers: Default::default(),
+        };
+        entry.headers = [
+            entry.ok_headers(entry.body.len(), &entry.etag, None),
+            entry.ok_headers(entry.gzip.as_ref().map_or(0, Bytes::len), &entry.etag_gzip, Some("gzip")),
+            entry.ok_headers(entry.br.as_ref().map_or(0, Bytes::len), &entry.etag_br, Some("br")),
+        ];
+        Some(entry)
+    }
+
+    /// The headers of a 200 answer with a body of `len` bytes.
+    fn ok_headers(&self, len: usize, etag: &HeaderValue, encoding: Option<&'static str>) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(8);
+        h.insert(header::ETAG, etag.clone());
+        h.insert(header::LAST_MODIFIED, self.last_modified.clone());
+        h.insert(header::CONTENT_TYPE, self.content_type.clone());
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if self.gzip.is_some() || self.br.is_some() {
+            h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        }
+        if let Some(encoding) = encoding {
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        }
+        h
     }
 }
 
@@ -164,16 +191,31 @@ impl Site {
         self.cache.len()
     }
 
+    /// The answer to a GET/HEAD from the files kept in memory, if the request is for one of
+    /// them and not a range: no await, no file system access. [`Site::serve`] answers the rest.
+    pub fn serve_from_memory<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
+        if req.headers().contains_key(header::RANGE) {
+            return None;
+        }
+        let path = req.uri().path();
+        // A plain path (what a cached file's own path looks like) is looked up as it is;
+        // anything else is decoded and checked first.
+        let plain = path.len() > 1
+            && !path.ends_with('/')
+            && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'-' | b'_'));
+        let file = match plain.then(|| self.cache.get(&path[1..])).flatten() {
+            Some(file) => file,
+            None => self.cache.get(&*relative_path(path)?)?,
+        };
+        Some(serve_cached(file, req.method(), req.headers()))
+    }
+
     /// Answers a GET/HEAD for a static file.
     pub async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let rel = relative_path(req.uri().path());
-        if let Some(rel) = &rel {
-            if !req.headers().contains_key(header::RANGE) {
-                if let Some(file) = self.cache.get(&**rel) {
-                    return serve_cached(file, req.method(), req.headers());
-                }
-            }
+        if let Some(response) = self.serve_from_memory(&req) {
+            return response;
         }
+        let rel = relative_path(req.uri().path());
         let etag = match &rel {
             Some(rel) => self.etag_of(rel).await,
             None => None,
@@ -284,10 +326,10 @@ fn not_modified(etag: &str) -> Response<Body> {
 }
 
 fn serve_cached(file: &Entry, method: &Method, headers: &HeaderMap) -> Response<Body> {
-    let (body, encoding, etag) = match (&file.br, &file.gzip) {
-        (Some(br), _) if accepts(headers, "br") => (br.clone(), Some("br"), &file.etag_br),
-        (_, Some(gzip)) if accepts(headers, "gzip") => (gzip.clone(), Some("gzip"), &file.etag_gzip),
-        _ => (file.body.clone(), None, &file.etag),
+    let (body, ok_headers, etag) = match (&file.br, &file.gzip) {
+        (Some(br), _) if accepts(headers, "br") => (br, &file.headers[2], &file.etag_br),
+        (_, Some(gzip)) if accepts(headers, "gzip") => (gzip, &file.headers[1], &file.etag_gzip),
+        _ => (&file.body, &file.headers[0], &file.etag),
     };
     // If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
     let not_modified = if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
@@ -300,28 +342,19 @@ fn serve_cached(file: &Entry, method: &Method, headers: &HeaderMap) -> Response<
     } else {
         false
     };
-    let len = body.len();
     let mut response = if not_modified || method == Method::HEAD {
         Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
     } else {
-        Response::new(full(body))
+        Response::new(full(body.clone()))
     };
-    let h = response.headers_mut();
-    h.insert(header::ETAG, etag.clone());
-    h.insert(header::LAST_MODIFIED, file.last_modified.clone());
     if not_modified {
+        let h = response.headers_mut();
+        h.insert(header::ETAG, etag.clone());
+        h.insert(header::LAST_MODIFIED, file.last_modified.clone());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return response;
     }
-    h.insert(header::CONTENT_TYPE, file.content_type.clone());
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if file.gzip.is_some() || file.br.is_some() {
-        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    }
-    if let Some(encoding) = encoding {
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
-    }
+    *response.headers_mut() = ok_headers.clone();
     response
 }
 
