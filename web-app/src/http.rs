@@ -337,7 +337,7 @@ impl Connection {
             Ok(Ok(tls)) => {
                 // ALPN says which protocol; without it, hyper-util looks at the bytes.
                 let h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
-                Box::pin(self.serve_io(tls, true, h2)).await
+                Box::pin(self.serve_io(tls, true, h2, None)).await
             }
             Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
             Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
@@ -356,14 +356,17 @@ impl Connection {
             _ = stop.wait_for(|stop| *stop) => return,
         };
         match read {
-            Ok(Ok(h2)) => Box::pin(self.serve_io(io, false, Some(h2))).await,
+            Ok(Ok(h2)) => {
+                let closing = io.closing();
+                Box::pin(self.serve_io(io, false, Some(h2), Some(closing))).await
+            }
             Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "reading the first request failed"),
             Err(_) => debug!(peer = %self.peer, "no request in time"),
         }
     }
 
     /// Serves HTTP/2 (`h2` true), HTTP/1.1 (false) or whichever the client speaks (`None`).
-    async fn serve_io<I>(self, io: I, tls: bool, h2: Option<bool>)
+    async fn serve_io<I>(self, io: I, tls: bool, h2: Option<bool>, closing: Option<Arc<AtomicBool>>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -371,7 +374,7 @@ impl Connection {
         let is_h2 = AtomicBool::new(h2 == Some(true));
         // One reference-counted value per request, and it is this connection's own: cloning
         // the node's `Arc<State>` per request would bounce its count between the threads.
-        let info = Arc::new(ConnInfo { state, local, peer, tls, kind, is_h2 });
+        let info = Arc::new(ConnInfo { state, local, peer, tls, kind, is_h2, closing });
         let watch = ConnWatch { info: Arc::clone(&info), stop, drain, h1_only: h2 == Some(false), _open };
         let service = service_fn(move |req| {
             let info = Arc::clone(&info);
@@ -448,6 +451,9 @@ struct ConnInfo {
     kind: ListenerKind,
     /// Set by the first HTTP/2 request (known from the start with ALPN or prior knowledge).
     is_h2: AtomicBool,
+    /// Plain HTTP: tells the connection's IO that the response being written is the last
+    /// (see [`SendfileStream`]).
+    closing: Option<Arc<AtomicBool>>,
 }
 
 /// Fixed route names for metrics and the access log.
@@ -485,6 +491,9 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         conn.is_h2.store(true, Ordering::Relaxed);
     }
     let method = req.method().clone();
+    // What the request's `Connection` says, for the IO of a plain connection (read before the
+    // request is handed on).
+    let asks = conn.closing.as_ref().map(|_| ConnectionTokens::of(req.headers()));
     let path = req.uri().path();
     let redirect = matches!(conn.kind, ListenerKind::RedirectToHttps { .. }) && path != "/healthz" && path != "/metrics";
     let route = if redirect { "redirect" } else { route_name(&method, path) };
@@ -505,6 +514,11 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     if state.health.is_draining() && version <= Version::HTTP_11 {
         // Keep-alive clients reconnect, and the balancer sends them to another node.
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(closing) = &conn.closing {
+        if asks.is_some_and(|asks| asks.ends_connection(version, response.headers())) {
+            closing.store(true, Ordering::Relaxed);
+        }
     }
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
@@ -577,6 +591,36 @@ async fn answer_later(
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             response
         }
+    }
+}
+
+/// The `close` and `keep-alive` tokens of a message's `Connection` header lines.
+#[derive(Clone, Copy)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    fn of(headers: &HeaderMap) -> ConnectionTokens {
+        let mut tokens = ConnectionTokens { close: false, keep_alive: false };
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                tokens.close |= token.eq_ignore_ascii_case("close");
+                tokens.keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        }
+        tokens
+    }
+
+    /// Whether hyper ends an HTTP/1.x connection after the response with `response` headers
+    /// to a request with these tokens: either side says `close`, or an HTTP/1.0 request does
+    /// not ask for keep-alive (hyper's own rules).
+    fn ends_connection(self, version: Version, response: &HeaderMap) -> bool {
+        if version > Version::HTTP_11 {
+            return false;
+        }
+        self.close || (version == Version::HTTP_10 && !self.keep_alive) || ConnectionTokens::of(response).close
     }
 }
 

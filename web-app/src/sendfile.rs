@@ -29,7 +29,8 @@ use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -142,14 +143,60 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A TCP connection whose writes of region bytes go out with `sendfile` (see the module).
 /// It can also read the start of the connection ahead ([`SendfileStream::read_preface`]) and
 /// replays those bytes to its reader first.
+///
+/// The last response: once [`SendfileStream::closing`] says the response being written is
+/// the connection's last (it ends with a close), its bytes are held back (`MSG_MORE`, or
+/// `TCP_CORK` before `sendfile`, as nginx's `tcp_nopush` does) until the shutdown that
+/// follows, which sends the tail of the response and the FIN in one segment: one segment less
+/// for both ends to handle per connection. Should anything but the shutdown follow (a read),
+/// what is held is pushed out first.
 pub struct SendfileStream {
     stream: TcpStream,
     replay: Bytes,
+    closing: Arc<AtomicBool>,
+    /// Bytes may be held back: `Some(corked)` (with `TCP_CORK` set when `corked`).
+    holding: Option<bool>,
 }
 
 impl SendfileStream {
     pub fn new(stream: TcpStream) -> SendfileStream {
-        SendfileStream { stream, replay: Bytes::new() }
+        SendfileStream { stream, replay: Bytes::new(), closing: Arc::default(), holding: None }
+    }
+
+    /// Set to true when the response about to be written is the last on this connection (see
+    /// the type). Only when that is certain: held bytes wait for the shutdown.
+    pub fn closing(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.closing)
+    }
+
+    fn last_response(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// `TCP_CORK` on or off (off sends what it held).
+    fn cork(&self, on: bool) -> io::Result<()> {
+        let value: libc::c_int = on.into();
+        // SAFETY: setsockopt on our socket with a pointer to an int of the size given.
+        check(unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Sends what is held back, if anything may be: uncorks, or (after `MSG_MORE`) sets
+    /// `TCP_NODELAY` again, which pushes the pending segments.
+    fn release(&mut self) -> io::Result<()> {
+        match self.holding.take() {
+            Some(true) => self.cork(false),
+            Some(false) => self.stream.set_nodelay(true),
+            None => Ok(()),
+        }
     }
 
     /// Reads the first bytes of the connection (kept, and read again by the next reads) until
@@ -202,7 +249,7 @@ impl SendfileStream {
     }
 
     /// `sendmsg` of `bufs` with `MSG_MORE` (more follows at once: no short segment for the
-    /// response head alone).
+    /// response head alone, or the FIN of the shutdown comes next).
     fn send_more(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         // SAFETY: an all-zero msghdr is valid (no name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -230,6 +277,10 @@ fn first_in_region(bufs: &[IoSlice<'_>]) -> Option<(usize, (RawFd, u64))> {
 
 impl AsyncRead for SendfileStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.holding.is_some() {
+            // Not closing after all: the peer must see everything before we wait for it.
+            self.release()?;
+        }
         if !self.replay.is_empty() {
             let n = self.replay.len().min(buf.remaining());
             buf.put_slice(&self.replay.split_to(n));
@@ -240,19 +291,24 @@ impl AsyncRead for SendfileStream {
 }
 
 impl AsyncWrite for SendfileStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.len() >= SENDFILE_MIN {
-            if let Some(at) = lookup(buf) {
-                return self.poll_op(cx, || self.sendfile(at, buf.len()));
-            }
-        }
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let last = self.last_response();
         let Some((i, at)) = first_in_region(bufs) else {
+            if last {
+                self.holding.get_or_insert(false);
+                return self.poll_op(cx, || self.send_more(bufs));
+            }
             return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         };
+        if last && self.holding != Some(true) {
+            // sendfile has no MSG_MORE: cork, so that its last segment waits for the FIN.
+            self.cork(true)?;
+            self.holding = Some(true);
+        }
         let len = bufs[i].len();
         if i == 0 {
             return self.poll_op(cx, || self.sendfile(at, len));
@@ -282,8 +338,11 @@ impl AsyncWrite for SendfileStream {
     /// A real `shutdown(2)`, though closing the socket would send a FIN too: with request
     /// bytes left unread, a close alone sends a reset instead, and the client may lose the
     /// response (an error answered before the body was read).
+    /// The FIN goes out with whatever is held back (the kernel pushes it, cork or not).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        ready!(Pin::new(&mut self.stream).poll_shutdown(cx))?;
+        self.holding = None;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -434,6 +493,91 @@ mod tests {
         check(vec![b"PRI"], false).await; // then end of stream
         check(vec![&[b'x'; 5000]], false).await; // longer than one read ahead
         check(vec![], false).await;
+    }
+
+    async fn pair() -> (TcpStream, SendfileStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, SendfileStream::new(server))
+    }
+
+    /// Bounds a step of a test: a held-back byte that never arrives fails instead of hanging.
+    async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(20), fut).await.expect("timed out")
+    }
+
+    /// A last response, copied and sent with `sendfile`, then the shutdown: every byte
+    /// arrives, then the end of the stream.
+    #[tokio::test]
+    async fn a_last_response_goes_out_with_the_shutdown() {
+        let file = data(SENDFILE_MIN * 3 + 1, 11);
+        let packed = pack(&[&file]).unwrap();
+        for with_file in [false, true] {
+            let (mut client, mut server) = pair().await;
+            server.closing().store(true, Ordering::Relaxed);
+            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec();
+            let mut expected = head.clone();
+            server.write_all(&head).await.unwrap();
+            if with_file {
+                let slices = [IoSlice::new(b"head"), IoSlice::new(&packed[0])];
+                let n = server.write_vectored(&slices).await.unwrap();
+                assert!(n > 4, "the head and some of the file");
+                expected.extend_from_slice(b"head");
+                expected.extend_from_slice(&file[..n - 4]);
+                server.write_all(&packed[0][n - 4..]).await.unwrap();
+                expected.extend_from_slice(&file[n - 4..]);
+            }
+            server.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            within(client.read_to_end(&mut got)).await.unwrap();
+            assert!(got == expected, "with_file {with_file}: {} of {} bytes", got.len(), expected.len());
+        }
+    }
+
+    /// Polls `fut` once: its output if it is ready at once.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(match Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        }))
+        .await
+    }
+
+    /// Said to be the last, but the connection goes on reading (it was not the last after
+    /// all): what was held back goes out before the read waits for the peer.
+    #[tokio::test]
+    async fn held_bytes_go_out_before_a_read() {
+        let file = data(SENDFILE_MIN + 100, 13);
+        let packed = pack(&[&file]).unwrap();
+        for with_file in [false, true] {
+            let (mut client, mut server) = pair().await;
+            server.closing().store(true, Ordering::Relaxed);
+            let response: &[u8] = if with_file { &packed[0] } else { b"a response the client waits for" };
+            server.write_all(response).await.unwrap();
+            let fd = server.stream.as_raw_fd();
+            let (polled_tx, polled_rx) = tokio::sync::oneshot::channel();
+            let reader = tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                let mut read = std::pin::pin!(server.read(&mut buf));
+                assert!(futures_poll_once(read.as_mut()).await.is_none(), "nothing to read yet");
+                polled_tx.send(()).unwrap();
+                let n = read.await.unwrap();
+                (n, buf)
+            });
+            polled_rx.await.unwrap();
+            // The read is waiting: nothing may be left unsent (the kernel would otherwise send
+            // a held tail only when its cork timer fires).
+            let mut unsent: libc::c_int = -1;
+            // SAFETY: SIOCOUTQNSD writes an int: the bytes queued but not yet sent.
+            assert_eq!(unsafe { libc::ioctl(fd, libc::SIOCOUTQNSD, &mut unsent) }, 0);
+            assert_eq!(unsent, 0, "bytes held back while waiting for the peer");
+            let mut got = vec![0u8; response.len()];
+            within(client.read_exact(&mut got)).await.expect("the held bytes arrive while the server reads");
+            assert!(got == response);
+            client.write_all(b"next").await.unwrap();
+            assert_eq!(within(reader).await.unwrap(), (4, *b"next"));
+        }
     }
 
     #[tokio::test]

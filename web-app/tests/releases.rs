@@ -244,3 +244,45 @@ fn release_cli_create_verify_activate() {
     let (ok, out) = run(&["--releases", base.path().join("nope").to_str().unwrap()]);
     assert!(!ok && out.contains("--releases"), "{out}");
 }
+
+/// The last response of a connection (its tail held back for the FIN, see
+/// `web_app::sendfile::SendfileStream`) arrives whole, for a copied and a `sendfile` body,
+/// whichever way the connection ends: `Connection: close` from the client, HTTP/1.0 without
+/// keep-alive. And an HTTP/1.0 client asking for keep-alive (on a second `Connection` line)
+/// gets each response before it sends its next request: nothing is held back from a
+/// connection that stays open.
+#[tokio::test]
+async fn last_responses_arrive_whole_and_kept_alive_ones_at_once() {
+    let large = pattern(web_app::sendfile::SENDFILE_MIN * 4 + 3);
+    let small = pattern(700);
+    let node = start_release(&[("large.bin", &large), ("small.bin", &small)], |_| {}).await;
+    for (path, body) in [("/small.bin", &small), ("/large.bin", &large)] {
+        for request in [
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+            format!("GET {path} HTTP/1.0\r\nHost: t\r\n\r\n"),
+            format!("GET {path} HTTP/1.0\r\nHost: t\r\nConnection: x-other\r\nConnection: keep-alive, close\r\n\r\n"),
+        ] {
+            let response = raw(node.addr, request.as_bytes()).await;
+            assert_eq!(response.status, 200, "{request:?}");
+            assert!(response.body == *body, "{request:?}: {} bytes", response.body.len());
+        }
+
+        let mut stream = within(TcpStream::connect(node.addr)).await.unwrap();
+        let request = format!("GET {path} HTTP/1.0\r\nHost: t\r\nConnection: x-other\r\nConnection: Keep-Alive\r\n\r\n");
+        for _ in 0..3 {
+            stream.write_all(request.as_bytes()).await.unwrap();
+            // Exactly one response, read before the next request goes out.
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                within(stream.read_exact(&mut byte)).await.expect("response head");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            assert!(head.starts_with("HTTP/1.0 200") && head.to_ascii_lowercase().contains("connection: keep-alive"), "{head}");
+            let mut got = vec![0u8; body.len()];
+            within(stream.read_exact(&mut got)).await.expect("whole body before the next request");
+            assert!(got == *body);
+        }
+    }
+}
