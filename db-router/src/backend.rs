@@ -73,6 +73,9 @@ pub struct Backend {
     /// The server's address (its identity in the routing view), even when connected over
     /// its Unix socket.
     pub addr: SocketAddr,
+    /// The connection's place in the in-kernel relay's maps (declared before `stream`: it
+    /// leaves the maps before the socket closes).
+    pub kernel: Option<crate::kernel_relay::BackendSlot>,
     stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -164,6 +167,7 @@ impl Backend {
         };
         let mut be = Backend {
             addr,
+            kernel: None,
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(4096),
@@ -287,9 +291,84 @@ impl Backend {
         r.map_err(|e| self.io(e))
     }
 
-    /// Sends a command (frame 0).
+    /// Connected over TCP (not the server's Unix socket).
+    pub fn is_tcp(&self) -> bool {
+        self.stream.is_tcp()
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
+    /// Sends a command (frame 0); its response comes to the router.
     pub async fn send_command(&mut self, payload: &[u8]) -> Result<(), BackendError> {
+        if self.kernel.as_ref().is_some_and(|k| k.redirecting()) {
+            self.settle().await?;
+            if let Some(k) = self.kernel.as_mut() {
+                k.set_redirect(false);
+            }
+        }
         self.send_packet(0, payload).await
+    }
+
+    /// Sends a command whose response the kernel relays straight to the client
+    /// ([`crate::kernel_relay`]); `Ok(false)` (nothing sent) when this connection cannot.
+    pub async fn send_command_redirected(&mut self, payload: &[u8]) -> Result<bool, BackendError> {
+        let Some(k) = self.kernel.as_mut() else { return Ok(false) };
+        // Off, nothing is in flight (the router read every answer); on, the kernel keeps
+        // answers in order.
+        k.set_redirect(true);
+        k.note_sent();
+        self.send_packet(0, payload).await?;
+        Ok(true)
+    }
+
+    /// Where redirected answers on this connection stand.
+    pub fn kernel_progress(&self) -> crate::kernel_relay::Progress {
+        self.kernel.as_ref().map_or(crate::kernel_relay::Progress::Settled, |k| k.progress())
+    }
+
+    /// Waits until every redirected answer on this connection has ended; an error when the
+    /// connection ends first or the relay lost track (the connection is then unusable).
+    pub async fn settle(&mut self) -> Result<(), BackendError> {
+        use crate::kernel_relay::Progress;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match self.kernel_progress() {
+                Progress::Settled => return Ok(()),
+                Progress::Lost => return Err(self.protocol_error("the in-kernel relay lost track of the response framing")),
+                Progress::InFlight { .. } => {}
+            }
+            self.check_alive()?;
+            // Redirected bytes never reach this socket; what wakes it is the end of the
+            // connection. The answer itself ends without a wakeup: poll, backing off.
+            let _ = tokio::time::timeout(pause, self.stream.readable()).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the end of the connection (or bytes the router did not expect) while an
+    /// answer is redirected: what the session watches beside its client.
+    pub async fn watch(&self) -> BackendError {
+        loop {
+            if let Err(e) = self.stream.readable().await {
+                return self.io(e);
+            }
+            if let Err(e) = self.check_alive() {
+                return e;
+            }
+        }
+    }
+
+    /// Nothing but the end of the connection can be read on a redirecting connection.
+    fn check_alive(&self) -> Result<(), BackendError> {
+        let mut b = [0u8; 1];
+        match self.stream.try_read(&mut b) {
+            Ok(0) => Err(self.io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => Err(self.protocol_error("bytes reached the router on a redirected connection")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(self.io(e)),
+        }
     }
 
     /// Forwards raw frames (LOCAL INFILE data) to the server.

@@ -13,6 +13,8 @@
 //! failover_wait_ms = 10000           # writes wait this long for a new primary, then fail
 //! connect_timeout_ms = 2000
 //! threads = 1                        # session threads (default: half the CPUs, at least 1)
+//! kernel_relay = true                # plain reads answered by the kernel (BPF sockmap) when it
+//!                                    # can; false: every answer passes through the router
 //!
 //! [sockets]                          # optional: servers on this host, reached over their
 //! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)
@@ -95,6 +97,8 @@ struct File {
     connect_timeout_ms: Option<Spanned<i64>>,
     #[serde(default)]
     threads: Option<Spanned<i64>>,
+    #[serde(default)]
+    kernel_relay: Option<bool>,
     #[serde(default)]
     sockets: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
@@ -210,6 +214,7 @@ impl Config {
             connect_timeout: Duration::from_millis(cx.int(&f.connect_timeout_ms, "connect_timeout_ms", 1..600_001, 2000)?),
             max_packet: defaults.max_packet,
             sockets,
+            kernel_relay: f.kernel_relay.unwrap_or(defaults.kernel_relay),
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);

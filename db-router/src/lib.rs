@@ -14,6 +14,7 @@ pub mod admin;
 pub mod backend;
 pub mod classify;
 pub mod config;
+pub mod kernel_relay;
 pub mod monitor;
 pub mod protocol;
 pub mod router;

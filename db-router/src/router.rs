@@ -43,6 +43,9 @@ pub struct Settings {
     /// connects to them over this Unix socket instead (less kernel work per statement than
     /// loopback TCP; the monitor still checks the TCP address).
     pub sockets: HashMap<SocketAddr, PathBuf>,
+    /// Plain reads on the replica are answered through the in-kernel relay
+    /// ([`crate::kernel_relay`]) when the kernel allows it (root or CAP_BPF + CAP_NET_ADMIN).
+    pub kernel_relay: bool,
 }
 
 impl Default for Settings {
@@ -54,6 +57,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(2),
             max_packet: 64 * 1024 * 1024,
             sockets: HashMap::new(),
+            kernel_relay: true,
         }
     }
 }
@@ -99,19 +103,28 @@ pub struct Shared {
     pub routing: Subscriber,
     /// The version string clients see: the last one a backend announced.
     pub server_version: RwLock<String>,
+    /// The in-kernel read relay, when loaded ([`crate::kernel_relay`]).
+    pub kernel: std::sync::OnceLock<Arc<crate::kernel_relay::KernelRelay>>,
     conn_ids: AtomicU32,
 }
 
 impl Shared {
     pub fn new(users: HashMap<String, User>, settings: Settings, metrics: Arc<Metrics>, routing: Subscriber) -> Arc<Shared> {
-        Arc::new(Shared {
+        let s = Arc::new(Shared {
             users,
             settings,
             metrics,
             routing,
             server_version: RwLock::new("5.5.5-10.11.0-MariaDB-db-router".into()),
+            kernel: std::sync::OnceLock::new(),
             conn_ids: AtomicU32::new(1),
-        })
+        });
+        if s.settings.kernel_relay {
+            if let Some(k) = crate::kernel_relay::KernelRelay::load_or_log() {
+                let _ = s.kernel.set(k);
+            }
+        }
+        s
     }
 
     pub fn next_conn_id(&self) -> u32 {

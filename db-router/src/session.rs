@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{
     backend::{Backend, BackendError, Expect, Login, RelayError, Sink, Summary},
     classify::{self, Class},
+    kernel_relay::Progress,
     protocol::{self, codes, frame_header, MAX_FRAME},
     router::Shared,
     stream::Stream,
@@ -119,6 +120,11 @@ struct Session {
     ryw_timed_out: bool,
     stmts: HashMap<u32, Prepared>,
     next_stmt: u32,
+    /// The client's place in the in-kernel relay (declared after the backends, which leave
+    /// the relay's maps first).
+    kslot: Option<crate::kernel_relay::ClientSlot>,
+    /// The last command's payload (see `kernel_backend_lost`).
+    last_command: Vec<u8>,
 }
 
 pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
@@ -152,8 +158,13 @@ pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
         ryw_timed_out: false,
         stmts: HashMap::new(),
         next_stmt: 1,
+        kslot: None,
+        last_command: Vec::new(),
     };
     if s.login().await.is_ok() {
+        if s.client.is_tcp() {
+            s.kslot = s.shared.kernel.get().and_then(|k| k.client(&s.client));
+        }
         let _ = s.command_loop().await;
     }
     metrics.sessions_active.dec();
@@ -304,7 +315,9 @@ impl Session {
 
     async fn command_loop(&mut self) -> Result<(), End> {
         loop {
-            let Some((seq, payload)) = self.read_client().await? else { return Ok(()) };
+            let Some((seq, mut payload)) = self.next_command().await? else { return Ok(()) };
+            // A client that pipelines may send this before a redirected answer has ended.
+            self.settle_all().await?;
             if seq != 0 {
                 self.shared.metrics.errors_client.inc();
                 let _ = self.send_err(seq.wrapping_add(1), codes::MALFORMED, "db-router: packets out of order").await;
@@ -330,7 +343,7 @@ impl Session {
                 COM_RESET_CONNECTION => self.reset_connection(&payload).await?,
                 COM_STMT_PREPARE => self.prepare(&payload).await?,
                 COM_STMT_EXECUTE => self.stmt_execute(&payload, true).await?,
-                COM_STMT_SEND_LONG_DATA => self.stmt_long_data(payload),
+                COM_STMT_SEND_LONG_DATA => self.stmt_long_data(std::mem::take(&mut payload)),
                 COM_STMT_CLOSE => self.stmt_close(&payload).await,
                 COM_STMT_RESET => self.stmt_reset(&payload).await?,
                 COM_STMT_FETCH => self.stmt_fetch(&payload).await?,
@@ -340,6 +353,77 @@ impl Session {
                     self.send_err(1, codes::UNKNOWN_COMMAND, &msg).await?;
                 }
             }
+            // Kept (no copy) in case its answer was redirected and the backend fails first.
+            self.last_command = payload;
+        }
+    }
+
+    /// The next command; while an answer goes through the in-kernel relay, the backend is
+    /// watched too (if it ends the connection, the client must not wait forever).
+    async fn next_command(&mut self) -> Result<Option<(u8, Vec<u8>)>, End> {
+        if self.cbuf.is_empty() {
+            for t in [Target::Primary, Target::Replica] {
+                let Some(be) = (match t {
+                    Target::Primary => self.primary.as_ref(),
+                    Target::Replica => self.replica.as_ref(),
+                }) else {
+                    continue;
+                };
+                if be.kernel_progress() == Progress::Settled {
+                    continue;
+                }
+                let lost = tokio::select! {
+                    biased;
+                    _ = self.client.readable() => None,
+                    e = be.watch() => Some(e),
+                };
+                if let Some(e) = lost {
+                    self.kernel_backend_lost(t, e).await?;
+                }
+                break;
+            }
+        }
+        self.read_client().await
+    }
+
+    /// Waits until no answer of this session is still on its way through the in-kernel relay.
+    async fn settle_all(&mut self) -> Result<(), End> {
+        for t in [Target::Primary, Target::Replica] {
+            let Some(be) = self.backend(t) else { continue };
+            if be.kernel_progress() == Progress::Settled {
+                continue;
+            }
+            if let Err(e) = be.settle().await {
+                self.kernel_backend_lost(t, e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A backend failed while (or after) the kernel relayed its answer: if the client got
+    /// none of it, it gets an ERR; if it got part, the session ends (the client sees the
+    /// connection close, as with a server that died mid-result).
+    async fn kernel_backend_lost(&mut self, t: Target, e: BackendError) -> Result<(), End> {
+        let progress = self.backend(t).map_or(Progress::Settled, |b| b.kernel_progress());
+        tracing::warn!(backend = ?t, error = %e, ?progress, "backend failed while the kernel relayed its answer");
+        self.drop_backend(t);
+        match progress {
+            Progress::Settled => Ok(()),
+            Progress::InFlight { started: false } => {
+                // The client has none of the answer to its last command, a read (only reads
+                // are redirected): it runs again, elsewhere, as a read that finds the replica
+                // gone before answering does.
+                let cmd = std::mem::take(&mut self.last_command);
+                match cmd.first() {
+                    Some(&COM_QUERY) => self.query(&cmd).await,
+                    Some(&COM_STMT_EXECUTE) => self.stmt_execute(&cmd, false).await,
+                    _ => {
+                        let msg = format!("db-router: {e}; the statement may or may not have run");
+                        self.send_err(1, codes::BACKEND_LOST, &msg).await
+                    }
+                }
+            }
+            Progress::InFlight { started: true } | Progress::Lost => Err(End),
         }
     }
 
@@ -421,6 +505,10 @@ impl Session {
 
     /// Runs the setup and the session history on a new connection.
     async fn prepare_connection(&self, be: &mut Backend, primary: bool) -> Result<(), String> {
+        // TCP only: on this kernel the verdict program does not see a Unix socket's stream.
+        if let (Some(c), None, true) = (&self.kslot, &be.kernel, be.is_tcp()) {
+            be.kernel = c.backend(if primary { 0 } else { 1 }, &be.raw_fd(), be.caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
+        }
         if let Ok(mut v) = self.shared.server_version.write() {
             if *v != be.server_version {
                 *v = be.server_version.clone();
@@ -583,6 +671,13 @@ impl Session {
         }
     }
 
+    /// The answer to this statement may go from the backend straight to the client (the
+    /// in-kernel relay): a plain autocommit read on the replica, whose answer changes nothing
+    /// the router tracks.
+    fn kernel_eligible(&self, target: Target, expect: Expect, class: Class) -> bool {
+        target == Target::Replica && expect == Expect::Results && class == Class::Read && self.trx.is_none() && self.autocommit && self.kslot.is_some()
+    }
+
     // ---- commands ----------------------------------------------------------------------
 
     async fn query(&mut self, payload: &[u8]) -> Result<(), End> {
@@ -609,7 +704,8 @@ impl Session {
             Target::Primary => self.shared.metrics.to_primary.inc(),
             Target::Replica => self.shared.metrics.to_replica.inc(),
         };
-        match self.try_forward(target, payload, expect, None, target == Target::Replica).await? {
+        let direct = self.kernel_eligible(target, expect, class);
+        match self.try_forward(target, payload, expect, None, target == Target::Replica, direct).await? {
             Forwarded::Done(sum) => self.note_response(target, &sum, class),
             Forwarded::Failed => {}
             // The replica went away before answering: the read runs on the primary.
@@ -621,7 +717,7 @@ impl Session {
     /// Sends `payload` to an open backend and relays the answer; `Ok(None)` when the backend
     /// failed (the client got an ERR packet, the connection is dropped).
     async fn forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>) -> Result<Option<Summary>, End> {
-        match self.try_forward(target, payload, expect, stmt_id, false).await? {
+        match self.try_forward(target, payload, expect, stmt_id, false, false).await? {
             Forwarded::Done(sum) => Ok(Some(sum)),
             Forwarded::Failed | Forwarded::Untouched => Ok(None),
         }
@@ -630,7 +726,7 @@ impl Session {
     /// [`Session::forward`]; with `retryable`, a backend that fails before the client got any
     /// byte of the answer is dropped without an ERR to the client (`Untouched`), so that a
     /// read can run elsewhere.
-    async fn try_forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>, retryable: bool) -> Result<Forwarded, End> {
+    async fn try_forward(&mut self, target: Target, payload: &[u8], expect: Expect, stmt_id: Option<u32>, retryable: bool, direct: bool) -> Result<Forwarded, End> {
         let strip_state = !self.caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK);
         let Some(be) = (match target {
             Target::Primary => self.primary.as_mut(),
@@ -640,6 +736,18 @@ impl Session {
             return Ok(Forwarded::Failed);
         };
         be.relayed = false;
+        if direct {
+            match be.send_command_redirected(payload).await {
+                Ok(true) => return Ok(Forwarded::Done(Summary::default())),
+                Ok(false) => {}
+                Err(e) => return self.backend_failed(target, RelayError::Backend(e), retryable).await,
+            }
+        }
+        let be = match target {
+            Target::Primary => self.primary.as_mut(),
+            Target::Replica => self.replica.as_mut(),
+        }
+        .expect("open");
         let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id };
         let mut result = match be.send_command(payload).await {
             Ok(()) => be.relay(expect, &mut sink, false).await,
@@ -654,8 +762,14 @@ impl Session {
         }
         match result {
             Ok(sum) => Ok(Forwarded::Done(sum)),
-            Err(RelayError::Client(_)) => Err(End),
-            Err(RelayError::Backend(e)) => {
+            Err(e) => self.backend_failed(target, e, retryable).await,
+        }
+    }
+
+    async fn backend_failed(&mut self, target: Target, e: RelayError, retryable: bool) -> Result<Forwarded, End> {
+        match e {
+            RelayError::Client(_) => Err(End),
+            RelayError::Backend(e) => {
                 tracing::warn!(backend = ?target, error = %e, "backend failed during a statement");
                 let untouched = self.backend(target).is_some_and(|b| !b.relayed);
                 self.drop_backend(target);
@@ -936,7 +1050,8 @@ impl Session {
                 return self.send_err(1, codes::BACKEND_LOST, "db-router: backend lost while sending long data").await;
             }
         }
-        match self.try_forward(target, &p, Expect::Results, None, target == Target::Replica && retry).await? {
+        let direct = self.kernel_eligible(target, Expect::Results, class);
+        match self.try_forward(target, &p, Expect::Results, None, target == Target::Replica && retry, direct).await? {
             Forwarded::Done(sum) => self.note_response(target, &sum, class),
             Forwarded::Failed => {}
             // The replica went away before answering; once more (it is reconnected or, if it

@@ -267,7 +267,12 @@ fn main() {
     // The router runs on its own threads, as `db-router run` does.
     // As many as `db-router run` uses by default; DB_BENCH_ROUTER_THREADS overrides.
     let threads = std::env::var("DB_BENCH_ROUTER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(router::default_threads);
+    let kernel_relay = shared.kernel.get().is_some();
     let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
+    // The same router with every answer relayed in user space (`kernel_relay = false`).
+    let user_settings = Settings { kernel_relay: false, ..Settings::default() };
+    let user_shared = Shared::new(users_for_bench(), user_settings, Arc::clone(&metrics), publisher.subscribe());
+    let user_router = router::serve_threads("127.0.0.1:0".parse().unwrap(), user_shared, threads).expect("router listens");
     // A second router for the Unix-socket row: clients on its socket, servers on theirs.
     let unix_settings = Settings {
         sockets: [(primary, pair.primary.socket()), (pair.replica.connect_addr(), pair.replica.socket())].into(),
@@ -314,6 +319,10 @@ fn main() {
         ("oltp_point_select, 4 threads", &["oltp_point_select"], 4),
         ("oltp_read_only --skip_trx=on, 4 threads", &["oltp_read_only", "--skip_trx=on"], 4),
     ];
+    println!(
+        "in-kernel read relay: {}",
+        if kernel_relay { "on (replica answers to plain reads go from backend socket to client socket via BPF sockmap)" } else { "unavailable (see the warning above): everything relayed in user space" }
+    );
     println!("db-router vs direct to the primary, sysbench {seconds} s per path and workload ({ROUNDS} alternating runs), same machine (2 vCPUs shared)");
     for place in placements() {
         apply(place, haproxy.child.id(), servers);
@@ -323,6 +332,7 @@ fn main() {
         compare_lanes(&[
             Lane { name: "direct to the primary, TCP", to: To::Tcp(primary.port()), relay: None },
             Lane { name: "router, TCP", to: To::Tcp(router_addr.port()), relay: Some(None) },
+            Lane { name: "router, TCP, user-space relay only", to: To::Tcp(user_router.port()), relay: Some(None) },
             Lane { name: "direct to the replica, TCP", to: To::Tcp(pair.replica.connect_addr().port()), relay: None },
             Lane { name: "HAProxy tcp mode -> replica, TCP", to: To::Tcp(haproxy.port), relay: Some(Some(haproxy.child.id())) },
             Lane { name: "direct to the primary, Unix socket", to: To::Socket(&pair.primary.socket()), relay: None },
