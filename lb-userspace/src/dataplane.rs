@@ -37,6 +37,8 @@ pub enum DataplaneError {
     RingLength(usize),
     #[error("no room for VIP {0:?} in its probe window of the VIP table")]
     VipTableCrowded(VipKey),
+    #[error("cannot remove the incompatible pin {0}")]
+    Pin(std::path::PathBuf, #[source] std::io::Error),
     #[error("devmap insert for ifindex {0} failed: {1}")]
     TxPort(u32, String),
 }
@@ -90,6 +92,33 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     T::try_from(map).map_err(map_err(name))
 }
 
+/// Removes the pins under `dir` whose map differs in type, key or value size, flags or
+/// (except the flow table, which `init_flow_table` handles) size from this object's map of
+/// the same name: pins left by another version of the balancer. Reusing one would fail to
+/// load the program, or worse; its state (flows, counters, rings) is lost instead, with a
+/// warning, and the daemon rebuilds rings and backends from its configuration.
+fn drop_incompatible_pins(object: &[u8], dir: &std::path::Path) -> Result<(), DataplaneError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Load(e.into()))?;
+    for name in MAPS {
+        let path = dir.join(name);
+        let Some(def) = obj.maps.get(name) else { continue };
+        let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        let same_type = pinned.map_type().is_ok_and(|t| t as u32 == def.map_type());
+        let same_size = name == "FLOWS" || pinned.max_entries() == def.max_entries();
+        if same_type
+            && same_size
+            && pinned.key_size() == def.key_size()
+            && pinned.value_size() == def.value_size()
+            && pinned.map_flags() == def.map_flags()
+        {
+            continue;
+        }
+        tracing::warn!(map = name, path = %path.display(), "pinned map has another layout (left by another version): replacing it, its state is lost");
+        std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin(path.clone(), e))?;
+    }
+    Ok(())
+}
+
 impl Dataplane {
     /// Loads the object and the program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
@@ -99,6 +128,9 @@ impl Dataplane {
     /// [`Dataplane::load`] from another build of the balancer object with the same maps (the
     /// benchmark compares a baseline build with this one in the same run).
     pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        if let Some(dir) = &opts.pin_dir {
+            drop_incompatible_pins(object, dir)?;
+        }
         let pins: Vec<(&str, std::path::PathBuf)> =
             opts.pin_dir.iter().flat_map(|d| MAPS.iter().map(move |&m| (m, d.join(m)))).collect();
         let mut loader = EbpfLoader::new();
