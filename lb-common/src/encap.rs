@@ -10,8 +10,13 @@ pub struct LbConfig {
     pub encap_src: [u8; 4],
     /// Bumped by userspace to invalidate every cached next hop (`backend::NextHop`).
     pub generation: u32,
+    /// Sets of the flow table (`flow::FlowSet`); 0 until userspace set up the table.
+    pub flow_sets: u32,
+    pub _pad: u32,
+    /// Seed of the flow table's hash (`flow::FlowKey::hash64`).
+    pub flow_seed: u64,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 24);
 user_pod!(LbConfig);
 
 /// Bytes the outer header adds.

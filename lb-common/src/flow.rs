@@ -2,7 +2,7 @@
 
 use crate::user_pod;
 
-/// Default size of the flow table (LRU); the daemon may set another.
+/// Default number of flows the flow table holds (see [`FlowSet`]); the daemon may set another.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 
 /// The full 5-tuple of a flow, network order: both addresses, both ports, protocol.
@@ -29,87 +29,144 @@ pub struct FlowValue {
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 
-/// Sets of the per-CPU [`FlowCache`], chosen by [`FlowKey::hash`].
-pub const FLOW_CACHE_SETS: u32 = 256;
-/// Flows a set holds.
-pub const FLOW_CACHE_WAYS: usize = 4;
+/// Ways of a flow-table set: eight 8-byte entries, one 64-byte cache line.
+pub const FLOW_WAYS: usize = 8;
 
-/// A per-CPU cache entry in front of the flow table: an established packet that finds its
-/// flow here needs no hash-map helper call (the most expensive step left on its path). The
-/// flow table stays the authority: entries are filled from it and are valid only for the
-/// `LbConfig::generation` they were filled in; userspace bumps the generation at least once
-/// a second, so every cached flow is looked up in the table again (which also keeps it
-/// recent for the LRU) and any change userspace makes reaches the cache within that time.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowCacheSlot {
-    /// [`FlowKey::words`]; all zero (never a real flow: protocol 0) when empty.
-    pub key: [u64; 2],
-    pub backend: u32,
-    pub generation: u32,
-    pub _pad: u64,
-}
-const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 32);
-
-/// One set: four flows in two cache lines. Way 0 holds the most recently filled flow.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowCacheSet {
-    pub ways: [FlowCacheSlot; FLOW_CACHE_WAYS],
+/// Sets of the flow table for a table meant to hold `flows` flows: twice as many slots as
+/// flows (see [`FlowSet`]), at least one set.
+pub const fn flow_sets(flows: u32) -> u32 {
+    let sets = flows / (FLOW_WAYS as u32 / 2);
+    if sets == 0 {
+        1
+    } else {
+        sets
+    }
 }
 
-/// The per-CPU flow cache, one per-CPU value of 32 KiB (the largest the kernel allows):
-/// every packet finds it through the same per-CPU pointer and it spans few pages, where a
-/// per-CPU array of slots costs a pointer load and a scattered slot (and TLB entry) per
-/// flow. 256 sets x 4 ways: a few hundred active flows per CPU hit it; the rest go to the
-/// flow table, as they would without it.
-#[repr(C)]
+/// Bits of an entry: tag (36) | backend index (12) | last seen (16).
+const TAG_SHIFT: u32 = 28;
+const BACKEND_SHIFT: u32 = 16;
+const BACKEND_MASK: u64 = 0xfff;
+const TAG_MASK: u64 = (1 << 36) - 1;
+const _: () = assert!(crate::backend::MAX_BACKENDS as u64 == BACKEND_MASK + 1);
+
+/// Jiffies per unit of an entry's "last seen" time: about a quarter second at HZ=1000,
+/// a second at HZ=250. 16 bits of it wrap after 4.6 hours (18 at HZ=250); the time only
+/// chooses which entry of a full set to replace, so a wrap costs nothing but that choice.
+pub const FLOW_TIME_SHIFT: u32 = 8;
+
+/// Where a flow lives in the flow table: its set and its tag, both from one seeded 64-bit
+/// hash of the 5-tuple ([`FlowKey::hash64`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowCache {
-    pub sets: [FlowCacheSet; FLOW_CACHE_SETS as usize],
+pub struct FlowSlot {
+    pub set: u32,
+    tag: u64,
 }
-const _: () = assert!(core::mem::size_of::<FlowCache>() == 32 * 1024);
 
-impl FlowCache {
-    /// The backend cached for the flow with these `words` and `hash`, if filled in `generation`.
+impl FlowSlot {
     #[inline(always)]
-    pub fn get(&self, hash: u32, words: [u64; 2], generation: u32) -> Option<u32> {
-        let set = &self.sets[(hash & (FLOW_CACHE_SETS - 1)) as usize];
+    pub fn new(hash: u64, sets: u32) -> Self {
+        // The set from the high half ("fastrange": any number of sets, no division), the tag
+        // from the low 36 bits, never 0 (an empty entry).
+        let set = ((hash >> 32) * u64::from(sets) >> 32) as u32;
+        Self { set, tag: (hash & TAG_MASK) | 1 }
+    }
+
+    /// The entry that pins this flow to `backend`, seen at `now` (a jiffies count).
+    #[inline(always)]
+    pub fn entry(&self, backend: u32, now: u64) -> u64 {
+        self.tag << TAG_SHIFT | (u64::from(backend) & BACKEND_MASK) << BACKEND_SHIFT | (now >> FLOW_TIME_SHIFT) & 0xffff
+    }
+
+    #[inline(always)]
+    pub fn matches(&self, entry: u64) -> bool {
+        entry >> TAG_SHIFT == self.tag
+    }
+}
+
+/// The backend an entry pins its flow to.
+#[inline(always)]
+pub fn entry_backend(entry: u64) -> u32 {
+    (entry >> BACKEND_SHIFT & BACKEND_MASK) as u32
+}
+
+/// Whether the entry was last seen in the time unit of `now` (jiffies): refreshing it
+/// again would only cost a store.
+#[inline(always)]
+pub fn entry_fresh(entry: u64, now: u64) -> bool {
+    (entry ^ (now >> FLOW_TIME_SHIFT)) & 0xffff == 0
+}
+
+/// One set of the flow table: the flow table is an array of these, a set-associative cache
+/// of pinned flows in place of a kernel LRU hash map. A flow's set and tag come from a
+/// seeded hash of its 5-tuple; each entry is one 8-byte word (tag, backend, last seen), so
+/// a lookup is one cache line and eight compares, an insert one store, and every CPU reads
+/// and writes entries whole (no lock, no torn entry: 8-byte stores are atomic). A full set
+/// replaces the entry seen longest ago, the LRU rule within the set. Twice as many slots as
+/// the configured flows keeps set overflow (nine live flows hashed to one set) rare: at the
+/// configured number of live flows it moves under 1 % of them, at half of it 0.02 %.
+///
+/// Two flows with the same set and tag (one chance in 2^36 per pair in a set) share an
+/// entry: the second one is pinned where the first one is, and stays there. That costs the
+/// round-robin one choice, nothing else.
+///
+/// Known race: a CPU refreshing an entry's time (at most once per time unit per flow) while
+/// another CPU replaces that entry for a new flow of the same set can put the old entry
+/// back; the new flow's next packet then finds no entry and is placed by the hash fallback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSet {
+    pub ways: [u64; FLOW_WAYS],
+}
+const _: () = assert!(core::mem::size_of::<FlowSet>() == 64);
+
+impl FlowSet {
+    /// The way holding the flow, and its entry.
+    #[inline(always)]
+    pub fn find(&self, slot: &FlowSlot) -> Option<(usize, u64)> {
         let mut i = 0;
-        while i < FLOW_CACHE_WAYS {
-            let w = &set.ways[i];
-            if w.key == words && w.generation == generation {
-                return Some(w.backend);
+        while i < FLOW_WAYS {
+            let e = self.ways[i];
+            if slot.matches(e) {
+                return Some((i, e));
             }
             i += 1;
         }
         None
     }
 
-    /// Caches `backend` for the flow: in place if the flow is in the set already, else in
-    /// way 0, every other flow moving one way down (the oldest leaves).
+    /// The way a new flow takes at `now` (jiffies): an empty one, else the one seen longest ago.
     #[inline(always)]
-    pub fn put(&mut self, hash: u32, words: [u64; 2], backend: u32, generation: u32) {
-        let set = &mut self.sets[(hash & (FLOW_CACHE_SETS - 1)) as usize];
-        let slot = FlowCacheSlot { key: words, backend, generation, _pad: 0 };
+    pub fn victim(&self, now: u64) -> usize {
+        let now = (now >> FLOW_TIME_SHIFT) as u16;
+        let mut best = 0;
+        let mut best_age = 0u32;
         let mut i = 0;
-        while i < FLOW_CACHE_WAYS {
-            if set.ways[i].key == words {
-                set.ways[i] = slot;
-                return;
+        while i < FLOW_WAYS {
+            let e = self.ways[i];
+            // An empty entry is older than any: age 0x10000.
+            let age = if e == 0 { 0x1_0000 } else { u32::from(now.wrapping_sub(e as u16)) };
+            if age > best_age {
+                best_age = age;
+                best = i;
             }
             i += 1;
         }
-        let mut i = FLOW_CACHE_WAYS - 1;
-        while i > 0 {
-            set.ways[i] = set.ways[i - 1];
-            i -= 1;
-        }
-        set.ways[0] = slot;
+        best
     }
 }
 
-user_pod!(FlowKey, FlowValue, FlowCacheSlot, FlowCache);
+user_pod!(FlowKey, FlowValue, FlowSet);
+
+#[inline(always)]
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
 
 #[inline(always)]
 pub(crate) fn fmix(mut h: u32) -> u32 {
@@ -137,6 +194,17 @@ impl FlowKey {
     /// (the entry was evicted, or the table was lost in a restart): the choice depends on
     /// the flow alone, so all of the flow's later packets, and any other balancer with the
     /// same ring, agree on one backend instead of scattering the flow.
+    /// The flow table's hash of the 5-tuple, keyed by `seed` (random per table, so that
+    /// nobody can aim flows at one set from outside): murmur3's 64-bit finaliser over the
+    /// tuple's two words.
+    #[inline(always)]
+    pub fn hash64(&self, seed: u64) -> u64 {
+        let [a, b] = self.words();
+        let mut h = (a ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= b;
+        fmix64(h)
+    }
+
     #[inline(always)]
     pub fn hash(&self) -> u32 {
         let w0 = u32::from_le_bytes(self.src);
@@ -195,24 +263,56 @@ mod tests {
     }
 
     #[test]
-    fn flow_cache_keeps_four_flows_per_set_and_honours_the_generation() {
-        let mut c = FlowCache { sets: [FlowCacheSet::default(); FLOW_CACHE_SETS as usize] };
-        let flows: Vec<FlowKey> = (1..=5).map(|i| key([10, 0, 0, i], u16::from(i), 80, 6)).collect();
-        // Five flows in one set (same hash on purpose): the oldest filled leaves.
-        let h = 7;
-        assert_eq!(c.get(h, flows[0].words(), 1), None, "empty");
-        for (i, f) in flows[..4].iter().enumerate() {
-            c.put(h, f.words(), i as u32, 1);
+    fn flow_set_finds_its_flows_and_replaces_the_one_seen_longest_ago() {
+        let sets = 1000;
+        let flows: Vec<FlowSlot> = (0..9u64).map(|i| FlowSlot { set: 3, tag: i * 0x1234_5678 + 1 }).collect();
+        let mut s = FlowSet::default();
+        assert_eq!(s.find(&flows[0]), None, "empty");
+        // Eight flows fill the empty ways first, seen at times 0..8 (units).
+        for (i, f) in flows[..8].iter().enumerate() {
+            let t = (i as u64) << FLOW_TIME_SHIFT;
+            let w = s.victim(t);
+            assert_eq!(s.ways[w], 0, "an empty way first");
+            s.ways[w] = f.entry(i as u32 + 100, t);
         }
-        let got = |c: &FlowCache| flows.iter().map(|f| c.get(h, f.words(), 1)).collect::<Vec<_>>();
-        assert_eq!(got(&c), [Some(0), Some(1), Some(2), Some(3), None]);
-        c.put(h, flows[1].words(), 11, 1);
-        assert_eq!(got(&c), [Some(0), Some(11), Some(2), Some(3), None], "updated in place");
-        c.put(h, flows[4].words(), 4, 1);
-        assert_eq!(got(&c), [None, Some(11), Some(2), Some(3), Some(4)], "the oldest fill left");
-        assert_eq!(c.get(h, flows[1].words(), 2), None, "another generation");
-        assert_eq!(c.get(h + FLOW_CACHE_SETS, flows[1].words(), 1), Some(11), "the set is the hash modulo the sets");
-        assert_eq!(c.get(h + 1, flows[1].words(), 1), None, "another set");
+        for (i, f) in flows[..8].iter().enumerate() {
+            let (_, e) = s.find(f).unwrap();
+            assert_eq!(entry_backend(e), i as u32 + 100);
+        }
+        assert_eq!(s.find(&flows[8]), None);
+        // Refresh flow 0: flow 1 is now the one seen longest ago.
+        let now = 20u64 << FLOW_TIME_SHIFT;
+        let (w0, e0) = s.find(&flows[0]).unwrap();
+        assert!(!entry_fresh(e0, now));
+        s.ways[w0] = flows[0].entry(entry_backend(e0), now);
+        assert!(entry_fresh(s.ways[w0], now + 1));
+        let (w1, _) = s.find(&flows[1]).unwrap();
+        assert_eq!(s.victim(now), w1);
+        // Time wraps at 16 bits: ages stay right across the wrap.
+        let wrapped = (0x1_0000u64 + 25) << FLOW_TIME_SHIFT;
+        assert_eq!(s.victim(wrapped), w1);
+        // The backend field keeps 12 bits, the tag never collides with an empty entry.
+        let f = FlowSlot::new(u64::MAX, sets);
+        assert!(f.set < sets);
+        assert_eq!(entry_backend(f.entry(4095, 0)), 4095);
+        assert!(f.matches(f.entry(7, 0)) && !f.matches(0));
+        assert!(FlowSlot::new(0, sets).matches(FlowSlot::new(0, sets).entry(0, 0)));
+        assert_ne!(FlowSlot::new(0, sets).entry(0, 0), 0);
+    }
+
+    #[test]
+    fn flow_slots_spread_over_the_sets_and_depend_on_the_seed() {
+        let sets = 4096u32;
+        let mut per_set = alloc::vec![0u32; sets as usize];
+        for port in 0..40_960u16 {
+            per_set[FlowSlot::new(key([10, 1, 0, 1], port, 80, 6).hash64(1), sets).set as usize] += 1;
+        }
+        // 10 flows per set on average; sequential ports must not pile up.
+        assert!(per_set.iter().all(|&n| n <= 30), "max {}", per_set.iter().max().unwrap());
+        let k = key([10, 1, 0, 1], 1, 80, 6);
+        assert_ne!(k.hash64(1), k.hash64(2));
+        assert_eq!(flow_sets(262_144), 65_536);
+        assert_eq!(flow_sets(1), 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! ```toml
 //! interfaces = ["eth0"]          # where VIP traffic arrives; the program attaches here
 //! xdp_mode = "auto"              # driver | skb | auto (driver, else skb; the outcome is logged)
-//! flow_table_size = 262144       # established flows held (LRU)
+//! flow_table_size = 262144       # established flows held (twice as many slots)
 //! encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
 //! pin_dir = "/sys/fs/bpf/lbd"    # optional: pin maps and links here; a restart adopts them
 //!

@@ -3,14 +3,14 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
     backend::{ring_index, Backend, BACKEND_DOWN, MAX_BACKENDS, RING_SIZE},
     encap::LbConfig,
-    flow::{FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
+    flow::{entry_backend, flow_sets, FlowKey, FlowSet, FlowSlot, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
     vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
 };
@@ -37,13 +37,15 @@ pub enum DataplaneError {
     RingLength(usize),
     #[error("no room for VIP {0:?} in its probe window of the VIP table")]
     VipTableCrowded(VipKey),
+    #[error("cannot remove the incompatible pin {0}")]
+    Pin(std::path::PathBuf, #[source] std::io::Error),
     #[error("devmap insert for ifindex {0} failed: {1}")]
     TxPort(u32, String),
 }
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Entries of the flow table (LRU).
+    /// Flows the flow table is sized for (it has twice as many slots, see `FlowSet`).
     pub flow_table_size: u32,
     /// Pin every map under this bpffs directory, or reuse the maps already pinned there
     /// (a restarted daemon keeps the flow table, the rings and the counters).
@@ -57,8 +59,8 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 12] =
-    ["VIPS", "VIP_ADDRS", "RINGS", "BACKENDS", "FLOWS", "FLOW_CACHE", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
+pub const MAPS: [&str; 11] =
+    ["VIPS", "VIP_ADDRS", "RINGS", "BACKENDS", "FLOWS", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -70,7 +72,7 @@ pub struct Dataplane {
     vip_table: VipTable,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    flows: HashMap<MapData, FlowKey, FlowValue>,
+    flows: Array<MapData, FlowSet>,
     config: Array<MapData, LbConfig>,
     tx_ports: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, GlobalStats>,
@@ -90,6 +92,33 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
     T::try_from(map).map_err(map_err(name))
 }
 
+/// Removes the pins under `dir` whose map differs in type, key or value size, flags or
+/// (except the flow table, which `init_flow_table` handles) size from this object's map of
+/// the same name: pins left by another version of the balancer. Reusing one would fail to
+/// load the program, or worse; its state (flows, counters, rings) is lost instead, with a
+/// warning, and the daemon rebuilds rings and backends from its configuration.
+fn drop_incompatible_pins(object: &[u8], dir: &std::path::Path) -> Result<(), DataplaneError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DataplaneError::Load(e.into()))?;
+    for name in MAPS {
+        let path = dir.join(name);
+        let Some(def) = obj.maps.get(name) else { continue };
+        let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else { continue };
+        let same_type = pinned.map_type().is_ok_and(|t| t as u32 == def.map_type());
+        let same_size = name == "FLOWS" || pinned.max_entries() == def.max_entries();
+        if same_type
+            && same_size
+            && pinned.key_size() == def.key_size()
+            && pinned.value_size() == def.value_size()
+            && pinned.map_flags() == def.map_flags()
+        {
+            continue;
+        }
+        tracing::warn!(map = name, path = %path.display(), "pinned map has another layout (left by another version): replacing it, its state is lost");
+        std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin(path.clone(), e))?;
+    }
+    Ok(())
+}
+
 impl Dataplane {
     /// Loads the object and the program into the kernel (nothing is attached yet).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
@@ -99,10 +128,13 @@ impl Dataplane {
     /// [`Dataplane::load`] from another build of the balancer object with the same maps (the
     /// benchmark compares a baseline build with this one in the same run).
     pub fn load_object(object: &[u8], opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        if let Some(dir) = &opts.pin_dir {
+            drop_incompatible_pins(object, dir)?;
+        }
         let pins: Vec<(&str, std::path::PathBuf)> =
             opts.pin_dir.iter().flat_map(|d| MAPS.iter().map(move |&m| (m, d.join(m)))).collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries("FLOWS", opts.flow_table_size);
+        loader.map_max_entries("FLOWS", flow_sets(opts.flow_table_size));
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -112,7 +144,7 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingMap(PROGRAM))?
             .try_into()?;
         prog.load()?;
-        Ok(Self {
+        let mut dp = Self {
             vips: take(&mut ebpf, "VIPS")?,
             vip_addrs: take(&mut ebpf, "VIP_ADDRS")?,
             vip_addrs_written: None,
@@ -126,7 +158,26 @@ impl Dataplane {
             vip_stats: take(&mut ebpf, "VIP_STATS")?,
             backend_stats: take(&mut ebpf, "BACKEND_STATS")?,
             ebpf,
-        })
+        };
+        dp.init_flow_table()?;
+        Ok(dp)
+    }
+
+    /// Writes the flow table's size and a random hash seed into `CONFIG`, unless a table
+    /// reused from the pin directory already has them (a restarted daemon keeps its flows).
+    fn init_flow_table(&mut self) -> Result<(), DataplaneError> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
+        let sets = self.flows.len();
+        if cfg.flow_sets == sets && cfg.flow_seed != 0 {
+            return Ok(());
+        }
+        // std's SipHash keys come from the OS's random source: a random u64 without a
+        // dependency.
+        cfg.flow_seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        cfg.flow_sets = sets;
+        self.clear_flows()?;
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
     pub fn program(&self) -> &Xdp {
@@ -171,7 +222,7 @@ impl Dataplane {
 
     /// Marks a backend down (or up again). Take it out of its VIPs' rings first: flows still
     /// pinned to a down backend are re-steered by the program, over the rings as they are.
-    /// Also invalidates the per-CPU flow caches, so the change applies to every packet now.
+    /// Also bumps the generation (every CPU asks the FIB again for its next hops).
     pub fn set_backend_down(&mut self, index: u32, down: bool) -> Result<(), DataplaneError> {
         if index >= MAX_BACKENDS {
             return Err(DataplaneError::BackendIndex(index));
@@ -243,18 +294,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Where the flow table pins `key`, if it holds the flow.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.flows.get(key, 0).ok()
+        let cfg = self.config.get(&0, 0).ok()?;
+        let slot = FlowSlot::new(key.hash64(cfg.flow_seed), cfg.flow_sets);
+        let set = self.flows.get(&slot.set, 0).ok()?;
+        set.find(&slot).map(|(_, e)| FlowValue { backend: entry_backend(e), _pad: 0 })
     }
 
-    /// Forgets every pinned flow (as a restart without state would), including the
-    /// per-CPU flow caches (by a generation bump).
+    /// Forgets every pinned flow (as a restart without state would).
     pub fn clear_flows(&mut self) -> Result<(), DataplaneError> {
-        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.flows.remove(&k);
+        for i in 0..self.flows.len() {
+            self.flows.set(i, FlowSet::default(), 0).map_err(map_err("FLOWS"))?;
         }
-        self.invalidate_next_hops()
+        Ok(())
     }
 
     /// Global counters summed over CPUs.

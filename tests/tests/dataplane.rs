@@ -14,9 +14,9 @@ use lb_common::{
 use lb_userspace::{
     decap::Decap,
     testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    Dataplane,
+    Dataplane, LoadOptions,
 };
-use tests::{hex, lab::*, pin_to_cpu, privileged};
+use tests::{hex, lab::*, pin_to_cpu, privileged, sh};
 
 /// Where a fixture's packet must go.
 enum Expect {
@@ -426,4 +426,87 @@ fn flows_of_a_dead_backend_are_resteered() {
         })
         .collect();
     assert!(placed.contains(&0) && placed.contains(&1), "both in rotation again: {placed:?}");
+}
+
+#[test]
+fn a_full_flow_set_replaces_the_flow_seen_longest_ago() {
+    if !privileged("full_flow_set") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    // A table of one set: eight flows fit, a ninth replaces the one seen longest ago.
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4, pin_dir: None }).expect("load balancer");
+    configure(&mut dp);
+    let open = |dp: &Dataplane, sport: u16| {
+        let got = testrun::run(dp.program(), &syn(sport).build(), Some(ingress)).unwrap();
+        assert_eq!(got.action, XDP_TX, "SYN {sport}");
+    };
+    let sports: Vec<u16> = (42001..=42008).collect();
+    for &s in &sports {
+        open(&dp, s);
+    }
+    let pinned: Vec<Option<u32>> = sports.iter().map(|&s| dp.flow(&flow_key(s)).map(|v| v.backend)).collect();
+    assert!(pinned.iter().all(Option::is_some), "eight flows fit one set: {pinned:?}");
+    // Flows 2..8 are seen again (an ACK each), so flow 1 is the one seen longest ago, or
+    // ties with them (all within one time unit) and sits in the first way: either way it goes.
+    for &s in &sports[1..] {
+        let ack = Pkt::tcp(CLIENT, s, VIP, 80, TCP_ACK).build();
+        assert_eq!(testrun::run(dp.program(), &ack, Some(ingress)).unwrap().action, XDP_TX);
+    }
+    open(&dp, 42100);
+    assert!(dp.flow(&flow_key(42100)).is_some(), "the new flow has an entry");
+    assert_eq!(dp.flow(&flow_key(42001)), None, "the flow seen longest ago left");
+    for (i, &s) in sports.iter().enumerate().skip(1) {
+        assert_eq!(dp.flow(&flow_key(s)).map(|v| v.backend), pinned[i], "flow {s} kept its backend");
+    }
+    let g = dp.global_stats().unwrap();
+    assert_eq!((g.get(Counter::NewFlow), g.get(Counter::FlowHit)), (9, 7));
+}
+
+/// A bpffs of the test's own (unmounted and removed on drop, also on failure).
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("pin dir");
+        sh(&format!("mount -t bpf bpf {}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pins_of_another_version_are_replaced_and_pins_of_this_one_reused() {
+    if !privileged("pins_of_another_version") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    let fs = BpfFs::new("pins");
+    // What the previous version pinned: the flow table as an LRU hash map, an 8-byte CONFIG.
+    sh(&format!("bpftool map create {}/FLOWS type lru_hash key 16 value 8 entries 1024 name FLOWS", fs.0.display()));
+    sh(&format!("bpftool map create {}/CONFIG type array key 4 value 8 entries 1 name CONFIG", fs.0.display()));
+    let opts = LoadOptions { flow_table_size: 4096, pin_dir: Some(fs.0.clone()) };
+    let mut dp = Dataplane::load(&opts).expect("load over another version's pins");
+    configure(&mut dp);
+    let got = testrun::run(dp.program(), &syn(43001).build(), Some(ingress)).unwrap();
+    assert_eq!(got.action, XDP_TX);
+    let pinned = dp.flow(&flow_key(43001)).map(|v| v.backend);
+    assert!(pinned.is_some(), "the new flow table pins flows");
+    drop(dp);
+    // A restart of this version adopts the pinned table, its seed included: the flow stays.
+    let mut dp = Dataplane::load(&opts).expect("load over this version's pins");
+    configure(&mut dp);
+    assert_eq!(dp.flow(&flow_key(43001)).map(|v| v.backend), pinned, "flow kept across the restart");
+    let ack = Pkt::tcp(CLIENT, 43001, VIP, 80, TCP_ACK).build();
+    testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
+    assert_eq!(dp.global_stats().unwrap().get(Counter::FlowHit), 1, "the ACK found its flow");
 }

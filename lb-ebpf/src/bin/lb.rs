@@ -10,19 +10,19 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
-    flow::{FlowCache, FlowKey, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
+    flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     packet::{parse_l3, parse_l4, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{addr_filter_bit, find_vip, VipKey, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, find_vip, VipKey, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
@@ -37,14 +37,11 @@ static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0)
 static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * RING_SIZE, 0);
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-/// Established flows. LRU, so a full table evicts the coldest flow instead of failing; with
-/// per-CPU LRU lists (a flow stays on one CPU under RSS), so inserts take no global lock.
+/// Pinned flows: a set-associative table shared by every CPU (see `FlowSet`); userspace
+/// sizes it and writes its size and hash seed into `CONFIG`. Mmapable, so that its values
+/// start on a page and every 64-byte set is one cache line.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-/// Per-CPU cache in front of `FLOWS` (see `FlowCache`): one value per CPU.
-#[map]
-static FLOW_CACHE: PerCpuArray<FlowCache> = PerCpuArray::with_max_entries(1, 0);
+static FLOWS: Array<FlowSet> = Array::with_max_entries(flow_sets(DEFAULT_FLOW_TABLE_SIZE), BPF_F_MMAPABLE);
 /// Per-CPU cache of FIB answers, by backend index.
 #[map]
 static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
@@ -61,8 +58,7 @@ static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 const AF_INET: u8 = 2;
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
-const BPF_NOEXIST: u64 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Zeroes a FIB lookup parameter block in place with eight 8-byte stores. `mem::zeroed()`
 /// (or any by-value copy of a zeroed block) compiles to a call of a byte-by-byte `memset`
@@ -118,6 +114,23 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
+    // The flow's set first: it is the one line a packet needs that is likely not in the
+    // cache (flows are many), so its load starts here and overlaps the VIP lookup.
+    let Some(cfg) = CONFIG.get(0) else {
+        bump(stats, Counter::FibError);
+        return xdp_action::XDP_PASS;
+    };
+    let slot = FlowSlot::new(p.key.hash64(cfg.flow_seed), cfg.flow_sets);
+    let Some(set) = FLOWS.get_ptr_mut(slot.set) else {
+        // Cannot happen: the slot's set is below flow_sets, which is the table's size.
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: a map value; other CPUs write its entries whole (8-byte stores), see `FlowSet`.
+    // Volatile: the load stays here instead of moving down to its first use.
+    let first = unsafe { core::ptr::read_volatile(&(*set).ways[0]) };
+    // SAFETY: as above.
+    let set = unsafe { &mut *set };
     let vip_key = VipKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
     let Some(vip) = find_vip(&vip_key, |i| VIPS.get(i)).copied() else {
         bump(stats, Counter::NotVip);
@@ -130,87 +143,48 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     // SAFETY: per-CPU value.
     let vip_stats = unsafe { &mut *vip_stats };
 
-    let Some(cfg) = CONFIG.get(0) else {
-        bump(stats, Counter::FibError);
-        return xdp_action::XDP_PASS;
-    };
-    let generation = cfg.generation;
-    let hash = p.key.hash();
-    let words = p.key.words();
+    // SAFETY: inlined by the verifier into a load of jiffies.
+    let now = unsafe { bpf_jiffies64() };
 
     let mut new_flow = false;
-    let backend_idx = if p.opens_flow() && p.key.proto == PROTO_TCP {
-        // A SYN: most are new, so insert first (one map operation, not a lookup and an
-        // insert); a retransmitted SYN finds its flow there and keeps its backend.
-        // SAFETY: plain helper call.
-        let cpu = unsafe { bpf_get_smp_processor_id() };
-        let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
-        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), slot)) else {
-            bump(stats, Counter::NoBackend);
-            return xdp_action::XDP_DROP;
-        };
-        if FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, BPF_NOEXIST).is_ok() {
-            bump(stats, Counter::NewFlow);
-            vip_stats.new_flows += 1;
-            new_flow = true;
-            idx
-        } else {
-            // SAFETY: the value is copied out at once.
-            match unsafe { FLOWS.get(&p.key) } {
-                Some(v) => {
-                    bump(stats, Counter::FlowHit);
-                    v.backend
-                }
-                // Could not insert (table busy) and not there: place it without an entry.
-                None => {
-                    bump(stats, Counter::NewFlow);
-                    vip_stats.new_flows += 1;
-                    new_flow = true;
-                    idx
-                }
+    let found = if slot.matches(first) { Some((0, first)) } else { set.find(&slot) };
+    let (way, backend_idx) = match found {
+        Some((way, entry)) => {
+            // A known flow, also a retransmitted SYN: it keeps its backend.
+            bump(stats, Counter::FlowHit);
+            let idx = entry_backend(entry);
+            if !entry_fresh(entry, now) {
+                set.ways[way] = slot.entry(idx, now);
             }
+            (way, idx)
         }
-    } else if let Some(b) = FLOW_CACHE.get(0).and_then(|c| c.get(hash, words, generation)) {
-        bump(stats, Counter::FlowHit);
-        b
-    } else {
-        // SAFETY: the value is copied out at once.
-        let found = match unsafe { FLOWS.get(&p.key) } {
-            Some(v) => {
-                bump(stats, Counter::FlowHit);
-                v.backend
+        None => {
+            let ring_slot = if p.opens_flow() {
+                // A SYN, or the first UDP packet of a 5-tuple: the next backend in turn.
+                bump(stats, Counter::NewFlow);
+                new_flow = true;
+                // SAFETY: plain helper call.
+                let cpu = unsafe { bpf_get_smp_processor_id() };
+                let ring_slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
+                vip_stats.new_flows += 1;
+                ring_slot
+            } else {
+                // Mid-flow without an entry (evicted, or lost in a restart): by the hash,
+                // so every packet of the flow, on any balancer, goes to one backend.
+                bump(stats, Counter::HashFallback);
+                p.key.hash() % vip.ring_len()
+            };
+            let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), ring_slot)) else {
+                bump(stats, Counter::NoBackend);
+                return xdp_action::XDP_DROP;
+            };
+            let way = set.victim(now) & (FLOW_WAYS - 1);
+            // A RST ends the flow: place it, but do not create an entry for it.
+            if p.tcp_flags & TCP_RST == 0 {
+                set.ways[way] = slot.entry(idx, now);
             }
-            None => {
-                let slot = if p.opens_flow() {
-                    // First UDP packet of a 5-tuple.
-                    bump(stats, Counter::NewFlow);
-                    new_flow = true;
-                    // SAFETY: plain helper call.
-                    let cpu = unsafe { bpf_get_smp_processor_id() };
-                    let slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
-                    vip_stats.new_flows += 1;
-                    slot
-                } else {
-                    bump(stats, Counter::HashFallback);
-                    hash % vip.ring_len()
-                };
-                let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), slot)) else {
-                    bump(stats, Counter::NoBackend);
-                    return xdp_action::XDP_DROP;
-                };
-                // A RST ends the flow: place it, but do not create an entry for it.
-                if p.tcp_flags & TCP_RST == 0 {
-                    let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
-                }
-                idx
-            }
-        };
-        // Cache what the table said, for the flow's next packets. SYNs never fill the cache,
-        // so a SYN flood cannot push established flows out of it.
-        if p.tcp_flags & TCP_RST == 0 {
-            cache_flow(hash, words, found, generation);
+            (way, idx)
         }
-        found
     };
     let Some(mut backend) = BACKENDS.get(backend_idx) else {
         bump(stats, Counter::NoBackend);
@@ -221,7 +195,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         // Pinned to a dead backend: move the flow by its hash over the VIP's ring (which no
         // longer holds the dead one) and remember the move. The new backend answers with a
         // reset, so the client learns at once.
-        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), hash % vip.ring_len())) else {
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), p.key.hash() % vip.ring_len())) else {
             bump(stats, Counter::NoBackend);
             return xdp_action::XDP_DROP;
         };
@@ -230,8 +204,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
             return xdp_action::XDP_DROP;
         };
         bump(stats, Counter::Resteer);
-        let _ = FLOWS.insert(&p.key, &FlowValue { backend: idx, _pad: 0 }, 0);
-        cache_flow(hash, words, idx, generation);
+        set.ways[way & (FLOW_WAYS - 1)] = slot.entry(idx, now);
         backend_idx = idx;
         backend = b;
     }
@@ -258,14 +231,6 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         }
     }
     action
-}
-
-#[inline(always)]
-fn cache_flow(hash: u32, words: [u64; 2], backend: u32, generation: u32) {
-    if let Some(c) = FLOW_CACHE.get_ptr_mut(0) {
-        // SAFETY: per-CPU value; XDP programs do not nest on a CPU.
-        unsafe { &mut *c }.put(hash, words, backend, generation);
-    }
 }
 
 /// `l2` mode: the backend is on our segment; point the frame at its MAC and send it back out.

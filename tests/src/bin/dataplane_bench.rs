@@ -44,9 +44,10 @@ fn measure(prog: &Xdp, s: &Scenario, ingress: u32) -> f64 {
     (after.run_time() - before.run_time()).as_nanos() as f64 / runs as f64
 }
 
-/// A flow table large enough that the new-flow path never evicts during the run.
+/// The flow table the daemon has by default (LB_BENCH_FLOWS to change): the run opens more
+/// flows than it holds, so new flows replace old ones, as on a balancer that has run a while.
 fn flow_table_size() -> u32 {
-    std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20)
+    std::env::var("LB_BENCH_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(lb_common::flow::DEFAULT_FLOW_TABLE_SIZE)
 }
 
 fn main() {
@@ -78,8 +79,9 @@ fn main() {
     floor.load().expect("load xdp_pass");
     let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
 
-    // A flow table large enough that the new-flow path never evicts during the run
-    // (LB_BENCH_FLOWS to change). Established flows: 256 flows opened once, then their ACKs.
+    // Established flows: 256 flows opened once, then their ACKs (LB_BENCH_EST_FLOWS to
+    // change): between two packets of one flow come 255 others and as many test-run calls,
+    // so the flow's line is usually out of the cache, as on a busy balancer.
     let n_est: u32 = std::env::var("LB_BENCH_EST_FLOWS").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
     let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
     for &(i, port) in &est_flows {
