@@ -71,6 +71,8 @@ pub struct Metrics {
     pub to_all: Counter,
     pub ryw_waits: Counter,
     pub ryw_fallbacks: Counter,
+    /// Statements whose answer went through the in-kernel relay.
+    pub kernel_relayed: Counter,
     pub sessions: Counter,
     pub sessions_active: Gauge,
     pub errors_client: Counter,
@@ -87,6 +89,7 @@ impl Metrics {
         let m = Arc::new(Metrics { to_primary: target("primary"), to_replica: target("replica"), to_all: target("all"), ..Default::default() });
         registry.register("db_router_ryw_waits", "Reads that waited on the replica for the session's last write and got it", m.ryw_waits.clone());
         registry.register("db_router_ryw_fallbacks", "Reads sent to the primary because the replica had not applied the session's last write in time", m.ryw_fallbacks.clone());
+        registry.register("db_router_kernel_relayed", "Reads whose answer went from the replica to the client through the in-kernel relay (BPF sockmap)", m.kernel_relayed.clone());
         registry.register("db_router_sessions", "Client sessions accepted", m.sessions.clone());
         registry.register("db_router_sessions_active", "Client sessions open now", m.sessions_active.clone());
         registry.register("db_router_client_errors", "Sessions ended or statements refused because of the client (malformed packets, unknown commands)", m.errors_client.clone());

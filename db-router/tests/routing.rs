@@ -28,6 +28,8 @@ struct Rig {
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    /// The in-kernel read relay loaded (root, a kernel with sockmap).
+    kernel: bool,
     /// The routing view's publisher, or the monitor that owns it (it runs while the handle lives).
     _publisher: Result<Publisher, MonitorHandle>,
     pair: Pair,
@@ -60,6 +62,7 @@ fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> O
         generation: 1,
     });
     let shared = Shared::new(users(), settings, metrics.clone(), subscriber);
+    let kernel = shared.kernel.get().is_some();
     let addr = rt.block_on(router::spawn("127.0.0.1:0".parse().unwrap(), shared)).expect("router listens");
     let publisher = match monitor {
         Some(cfg) => {
@@ -69,7 +72,7 @@ fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> O
         }
         None => Ok(publisher),
     };
-    Some(Rig { rt, addr, metrics, _publisher: publisher, pair })
+    Some(Rig { rt, addr, metrics, kernel, _publisher: publisher, pair })
 }
 
 impl Rig {
@@ -414,6 +417,10 @@ fn write_packet(s: &mut TcpStream, seq: u8, payload: &[u8]) {
 
 /// A minimal client: protocol 4.1, no DEPRECATE_EOF, mysql_native_password.
 fn login_raw(addr: SocketAddr) -> TcpStream {
+    login_raw_caps(addr, 0)
+}
+
+fn login_raw_caps(addr: SocketAddr, extra_caps: u32) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let (_, hello) = read_packet(&mut s).unwrap();
@@ -422,7 +429,7 @@ fn login_raw(addr: SocketAddr) -> TcpStream {
     let mut nonce = rest[4..12].to_vec();
     nonce.extend_from_slice(&rest[31..43]);
     let token = mysql_common_token(&nonce, APP.password.as_bytes());
-    let caps: u32 = 0x0000_0200 | 0x0000_8000 | 0x0008_0000 | 0x1 | 0x8; // 4.1, secure conn, plugin auth, long pw, with db
+    let caps: u32 = 0x0000_0200 | 0x0000_8000 | 0x0008_0000 | 0x1 | 0x8 | extra_caps; // 4.1, secure conn, plugin auth, long pw, with db
     let mut p = Vec::new();
     p.extend_from_slice(&caps.to_le_bytes());
     p.extend_from_slice(&(1u32 << 24).to_le_bytes());
@@ -752,4 +759,194 @@ fn unix_sockets_on_both_sides() {
     drop(rt);
     drop(socket);
     assert!(!path.exists(), "the router's socket file is removed on drop");
+}
+
+// ---- the in-kernel read relay -------------------------------------------------------------
+
+const CLIENT_DEPRECATE_EOF: u32 = 0x0100_0000;
+
+/// The relay needs root (or CAP_BPF and CAP_NET_ADMIN) and sockmap support: without them the
+/// router relays in user space and these tests have nothing to check. Under CI that is a
+/// failure.
+fn kernel_or_skip(rig: &Rig, test: &str) -> bool {
+    if rig.kernel {
+        return true;
+    }
+    let why = "the in-kernel read relay did not load (not root, or no BPF sockmap support)";
+    assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
+    eprintln!("skipping {test}: {why}");
+    false
+}
+
+/// One whole response exactly as it arrived (frame headers included), for a single
+/// statement: an OK or ERR, or a result set up to its terminator.
+fn read_raw_response(s: &mut TcpStream, deprecate_eof: bool) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let frame = |s: &mut TcpStream, raw: &mut Vec<u8>| {
+        let (seq, p) = read_packet(s).unwrap();
+        raw.extend_from_slice(&[p.len() as u8, (p.len() >> 8) as u8, (p.len() >> 16) as u8, seq]);
+        raw.extend_from_slice(&p);
+        p
+    };
+    let first = frame(s, &mut raw);
+    if first[0] == 0x00 || first[0] == 0xFF {
+        return raw;
+    }
+    let mut terminators = if deprecate_eof { 1 } else { 2 };
+    loop {
+        let p = frame(s, &mut raw);
+        assert!(p.len() < 0xFF_FFFF, "no 16 MiB packets in these tests");
+        if p[0] == 0xFF {
+            return raw;
+        }
+        if p[0] == 0xFE && (p.len() < 9 || deprecate_eof) {
+            terminators -= 1;
+            if terminators == 0 {
+                return raw;
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_relayed_answers_are_byte_exact() {
+    let test = "kernel_relayed_answers_are_byte_exact";
+    let Some(rig) = rig(test, no_ryw()) else { return };
+    if !kernel_or_skip(&rig, test) {
+        return;
+    }
+    let queries: &[&str] = &[
+        "SELECT 1",
+        "SELECT NULL, 'a', 3.5, CAST('2024-01-02' AS DATE), -7, _binary x'00feff'",
+        // Many small rows: frame headers cross skb boundaries.
+        "SELECT seq, REPEAT('x', seq % 300) FROM seq_1_to_20000",
+        // One row larger than any skb.
+        "SELECT REPEAT('y', 3000000)",
+        // No rows; an error as the first packet; rows that start with 0xFE-like bytes.
+        "SELECT 1 FROM DUAL WHERE 0",
+        "SELECT nosuch FROM DUAL",
+        "SELECT CHAR(254), CHAR(255), '' FROM seq_1_to_50",
+    ];
+    let replica = rig.pair.replica.connect_addr();
+    for caps in [0, CLIENT_DEPRECATE_EOF] {
+        let deprecate = caps != 0;
+        let mut routed = login_raw_caps(rig.addr, caps);
+        let mut direct = login_raw_caps(replica, caps);
+        for q in queries {
+            let before = rig.metrics.kernel_relayed.get();
+            let mut cmd = vec![0x03];
+            cmd.extend_from_slice(q.as_bytes());
+            write_packet(&mut direct, 0, &cmd);
+            let want = read_raw_response(&mut direct, deprecate);
+            write_packet(&mut routed, 0, &cmd);
+            let got = read_raw_response(&mut routed, deprecate);
+            assert!(got == want, "{q} (deprecate_eof {deprecate}): {} bytes through the router, {} direct", got.len(), want.len());
+            assert_eq!(rig.metrics.kernel_relayed.get() - before, 1, "{q}: answered by the kernel");
+        }
+        // Still in step: the router reads the next command normally.
+        write_packet(&mut routed, 0, b"\x03SELECT @@server_id");
+        let raw = read_raw_response(&mut routed, deprecate);
+        assert!(raw.ends_with(&[0xFE, 0, 0, 2, 0]) || deprecate, "EOF status: autocommit, {raw:?}");
+    }
+}
+
+/// Reads, writes, SET, USE, prepared statements and a transaction in one session: the
+/// relay switches the replica connection between the kernel and the router as needed.
+#[test]
+fn kernel_relay_session_mixes_reads_writes_set_and_prepared_statements() {
+    let test = "kernel_relay_session_mixes_reads_writes_set_and_prepared_statements";
+    let Some(rig) = rig(test, Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() }) else { return };
+    if !kernel_or_skip(&rig, test) {
+        return;
+    }
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE m (id INT PRIMARY KEY, v VARCHAR(20))").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let kernel0 = rig.metrics.kernel_relayed.get();
+        for i in 0..5i64 {
+            c.exec_drop("INSERT INTO m VALUES (?, ?)", (i, format!("v{i}"))).await.unwrap();
+            // Read-your-writes: the replica waits for the write (the router asks it), then
+            // the read's answer goes through the kernel.
+            let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM m").await.unwrap();
+            assert_eq!(n, Some(i + 1));
+            let v: Option<String> = c.exec_first("SELECT v FROM m WHERE id = ?", (i,)).await.unwrap();
+            assert_eq!(v.as_deref(), Some(format!("v{i}").as_str()));
+            c.query_drop(format!("SET SESSION div_precision_increment = {}", i + 1)).await.unwrap();
+            let third: Option<String> = c.query_first("SELECT 1/3").await.unwrap();
+            assert_eq!(third, Some(format!("0.{}", "3".repeat(i as usize + 1))), "SET reached the replica connection");
+        }
+        c.query_drop("USE app").await.unwrap();
+        let rows: Vec<(i64, String)> = c.exec("SELECT id, v FROM m WHERE id >= ? ORDER BY id", (3,)).await.unwrap();
+        assert_eq!(rows, vec![(3, "v3".into()), (4, "v4".into())]);
+        c.query_drop("BEGIN").await.unwrap();
+        c.query_drop("UPDATE m SET v = 'in trx' WHERE id = 0").await.unwrap();
+        let v: Option<String> = c.query_first("SELECT v FROM m WHERE id = 0").await.unwrap();
+        assert_eq!(v.as_deref(), Some("in trx"), "the transaction's read sees its write (primary)");
+        c.query_drop("COMMIT").await.unwrap();
+        let kernel1 = rig.metrics.kernel_relayed.get();
+        assert!(kernel1 - kernel0 >= 15, "reads went through the kernel: {}", kernel1 - kernel0);
+        let v: Option<String> = c.query_first("SELECT v FROM m WHERE id = 0").await.unwrap();
+        assert_eq!(v.as_deref(), Some("in trx"));
+        assert_eq!(rig.metrics.kernel_relayed.get(), kernel1 + 1, "after the transaction, reads go through the kernel again");
+    });
+}
+
+/// A client that sends its next commands before reading the answer (a redirected read, then a
+/// write the router must answer, then a read): the answers arrive whole and in order.
+#[test]
+fn kernel_relay_keeps_pipelined_answers_in_order() {
+    let test = "kernel_relay_keeps_pipelined_answers_in_order";
+    let Some(rig) = rig(test, no_ryw()) else { return };
+    if !kernel_or_skip(&rig, test) {
+        return;
+    }
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE p (a INT)").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    let mut s = login_raw(rig.addr);
+    let mut batch = Vec::new();
+    for q in ["SELECT seq FROM seq_1_to_30000", "INSERT INTO p VALUES (1)", "SELECT seq FROM seq_1_to_3"] {
+        let mut cmd = vec![0x03];
+        cmd.extend_from_slice(q.as_bytes());
+        batch.extend_from_slice(&[cmd.len() as u8, (cmd.len() >> 8) as u8, 0, 0]);
+        batch.extend_from_slice(&cmd);
+    }
+    s.write_all(&batch).unwrap();
+    let rows = read_response(&mut s).expect_err("rows");
+    assert_eq!(rows.len(), 30000);
+    assert_eq!(rows.last().map(|r| r.as_slice()), Some(&b"30000"[..]));
+    let ok = read_response(&mut s).expect("the INSERT's OK");
+    assert_eq!(ok[1], 1, "one row affected");
+    let rows = read_response(&mut s).expect_err("rows");
+    assert_eq!(rows, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+    assert_eq!(counter(&rig.pair.primary, "Com_insert"), 1);
+}
+
+/// A client that goes away in the middle of a large redirected answer: its session ends, the
+/// others (and new ones) keep working.
+#[test]
+fn kernel_relay_client_gone_mid_result_harms_no_other_session() {
+    let test = "kernel_relay_client_gone_mid_result_harms_no_other_session";
+    let Some(rig) = rig(test, no_ryw()) else { return };
+    if !kernel_or_skip(&rig, test) {
+        return;
+    }
+    rig.rt.block_on(async {
+        let mut other = rig.conn().await;
+        let id: Option<i64> = other.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(2));
+        for _ in 0..3 {
+            let mut s = login_raw(rig.addr);
+            write_packet(&mut s, 0, b"\x03SELECT seq, REPEAT('z', 100) FROM seq_1_to_2000000");
+            let mut some = [0u8; 4096];
+            s.read_exact(&mut some).unwrap();
+            drop(s);
+            let n: Option<i64> = other.query_first("SELECT COUNT(*) FROM seq_1_to_1000").await.unwrap();
+            assert_eq!(n, Some(1000), "the other session is unharmed");
+        }
+        poll("sessions of the gone clients closed", || (rig.metrics.sessions_active.get() == 1).then_some(()));
+        let mut fresh = rig.conn().await;
+        let rows: Vec<i64> = fresh.exec("SELECT seq FROM seq_1_to_5 WHERE seq > ?", (2,)).await.unwrap();
+        assert_eq!(rows, vec![3, 4, 5]);
+    });
 }
