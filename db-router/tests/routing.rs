@@ -768,14 +768,15 @@ const CLIENT_DEPRECATE_EOF: u32 = 0x0100_0000;
 /// The relay needs root (or CAP_BPF and CAP_NET_ADMIN) and sockmap support: without them the
 /// router relays in user space and these tests have nothing to check. Under CI that is a
 /// failure.
-fn kernel_or_skip(rig: &Rig, test: &str) -> bool {
+fn kernel_rig(test: &str, settings: Settings) -> Option<Rig> {
+    let rig = rig(test, settings)?;
     if rig.kernel {
-        return true;
+        return Some(rig);
     }
     let why = "the in-kernel read relay did not load (not root, or no BPF sockmap support)";
     assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
     eprintln!("skipping {test}: {why}");
-    false
+    None
 }
 
 /// One whole response exactly as it arrived (frame headers included), for a single
@@ -810,11 +811,7 @@ fn read_raw_response(s: &mut TcpStream, deprecate_eof: bool) -> Vec<u8> {
 
 #[test]
 fn kernel_relayed_answers_are_byte_exact() {
-    let test = "kernel_relayed_answers_are_byte_exact";
-    let Some(rig) = rig(test, no_ryw()) else { return };
-    if !kernel_or_skip(&rig, test) {
-        return;
-    }
+    let Some(rig) = kernel_rig("kernel_relayed_answers_are_byte_exact", no_ryw()) else { return };
     let queries: &[&str] = &[
         "SELECT 1",
         "SELECT NULL, 'a', 3.5, CAST('2024-01-02' AS DATE), -7, _binary x'00feff'",
@@ -854,11 +851,7 @@ fn kernel_relayed_answers_are_byte_exact() {
 /// relay switches the replica connection between the kernel and the router as needed.
 #[test]
 fn kernel_relay_session_mixes_reads_writes_set_and_prepared_statements() {
-    let test = "kernel_relay_session_mixes_reads_writes_set_and_prepared_statements";
-    let Some(rig) = rig(test, Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() }) else { return };
-    if !kernel_or_skip(&rig, test) {
-        return;
-    }
+    let Some(rig) = kernel_rig("kernel_relay_session_mixes_reads_writes_set_and_prepared_statements", Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() }) else { return };
     rig.pair.primary.sql_as(&APP, "CREATE TABLE m (id INT PRIMARY KEY, v VARCHAR(20))").unwrap();
     rig.pair.wait_caught_up(DEADLINE).unwrap();
     rig.rt.block_on(async {
@@ -896,11 +889,7 @@ fn kernel_relay_session_mixes_reads_writes_set_and_prepared_statements() {
 /// write the router must answer, then a read): the answers arrive whole and in order.
 #[test]
 fn kernel_relay_keeps_pipelined_answers_in_order() {
-    let test = "kernel_relay_keeps_pipelined_answers_in_order";
-    let Some(rig) = rig(test, no_ryw()) else { return };
-    if !kernel_or_skip(&rig, test) {
-        return;
-    }
+    let Some(rig) = kernel_rig("kernel_relay_keeps_pipelined_answers_in_order", no_ryw()) else { return };
     rig.pair.primary.sql_as(&APP, "CREATE TABLE p (a INT)").unwrap();
     rig.pair.wait_caught_up(DEADLINE).unwrap();
     let mut s = login_raw(rig.addr);
@@ -926,11 +915,7 @@ fn kernel_relay_keeps_pipelined_answers_in_order() {
 /// others (and new ones) keep working.
 #[test]
 fn kernel_relay_client_gone_mid_result_harms_no_other_session() {
-    let test = "kernel_relay_client_gone_mid_result_harms_no_other_session";
-    let Some(rig) = rig(test, no_ryw()) else { return };
-    if !kernel_or_skip(&rig, test) {
-        return;
-    }
+    let Some(rig) = kernel_rig("kernel_relay_client_gone_mid_result_harms_no_other_session", no_ryw()) else { return };
     rig.rt.block_on(async {
         let mut other = rig.conn().await;
         let id: Option<i64> = other.query_first("SELECT @@server_id").await.unwrap();
