@@ -348,12 +348,19 @@ impl Connection {
     /// head) tells HTTP/1.1 from HTTP/2 with prior knowledge.
     async fn serve_plain(self, stream: TcpStream) {
         let mut io = SendfileStream::new(stream);
-        let mut stop = self.stop.clone();
-        let first = tokio::time::timeout(self.state.header_read_timeout, io.read_preface());
-        let read = tokio::select! {
-            read = first => read,
-            // Shutting down: a connection that has sent nothing yet closes at once.
-            _ = stop.wait_for(|stop| *stop) => return,
+        // Usually the request is there already: no timer, no waiting.
+        let read = match io.try_read_preface() {
+            Ok(Some(h2)) => Ok(Ok(h2)),
+            Err(e) => Ok(Err(e)),
+            Ok(None) => {
+                let mut stop = self.stop.clone();
+                let first = tokio::time::timeout(self.state.header_read_timeout, io.read_preface());
+                tokio::select! {
+                    read = first => read,
+                    // Shutting down: a connection that has sent nothing yet closes at once.
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
         };
         match read {
             Ok(Ok(h2)) => {

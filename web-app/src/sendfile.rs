@@ -34,7 +34,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Buffers at least this long that lie in a region are sent with `sendfile`.
@@ -152,6 +152,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// what is held is pushed out first.
 pub struct SendfileStream {
     stream: TcpStream,
+    /// The first bytes, being read by `read_preface`.
+    preface: bytes::BytesMut,
     replay: Bytes,
     closing: Arc<AtomicBool>,
     /// Bytes may be held back: `Some(corked)` (with `TCP_CORK` set when `corked`).
@@ -160,7 +162,7 @@ pub struct SendfileStream {
 
 impl SendfileStream {
     pub fn new(stream: TcpStream) -> SendfileStream {
-        SendfileStream { stream, replay: Bytes::new(), closing: Arc::default(), holding: None }
+        SendfileStream { stream, preface: bytes::BytesMut::new(), replay: Bytes::new(), closing: Arc::default(), holding: None }
     }
 
     /// Set to true when the response about to be written is the last on this connection (see
@@ -204,20 +206,41 @@ impl SendfileStream {
     /// read of up to 2 KiB usually decides, and leaves hyper a whole request head. End of
     /// stream decides "not HTTP/2" (hyper then sees it too).
     pub async fn read_preface(&mut self) -> io::Result<bool> {
-        // On the heap, not in the future: a connection's future is moved when it is spawned.
-        let mut buf = bytes::BytesMut::with_capacity(2048);
-        let h2 = loop {
-            let n = self.stream.read_buf(&mut buf).await?;
-            let seen = buf.len().min(H2_PREFACE.len());
-            if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
-                break false;
+        if let Some(h2) = self.try_read_preface()? {
+            return Ok(h2);
+        }
+        loop {
+            self.stream.readable().await?;
+            // Through tokio this time, so that its readiness is cleared when the socket has
+            // nothing after all (and the next `readable` waits).
+            let stream = &self.stream;
+            let preface = &mut self.preface;
+            match stream.try_io(Interest::READABLE, || recv_preface(stream, preface)) {
+                Ok(Some(h2)) => {
+                    self.replay = std::mem::take(&mut self.preface).freeze();
+                    return Ok(h2);
+                }
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
-            if buf.len() >= H2_PREFACE.len() {
-                break true;
+        }
+    }
+
+    /// [`SendfileStream::read_preface`] with what the socket holds now: `None` if that does
+    /// not decide yet. It asks the socket itself, not tokio's idea of its readiness: a
+    /// connection just accepted usually holds its request already, while tokio learns that
+    /// only on its next turn (a wake-up and a poll of the connection's task later).
+    pub fn try_read_preface(&mut self) -> io::Result<Option<bool>> {
+        match recv_preface(&self.stream, &mut self.preface) {
+            Ok(Some(h2)) => {
+                self.replay = std::mem::take(&mut self.preface).freeze();
+                Ok(Some(h2))
             }
-        };
-        self.replay = buf.freeze();
-        Ok(h2)
+            Ok(None) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Runs the non-blocking socket operation `op` once the socket is writable, as often as
@@ -266,6 +289,41 @@ impl SendfileStream {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
+        }
+    }
+}
+
+/// Reads from `stream` into `buf` (with `recv` on the socket itself) until the bytes decide
+/// whether they start an HTTP/2 preface: `Some(h2)`, `None` for not yet (more may come, and a
+/// `WouldBlock` error when nothing came).
+fn recv_preface(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Option<bool>> {
+    // On the heap, not in the future: a connection's future is moved when it is spawned.
+    if buf.capacity() == 0 {
+        buf.reserve(2048);
+    }
+    loop {
+        let spare = buf.spare_capacity_mut();
+        if spare.is_empty() {
+            return Ok(Some(false)); // 2 KiB that are not an HTTP/2 preface
+        }
+        // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity of the
+        // buffer, which stays alive and unaliased for the call; the socket is ours.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+        let seen = buf.len().min(H2_PREFACE.len());
+        if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
+            return Ok(Some(false));
+        }
+        if buf.len() >= H2_PREFACE.len() {
+            return Ok(Some(true));
         }
     }
 }
