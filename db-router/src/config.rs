@@ -13,8 +13,8 @@
 //! failover_wait_ms = 10000           # writes wait this long for a new primary, then fail
 //! connect_timeout_ms = 2000
 //! threads = 1                        # session threads (default: half the CPUs, at least 1)
-//! kernel_relay = true                # plain reads answered by the kernel (BPF sockmap) when it
-//!                                    # can; false: every answer passes through the router
+//! kernel_relay = false               # true: replica answers to plain reads go to the client
+//!                                    # through the kernel (BPF sockmap, needs root)
 //!
 //! [sockets]                          # optional: servers on this host, reached over their
 //! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)

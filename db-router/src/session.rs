@@ -1053,7 +1053,10 @@ impl Session {
                 return self.send_err(1, codes::BACKEND_LOST, "db-router: backend lost while sending long data").await;
             }
         }
-        let direct = self.kernel_eligible(target, Expect::Results, class);
+        // With a cursor the answer stops after the column definitions and the rows come by
+        // COM_STMT_FETCH: the router keeps it (the relay counts whole result sets only).
+        let cursor = payload[5] != 0;
+        let direct = !cursor && self.kernel_eligible(target, Expect::Results, class);
         match self.try_forward(target, &p, Expect::Results, None, target == Target::Replica && retry, direct).await? {
             Forwarded::Done(sum) => self.note_response(target, &sum, class),
             Forwarded::Failed => {}

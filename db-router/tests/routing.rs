@@ -769,7 +769,7 @@ const CLIENT_DEPRECATE_EOF: u32 = 0x0100_0000;
 /// router relays in user space and these tests have nothing to check. Under CI that is a
 /// failure.
 fn kernel_rig(test: &str, settings: Settings) -> Option<Rig> {
-    let rig = rig(test, settings)?;
+    let rig = rig(test, Settings { kernel_relay: true, ..settings })?;
     if rig.kernel {
         return Some(rig);
     }
@@ -934,4 +934,52 @@ fn kernel_relay_client_gone_mid_result_harms_no_other_session() {
         let rows: Vec<i64> = fresh.exec("SELECT seq FROM seq_1_to_5 WHERE seq > ?", (2,)).await.unwrap();
         assert_eq!(rows, vec![3, 4, 5]);
     });
+}
+
+/// A prepared read executed with a cursor: the answer stops after the column definitions and
+/// the rows come by COM_STMT_FETCH, so the router relays it itself; plain executions of the
+/// same statement go through the kernel.
+#[test]
+fn kernel_relay_leaves_cursors_to_the_router() {
+    let Some(rig) = kernel_rig("kernel_relay_leaves_cursors_to_the_router", no_ryw()) else { return };
+    let mut s = login_raw(rig.addr);
+    write_packet(&mut s, 0, b"\x16SELECT seq FROM seq_1_to_5");
+    let (_, ok) = read_packet(&mut s).unwrap();
+    assert_eq!(ok[0], 0, "prepared: {ok:?}");
+    let id = &ok[1..5];
+    // One column definition and its EOF (no DEPRECATE_EOF), no parameters.
+    for _ in 0..2 {
+        read_packet(&mut s).unwrap();
+    }
+    let exec = |flags: u8| [&[0x17][..], id, &[flags, 1, 0, 0, 0]].concat();
+    let before = rig.metrics.kernel_relayed.get();
+    write_packet(&mut s, 0, &exec(1)); // CURSOR_TYPE_READ_ONLY
+    let mut eof = Vec::new();
+    for _ in 0..3 {
+        eof = read_packet(&mut s).unwrap().1;
+    }
+    assert_eq!(eof[0], 0xFE);
+    assert_ne!(u16::from_le_bytes([eof[3], eof[4]]) & 0x0040, 0, "SERVER_STATUS_CURSOR_EXISTS");
+    assert_eq!(rig.metrics.kernel_relayed.get(), before, "the router relayed the cursor's answer");
+    write_packet(&mut s, 0, &[&[0x1c][..], id, &10u32.to_le_bytes()].concat());
+    let mut rows = 0;
+    loop {
+        let (_, p) = read_packet(&mut s).unwrap();
+        if p[0] == 0xFE && p.len() < 9 {
+            break;
+        }
+        assert_eq!(p[0], 0, "a binary row");
+        rows += 1;
+    }
+    assert_eq!(rows, 5);
+    write_packet(&mut s, 0, &exec(0));
+    let raw = read_raw_response(&mut s, false);
+    let mut frames = 0;
+    let mut at = 0;
+    while at < raw.len() {
+        at += 4 + (raw[at] as usize | (raw[at + 1] as usize) << 8 | (raw[at + 2] as usize) << 16);
+        frames += 1;
+    }
+    assert_eq!(frames, 1 + 1 + 1 + 5 + 1, "column count, definition, EOF, 5 rows, EOF");
+    assert_eq!(rig.metrics.kernel_relayed.get(), before + 1, "a plain execution goes through the kernel");
 }
