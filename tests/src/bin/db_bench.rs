@@ -135,15 +135,15 @@ fn pin_router_threads(cpus: &str) {
 }
 
 fn sysbench(to: To<'_>, args: &[&str], threads: u32, seconds: u32) -> Run {
-    let mut cmd = match placement().app {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus, "sysbench"]);
-            c
-        }
-        None => Command::new("sysbench"),
-    };
+    // Bounded in time even if a connection hangs (sysbench would wait for it forever):
+    // killed a minute after its own run time.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-s", "KILL", &(seconds + 60).to_string()]);
+    if let Some(cpus) = placement().app {
+        cmd.args(["taskset", "-c", cpus]);
+    }
     let out = cmd
+        .arg("sysbench")
         .args(args)
         .args(to.args())
         .args([
