@@ -313,12 +313,15 @@ impl Backend {
 
     /// Sends a command whose response the kernel relays straight to the client
     /// ([`crate::kernel_relay`]); `Ok(false)` (nothing sent) when this connection cannot.
-    pub async fn send_command_redirected(&mut self, payload: &[u8]) -> Result<bool, BackendError> {
+    /// `counted` runs once the answer is certain to go through the kernel and before the
+    /// command leaves: the answer may reach the client before this task runs again.
+    pub async fn send_command_redirected(&mut self, payload: &[u8], counted: impl FnOnce()) -> Result<bool, BackendError> {
         let Some(k) = self.kernel.as_mut() else { return Ok(false) };
         // Off, nothing is in flight (the router read every answer); on, the kernel keeps
         // answers in order.
         k.set_redirect(true);
         k.note_sent();
+        counted();
         self.send_packet(0, payload).await?;
         Ok(true)
     }

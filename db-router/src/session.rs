@@ -737,11 +737,9 @@ impl Session {
         };
         be.relayed = false;
         if direct {
-            match be.send_command_redirected(payload).await {
-                Ok(true) => {
-                    self.shared.metrics.kernel_relayed.inc();
-                    return Ok(Forwarded::Done(Summary::default()));
-                }
+            let relayed = &self.shared.metrics.kernel_relayed;
+            match be.send_command_redirected(payload, || { relayed.inc(); }).await {
+                Ok(true) => return Ok(Forwarded::Done(Summary::default())),
                 Ok(false) => {}
                 Err(e) => return self.backend_failed(target, RelayError::Backend(e), retryable).await,
             }
