@@ -4,7 +4,7 @@
 //! The parser never writes. It returns either the parsed headers of a TCP or UDP IPv4
 //! packet, or the [`Counter`] that says why the frame is not one (and so is passed as is).
 
-use crate::{flow::FlowKey, stats::Counter, vip::{PROTO_TCP, PROTO_UDP}};
+use crate::{flow::{FlowKey, Tuple}, stats::Counter, vip::{PROTO_TCP, PROTO_UDP}};
 
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
@@ -66,14 +66,19 @@ pub struct Parsed {
     pub df: bool,
     /// TCP flags, 0 for UDP.
     pub tcp_flags: u8,
-    pub key: FlowKey,
+    pub tuple: Tuple,
 }
 
 impl Parsed {
     /// A TCP SYN without ACK, or any UDP packet: may open a flow.
     #[inline(always)]
     pub fn opens_flow(&self) -> bool {
-        self.key.proto == PROTO_UDP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        self.tuple.proto == PROTO_UDP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// The 5-tuple as byte arrays.
+    pub fn key(&self) -> FlowKey {
+        self.tuple.key()
     }
 }
 
@@ -189,7 +194,7 @@ pub fn parse_l4<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<Pa
             if doff < 20 || doff > l4_len {
                 return Err(Counter::Malformed);
             }
-            (tcp[0].to_ne_bytes(), byte(tcp[3], 1))
+            (tcp[0], byte(tcp[3], 1))
         }
         PROTO_UDP => {
             let udp: [u32; 2] = f.load_words(l4_off).ok_or(Counter::Malformed)?;
@@ -197,7 +202,7 @@ pub fn parse_l4<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<Pa
             if len < 8 || len > l4_len {
                 return Err(Counter::Malformed);
             }
-            (udp[0].to_ne_bytes(), 0)
+            (udp[0], 0)
         }
         _ => return Err(Counter::OtherL4),
     };
@@ -207,15 +212,7 @@ pub fn parse_l4<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<Pa
         tos: ip.tos(),
         df: ip.df(),
         tcp_flags,
-        key: FlowKey {
-            src: ip.src(),
-            dst: ip.dst(),
-            sport: [ports[0], ports[1]],
-            dport: [ports[2], ports[3]],
-            proto,
-            _pad1: 0,
-            _pad2: 0,
-        },
+        tuple: Tuple { src: ip.words[3], dst: ip.words[4], ports, proto },
     })
 }
 
@@ -258,7 +255,7 @@ mod tests {
     const V: [u8; 4] = [10, 100, 0, 1];
 
     fn check(frame: &[u8], expected: Result<(usize, u8, bool), Counter>) {
-        let got = parse_frame(frame).map(|p| (p.l3_off, p.key.proto, p.opens_flow()));
+        let got = parse_frame(frame).map(|p| (p.l3_off, p.tuple.proto, p.opens_flow()));
         assert_eq!(got, expected, "{frame:02x?}");
     }
 
@@ -288,10 +285,13 @@ mod tests {
     fn parsed_fields() {
         let f = Pkt::tcp(C, 40000, V, 443, TCP_SYN).tos(0x10).vlan(7).payload(b"xyz").build();
         let p = parse_frame(&f[..]).unwrap();
-        assert_eq!(p.key.src, C);
-        assert_eq!(p.key.dst, V);
-        assert_eq!(u16::from_be_bytes(p.key.sport), 40000);
-        assert_eq!(u16::from_be_bytes(p.key.dport), 443);
+        let key = p.key();
+        assert_eq!(key.src, C);
+        assert_eq!(key.dst, V);
+        assert_eq!(u16::from_be_bytes(key.sport), 40000);
+        assert_eq!(u16::from_be_bytes(key.dport), 443);
+        assert_eq!(key.tuple(), p.tuple);
+        assert_eq!(p.tuple.dport_word(), u16::from_ne_bytes(443u16.to_be_bytes()));
         assert_eq!(p.ip_len, 20 + 20 + 3);
         assert_eq!(p.tos, 0x10);
         assert!(p.df);

@@ -28,17 +28,33 @@ impl VipKey {
     /// and never `u64::MAX` (the pad byte is 0).
     #[inline(always)]
     pub fn packed(&self) -> u64 {
-        u64::from_ne_bytes([
-            self.addr[0], self.addr[1], self.addr[2], self.addr[3], self.port[0], self.port[1], self.proto, 0,
-        ])
+        pack(u32::from_ne_bytes(self.addr), u16::from_ne_bytes(self.port), self.proto)
     }
 
-    /// First slot of the key's probe window in the VIP table: Fibonacci hashing of the
-    /// packed key (one multiply; the top bits spread neighbouring addresses and ports).
+    /// [`home_slot`] of the packed key.
     #[inline(always)]
     pub fn home_slot(&self) -> u32 {
-        (self.packed().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - VIP_TABLE_SIZE.trailing_zeros())) as u32
+        home_slot(self.packed())
     }
+}
+
+/// [`VipKey::packed`] from the address and port as read from the headers (network byte order
+/// read natively): the key's bytes in memory order, as one word.
+#[inline(always)]
+pub fn pack(addr: u32, port: u16, proto: u8) -> u64 {
+    if cfg!(target_endian = "little") {
+        u64::from(addr) | u64::from(port) << 32 | u64::from(proto) << 48
+    } else {
+        let (a, p) = (addr.to_ne_bytes(), port.to_ne_bytes());
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], p[0], p[1], proto, 0])
+    }
+}
+
+/// First slot of a packed key's probe window in the VIP table: Fibonacci hashing (one
+/// multiply; the top bits spread neighbouring addresses and ports).
+#[inline(always)]
+pub fn home_slot(packed: u64) -> u32 {
+    (packed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - VIP_TABLE_SIZE.trailing_zeros())) as u32
 }
 
 /// Words of the VIP address filter: a bitmap of 4096 bits, one per hash of a destination
@@ -93,8 +109,16 @@ pub fn find_vip<'a, F>(key: &VipKey, get: F) -> Option<&'a VipMeta>
 where
     F: Fn(u32) -> Option<&'a VipSlot>,
 {
-    let packed = key.packed();
-    let home = key.home_slot();
+    find_packed_vip(key.packed(), get)
+}
+
+/// [`find_vip`] by the packed key ([`pack`]).
+#[inline(always)]
+pub fn find_packed_vip<'a, F>(packed: u64, get: F) -> Option<&'a VipMeta>
+where
+    F: Fn(u32) -> Option<&'a VipSlot>,
+{
+    let home = home_slot(packed);
     let mut i = 0;
     while i < VIP_PROBES {
         let slot = get((home + i) & (VIP_TABLE_SIZE - 1))?;
@@ -229,6 +253,18 @@ pub mod table {
 mod tests {
     use super::{table::*, *};
     use alloc::vec::Vec;
+
+    #[test]
+    fn pack_is_the_keys_bytes_in_memory_order() {
+        for (addr, port, proto) in [([10, 0, 0, 1], 80u16, 6u8), ([255, 1, 128, 7], 65535, 17), ([0, 0, 0, 0], 1, 6)] {
+            let k = VipKey::new(addr, port, proto);
+            let p = port.to_be_bytes();
+            let bytes = u64::from_ne_bytes([addr[0], addr[1], addr[2], addr[3], p[0], p[1], proto, 0]);
+            assert_eq!(k.packed(), bytes);
+            assert_eq!(pack(u32::from_ne_bytes(addr), u16::from_ne_bytes(p), proto), bytes);
+            assert_eq!(k.home_slot(), home_slot(bytes));
+        }
+    }
 
     fn kernel_view(t: &VipTable, metas: &[(VipKey, u32)]) -> Vec<VipSlot> {
         let mut slots = alloc::vec![VipSlot::default(); VIP_TABLE_SIZE as usize];

@@ -116,7 +116,7 @@ fn fixtures() -> Vec<Fixture> {
 }
 
 fn flow_key(sport: u16) -> FlowKey {
-    parse_frame(&syn(sport).build()[..]).unwrap().key
+    parse_frame(&syn(sport).build()[..]).unwrap().key()
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn lost_flow_state_falls_back_to_the_hash_and_recreates_the_entry() {
     let ring = [0u32, 1];
     for sport in 41000..41040u16 {
         let ack = Pkt::tcp(CLIENT, sport, VIP, 80, TCP_ACK).build();
-        let key = parse_frame(&ack[..]).unwrap().key;
+        let key = parse_frame(&ack[..]).unwrap().key();
         let expected = ring[(key.hash() % 2) as usize] as usize;
         let got = testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
         let want = ipip(&ack, 14, LB_ADDR, REALS[expected].addr, Some((LB_MAC, REALS[expected].next_hop_mac)));
@@ -191,14 +191,14 @@ fn lost_flow_state_falls_back_to_the_hash_and_recreates_the_entry() {
     }
     dp.clear_flows().unwrap();
     let ack = Pkt::tcp(CLIENT, 41000, VIP, 80, TCP_ACK).build();
-    let key = parse_frame(&ack[..]).unwrap().key;
+    let key = parse_frame(&ack[..]).unwrap().key();
     testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
     assert_eq!(dp.flow(&key).map(|v| v.backend), Some(ring[(key.hash() % 2) as usize]));
     // A RST without an entry is placed the same way but creates no entry.
     let rst = Pkt::tcp(CLIENT, 41999, VIP, 80, TCP_RST).build();
     let got = testrun::run(dp.program(), &rst, Some(ingress)).unwrap();
     assert_eq!(got.action, XDP_TX);
-    assert_eq!(dp.flow(&parse_frame(&rst[..]).unwrap().key), None);
+    assert_eq!(dp.flow(&parse_frame(&rst[..]).unwrap().key()), None);
     assert_eq!(dp.global_stats().unwrap().get(Counter::HashFallback), 40 + 1 + 1);
     assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow), 0);
 }

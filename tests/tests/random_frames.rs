@@ -123,7 +123,8 @@ fn random_and_mutated_frames() {
         assert_ne!(got.action, XDP_ABORTED, "{}", ctx());
         by_action[got.action.min(4) as usize] += 1;
         let vip = parse_frame(&input[..]).ok().and_then(|p| {
-            let key = VipKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
+            let k = p.key();
+            let key = VipKey { addr: k.dst, port: k.dport, proto: k.proto, _pad: 0 };
             vips.iter().find(|(k, _)| *k == key).map(|&(_, l2)| (p, l2))
         });
         let Some((p, l2_mode)) = vip else {

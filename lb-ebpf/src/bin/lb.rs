@@ -22,7 +22,7 @@ use lb_common::{
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     packet::{parse_l3, parse_l4, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{addr_filter_bit, find_vip, VipKey, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
@@ -120,7 +120,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         bump(stats, Counter::FibError);
         return xdp_action::XDP_PASS;
     };
-    let slot = FlowSlot::new(p.key.hash64(cfg.flow_seed), cfg.flow_sets);
+    let slot = FlowSlot::new(p.tuple.hash64(cfg.flow_seed), cfg.flow_sets);
     let Some(set) = FLOWS.get_ptr_mut(slot.set) else {
         // Cannot happen: the slot's set is below flow_sets, which is the table's size.
         bump(stats, Counter::NoBackend);
@@ -131,8 +131,8 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let first = unsafe { core::ptr::read_volatile(&(*set).ways[0]) };
     // SAFETY: as above.
     let set = unsafe { &mut *set };
-    let vip_key = VipKey { addr: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
-    let Some(vip) = find_vip(&vip_key, |i| VIPS.get(i)).copied() else {
+    let vip_key = pack(p.tuple.dst, p.tuple.dport_word(), p.tuple.proto);
+    let Some(vip) = find_packed_vip(vip_key, |i| VIPS.get(i)).copied() else {
         bump(stats, Counter::NotVip);
         return xdp_action::XDP_PASS;
     };
@@ -172,7 +172,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 // Mid-flow without an entry (evicted, or lost in a restart): by the hash,
                 // so every packet of the flow, on any balancer, goes to one backend.
                 bump(stats, Counter::HashFallback);
-                p.key.hash() % vip.ring_len()
+                p.tuple.hash() % vip.ring_len()
             };
             let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), ring_slot)) else {
                 bump(stats, Counter::NoBackend);
@@ -195,7 +195,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         // Pinned to a dead backend: move the flow by its hash over the VIP's ring (which no
         // longer holds the dead one) and remember the move. The new backend answers with a
         // reset, so the client learns at once.
-        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), p.key.hash() % vip.ring_len())) else {
+        let Some(&idx) = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), p.tuple.hash() % vip.ring_len())) else {
             bump(stats, Counter::NoBackend);
             return xdp_action::XDP_DROP;
         };
