@@ -13,7 +13,7 @@ pub struct LbConfig {
     /// Sets of the flow table (`flow::FlowSet`); 0 until userspace set up the table.
     pub flow_sets: u32,
     pub _pad: u32,
-    /// Seed of the flow table's hash (`flow::FlowKey::hash64`).
+    /// Seed of the flow table's hash (`flow::Tuple::hash64`).
     pub flow_seed: u64,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 24);
