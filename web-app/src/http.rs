@@ -81,11 +81,32 @@ pub struct Listener {
 }
 
 /// A listening socket with `SO_REUSEPORT` (call inside a runtime).
+///
+/// And `TCP_DEFER_ACCEPT` (nginx's `listen ... deferred`, HAProxy's `defer-accept`): the
+/// kernel hands a connection over once its first bytes (the request, or the TLS client
+/// hello) are there, so the first read after `accept` finds them. Without it, under load
+/// most connections were accepted before their request arrived: a read that found nothing,
+/// and a wait in `epoll` for the request. A client that connects and says nothing is
+/// handed over after about a second all the same.
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.set_nodelay(true)?;
+    let seconds: libc::c_int = 1;
+    // SAFETY: setsockopt on our own socket with a pointer to an int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }

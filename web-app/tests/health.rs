@@ -186,3 +186,17 @@ async fn slow_clients_do_not_hold_the_node() {
     assert_eq!(response.status, 408);
     assert_eq!(get(node.addr, "/healthz").await.status, 200);
 }
+
+/// The listeners defer `accept` until a connection's first bytes arrive (`TCP_DEFER_ACCEPT`):
+/// a client that connects and speaks only after the deferral's second is still served, as
+/// are others meanwhile.
+#[tokio::test]
+async fn a_client_that_waits_before_its_request_is_served() {
+    let node = start_release(&[], |_| {}).await;
+    let mut late = TcpStream::connect(node.addr).await.unwrap();
+    assert_eq!(get(node.addr, "/healthz").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    late.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await.unwrap();
+    let response = within(read_response(&mut late)).await;
+    assert_eq!(response.status, 200);
+}
