@@ -6,7 +6,8 @@
 //!
 //! Fair setup: nginx has as many workers as web-app has HTTP threads (`WEB_BENCH_THREADS`,
 //! default: the CPU count), `sendfile on`, `open_file_cache`, keep-alive without a request
-//! limit, no access log; web-app serves a verified release (small files kept in memory) with
+//! limit, `listen ... deferred` (`TCP_DEFER_ACCEPT`, which web-app's listeners set too), no
+//! access log; web-app serves a verified release (small files kept in memory) with
 //! `RUST_LOG=warn` (no access log either). wrk runs on the same machine (2 threads, 32
 //! connections); the rows run one after the other, alternating servers, each bounded in
 //! time (`timeout -s KILL`). Everything it starts is stopped and its directory removed on
@@ -191,7 +192,7 @@ fn main() {
            client_body_temp_path {w}/tmp/body;\n  proxy_temp_path {w}/tmp/proxy;\n  fastcgi_temp_path {w}/tmp/fastcgi;\n\
            uwsgi_temp_path {w}/tmp/uwsgi;\n  scgi_temp_path {w}/tmp/scgi;\n\
            ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:10m;\n\
-           server {{\n    listen 127.0.0.1:{ngx_http};\n    listen 127.0.0.1:{ngx_https} ssl;\n\
+           server {{\n    listen 127.0.0.1:{ngx_http} deferred;\n    listen 127.0.0.1:{ngx_https} ssl deferred;\n\
              ssl_certificate {c}/node.pem;\n    ssl_certificate_key {c}/node-key.pem;\n    root {s};\n  }}\n}}\n",
         w = w.display(),
         c = certs.display(),
