@@ -308,15 +308,19 @@ impl Builders {
         const H2_MAX_STREAMS: u32 = 256;
         const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
         const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+        // HTTP/1.1 half-closure: a client that shuts its sending side after the request still
+        // gets the answer (as from nginx), and hyper does not read the socket while it answers
+        // to learn whether the client went away (a read that usually finds nothing; a client
+        // that is gone is noticed when the answer is written).
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+        h1.timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout).half_close(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_STREAMS)
             .max_header_list_size(H2_MAX_HEADER_LIST)
             .keep_alive_interval(Some(H2_PING_INTERVAL));
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+        auto.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout).half_close(true);
         auto.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_STREAMS)

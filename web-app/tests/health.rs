@@ -200,3 +200,16 @@ async fn a_client_that_waits_before_its_request_is_served() {
     let response = within(read_response(&mut late)).await;
     assert_eq!(response.status, 200);
 }
+
+/// A client may close its sending side once its request is out (`shutdown(SHUT_WR)`, as
+/// `nc -q` does) and still gets the answer: HTTP/1.1 connections allow half-closure (which
+/// also spares the server a read per connection while it answers).
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let node = start_release(&[], |_| {}).await;
+    let mut c = TcpStream::connect(node.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    c.shutdown().await.unwrap();
+    let response = within(read_response(&mut c)).await;
+    assert_eq!(response.status, 200);
+}
