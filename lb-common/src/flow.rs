@@ -355,7 +355,7 @@ mod tests {
         }
     }
 
-    /// The branch-free victim is the first way of the greatest age (empty ways oldest), for
+    /// The victim is the first way of the greatest age (empty ways oldest), for
     /// random sets with empty ways, equal ages and ages across the 16-bit wrap.
     #[test]
     fn victim_is_the_first_of_the_oldest() {
