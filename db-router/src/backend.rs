@@ -67,6 +67,18 @@ pub struct Login<'a> {
     /// The server's Unix socket, when it runs on this host and the configuration names it
     /// (`sockets`): the connection goes there instead of to the TCP address.
     pub unix_socket: Option<&'a std::path::Path>,
+    /// Open the connection for the in-kernel fast path: from a port bound first and
+    /// reserved there, so that the server's end of it goes into the fast path's sockmap.
+    pub fast: Option<&'a crate::fast_path::FastPath>,
+}
+
+/// A port reserved with the fast path while its connection opens.
+struct Reserved<'a>(&'a crate::fast_path::FastPath, u16);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.release_port(self.1);
+    }
 }
 
 pub struct Backend {
@@ -161,9 +173,22 @@ impl Backend {
     }
 
     async fn connect_inner(addr: SocketAddr, login: &Login<'_>) -> Result<Backend, BackendError> {
+        let mut _reserved = None;
         let stream: Stream = match login.unix_socket {
             Some(path) => UnixStream::connect(path).await.map_err(|source| BackendError::ConnectUnix { addr, path: path.into(), source })?.into(),
-            None => TcpStream::connect(addr).await.map_err(|source| BackendError::Connect { addr, source })?.into(),
+            None => match login.fast.filter(|_| addr.is_ipv4()) {
+                None => TcpStream::connect(addr).await.map_err(|source| BackendError::Connect { addr, source })?.into(),
+                Some(fast) => {
+                    let err = |source| BackendError::Connect { addr, source };
+                    let socket = tokio::net::TcpSocket::new_v4().map_err(err)?;
+                    socket.bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into()).map_err(err)?;
+                    let port = socket.local_addr().map_err(err)?.port();
+                    fast.reserve_port(port);
+                    // Until the login is over: by then the server has accepted the connection.
+                    _reserved = Some(Reserved(fast, port));
+                    socket.connect(addr).await.map_err(err)?.into()
+                }
+            },
         };
         let mut be = Backend {
             addr,
@@ -363,8 +388,13 @@ impl Backend {
         }
     }
 
+    /// (local, peer) addresses of a TCP connection.
+    pub fn tcp_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        self.stream.tcp_addrs()
+    }
+
     /// Nothing but the end of the connection can be read on a redirecting connection.
-    fn check_alive(&self) -> Result<(), BackendError> {
+    pub fn check_alive(&self) -> Result<(), BackendError> {
         let mut b = [0u8; 1];
         match self.stream.try_read(&mut b) {
             Ok(0) => Err(self.io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -561,7 +591,7 @@ impl Backend {
         }
     }
 
-    fn protocol_error(&self, what: &str) -> BackendError {
+    pub fn protocol_error(&self, what: &str) -> BackendError {
         BackendError::Protocol { addr: self.addr, what: what.into() }
     }
 

@@ -15,6 +15,9 @@
 //! threads = 1                        # session threads (default: half the CPUs, at least 1)
 //! kernel_relay = false               # true: replica answers to plain reads go to the client
 //!                                    # through the kernel (BPF sockmap, needs root)
+//! kernel_fast_path = false           # true: prepared reads of clients on this host go to a
+//!                                    # replica on this host and back through the kernel,
+//!                                    # past the router (BPF sockmap, needs root, cgroup v2)
 //!
 //! [sockets]                          # optional: servers on this host, reached over their
 //! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)
@@ -99,6 +102,8 @@ struct File {
     threads: Option<Spanned<i64>>,
     #[serde(default)]
     kernel_relay: Option<bool>,
+    #[serde(default)]
+    kernel_fast_path: Option<bool>,
     #[serde(default)]
     sockets: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
@@ -215,6 +220,7 @@ impl Config {
             max_packet: defaults.max_packet,
             sockets,
             kernel_relay: f.kernel_relay.unwrap_or(defaults.kernel_relay),
+            kernel_fast_path: f.kernel_fast_path.unwrap_or(defaults.kernel_fast_path),
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);

@@ -5,6 +5,8 @@
 //! - [`protocol`], [`backend`], [`session`], [`router`]: the MySQL-protocol relay: client
 //!   login, per-session backend connections, response relay, routing and session state;
 //!   [`stream`]: TCP or Unix-socket connections on either side.
+//! - [`kernel_relay`], [`fast_path`]: the in-kernel answer relay and the in-kernel fast path
+//!   for prepared reads (BPF sockmap programs in lb-ebpf).
 //! - [`config`]: the `db-router` TOML configuration.
 //! - [`monitor`]: polls the backends, publishes the routing view, fails over, fences, rejoins.
 //! - [`admin`]: HTTP `/metrics`, `/status`, `POST /rejoin`.
@@ -14,6 +16,7 @@ pub mod admin;
 pub mod backend;
 pub mod classify;
 pub mod config;
+pub mod fast_path;
 pub mod kernel_relay;
 pub mod monitor;
 pub mod protocol;

@@ -48,6 +48,10 @@ pub struct Settings {
     /// Off by default: on the 2-vCPU test machine it did not make the router faster (the
     /// kernel sends redirected data from a workqueue, a wakeup of its own; see README).
     pub kernel_relay: bool,
+    /// Prepared reads of clients on this host go to a replica on this host and back through
+    /// the kernel, past the router ([`crate::fast_path`]), when the kernel allows it (root
+    /// or CAP_BPF + CAP_NET_ADMIN, cgroup v2).
+    pub kernel_fast_path: bool,
 }
 
 impl Default for Settings {
@@ -60,6 +64,7 @@ impl Default for Settings {
             max_packet: 64 * 1024 * 1024,
             sockets: HashMap::new(),
             kernel_relay: false,
+            kernel_fast_path: false,
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct Metrics {
     pub ryw_fallbacks: Counter,
     /// Statements whose answer went through the in-kernel relay.
     pub kernel_relayed: Counter,
+    /// Prepared reads the kernel routed to the replica (counted when the session next wakes).
+    pub kernel_routed: Counter,
     pub sessions: Counter,
     pub sessions_active: Gauge,
     pub errors_client: Counter,
@@ -92,6 +99,7 @@ impl Metrics {
         registry.register("db_router_ryw_waits", "Reads that waited on the replica for the session's last write and got it", m.ryw_waits.clone());
         registry.register("db_router_ryw_fallbacks", "Reads sent to the primary because the replica had not applied the session's last write in time", m.ryw_fallbacks.clone());
         registry.register("db_router_kernel_relayed", "Reads whose answer went from the replica to the client through the in-kernel relay (BPF sockmap)", m.kernel_relayed.clone());
+        registry.register("db_router_kernel_routed", "Prepared reads routed to the replica and answered through the in-kernel fast path, past the router (counted when the session next comes to the router; also in db_router_statements)", m.kernel_routed.clone());
         registry.register("db_router_sessions", "Client sessions accepted", m.sessions.clone());
         registry.register("db_router_sessions_active", "Client sessions open now", m.sessions_active.clone());
         registry.register("db_router_client_errors", "Sessions ended or statements refused because of the client (malformed packets, unknown commands)", m.errors_client.clone());
@@ -110,6 +118,8 @@ pub struct Shared {
     pub server_version: RwLock<String>,
     /// The in-kernel read relay, when loaded ([`crate::kernel_relay`]).
     pub kernel: std::sync::OnceLock<Arc<crate::kernel_relay::KernelRelay>>,
+    /// The in-kernel fast path for prepared reads, when loaded ([`crate::fast_path`]).
+    pub fast: std::sync::OnceLock<Arc<crate::fast_path::FastPath>>,
     conn_ids: AtomicU32,
 }
 
@@ -122,11 +132,17 @@ impl Shared {
             routing,
             server_version: RwLock::new("5.5.5-10.11.0-MariaDB-db-router".into()),
             kernel: std::sync::OnceLock::new(),
+            fast: std::sync::OnceLock::new(),
             conn_ids: AtomicU32::new(1),
         });
         if s.settings.kernel_relay {
             if let Some(k) = crate::kernel_relay::KernelRelay::load_or_log() {
                 let _ = s.kernel.set(k);
+            }
+        }
+        if s.settings.kernel_fast_path {
+            if let Some(f) = crate::fast_path::FastPath::load_or_log() {
+                let _ = s.fast.set(f);
             }
         }
         s
@@ -139,6 +155,9 @@ impl Shared {
 
 /// Accepts clients until the listener fails for good; one task per session.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    if let (Some(f), Ok(addr)) = (shared.fast.get(), listener.local_addr()) {
+        f.listen(addr.port());
+    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -341,6 +360,7 @@ mod tests {
             session_track: false,
             timeout: Duration::from_secs(5),
             unix_socket: Some(path),
+            fast: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let err = rt.block_on(crate::backend::Backend::connect("127.0.0.1:1".parse().unwrap(), &login)).err().expect("no socket there");

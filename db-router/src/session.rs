@@ -125,6 +125,10 @@ struct Session {
     kslot: Option<crate::kernel_relay::ClientSlot>,
     /// The last command's payload (see `kernel_backend_lost`).
     last_command: Vec<u8>,
+    /// The session's place in the in-kernel fast path for prepared reads.
+    fast: Option<crate::fast_path::FastClient>,
+    /// Bytes read from the client (the fast path compares it with what the kernel passed).
+    client_bytes: u64,
 }
 
 pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
@@ -160,7 +164,14 @@ pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
         next_stmt: 1,
         kslot: None,
         last_command: Vec::new(),
+        fast: None,
+        client_bytes: 0,
     };
+    // Before the first byte is read: the kernel counts every byte it passes to the router.
+    if let (Some(f), Some((local, peer))) = (s.shared.fast.get(), s.client.tcp_addrs()) {
+        s.fast = f.client(local, peer);
+        tracing::debug!(%local, %peer, registered = s.fast.is_some(), "fast path client");
+    }
     if s.login().await.is_ok() {
         if s.client.is_tcp() {
             s.kslot = s.shared.kernel.get().and_then(|k| k.client(&s.client));
@@ -204,7 +215,7 @@ impl Session {
                     self.shared.metrics.errors_client.inc();
                     return Err(End);
                 }
-                Ok(_) => {}
+                Ok(n) => self.client_bytes += n as u64,
                 Err(_) => return Err(End),
             }
         }
@@ -316,6 +327,8 @@ impl Session {
     async fn command_loop(&mut self) -> Result<(), End> {
         loop {
             let Some((seq, mut payload)) = self.next_command().await? else { return Ok(()) };
+            // The kernel routes nothing more until this command is dealt with.
+            self.fast_pause().await?;
             // A client that pipelines may send this before a redirected answer has ended.
             self.settle_all().await?;
             if seq != 0 {
@@ -361,6 +374,22 @@ impl Session {
     /// The next command; while an answer goes through the in-kernel relay, the backend is
     /// watched too (if it ends the connection, the client must not wait forever).
     async fn next_command(&mut self) -> Result<Option<(u8, Vec<u8>)>, End> {
+        // While the kernel routes this session's prepared reads, the router waits for what
+        // it passes on, and watches the replica connection and the routing view.
+        while self.cbuf.is_empty() && self.fast_resume() {
+            let replica = self.replica.as_ref().expect("the fast path runs with a replica");
+            let event = tokio::select! {
+                biased;
+                _ = self.client.readable() => break,
+                e = replica.watch() => Some(e),
+                _ = self.routing.changed() => None,
+            };
+            self.fast_pause().await?;
+            if let Some(e) = event {
+                tracing::warn!(error = %e, "replica connection lost while the kernel routed reads");
+                self.drop_backend(Target::Replica);
+            }
+        }
         if self.cbuf.is_empty() {
             for t in [Target::Primary, Target::Replica] {
                 let Some(be) = (match t {
@@ -384,6 +413,77 @@ impl Session {
             }
         }
         self.read_client().await
+    }
+
+    /// Turns the in-kernel fast path on if the session allows it: a replica connection the
+    /// kernel can reach with statements registered, the routing view still reading from it,
+    /// and nothing that would send a read elsewhere (transaction, autocommit off, pins, a
+    /// write of the session's not yet on the replica); true when on.
+    fn fast_resume(&mut self) -> bool {
+        let Some(f) = self.fast.as_ref() else { return false };
+        if f.is_on() {
+            return true;
+        }
+        let Some(r) = self.replica.as_ref() else {
+            self.fast.as_mut().expect("checked").detach_backend();
+            return false;
+        };
+        if f.backend_serial() != Some(r.serial) {
+            self.fast.as_mut().expect("checked").detach_backend();
+            return false;
+        }
+        let routed_here = self.routing.borrow_and_update().replica == Some(r.addr);
+        let ryw_pending = self.shared.settings.read_your_writes && self.pending_gtid.is_some();
+        let settled = r.kernel_progress() == Progress::Settled && self.primary.as_ref().is_none_or(|p| p.kernel_progress() == Progress::Settled);
+        if !f.has_statements() || !routed_here || ryw_pending || !settled || self.trx.is_some() || self.sticky().is_some() {
+            return false;
+        }
+        let read = self.client_bytes;
+        self.fast.as_mut().expect("checked").resume(read)
+    }
+
+    /// Turns the fast path off and waits until every answer the kernel routed has reached
+    /// the client. If the replica connection ends first, the client gets an ERR for a read
+    /// it has no byte of, and the session ends if it has part of one.
+    async fn fast_pause(&mut self) -> Result<(), End> {
+        let Some(f) = self.fast.as_mut() else { return Ok(()) };
+        if !f.is_on() {
+            return Ok(());
+        }
+        let routed = f.pause();
+        self.shared.metrics.to_replica.inc_by(routed.into());
+        self.shared.metrics.kernel_routed.inc_by(routed.into());
+        let mut wait = std::time::Duration::from_micros(20);
+        loop {
+            let f = self.fast.as_mut().expect("checked");
+            let progress = f.progress(routed);
+            let lost = match progress {
+                crate::fast_path::Progress::Settled => {
+                    f.stop_redirect();
+                    return Ok(());
+                }
+                crate::fast_path::Progress::Lost => Some(self.replica.as_ref().map(|r| r.protocol_error("the in-kernel fast path lost track of the answers"))),
+                crate::fast_path::Progress::InFlight { .. } => match self.replica.as_ref() {
+                    None => Some(None),
+                    Some(r) => match tokio::time::timeout(wait, r.watch()).await {
+                        Ok(e) => Some(Some(e)),
+                        Err(_) => None,
+                    },
+                },
+            };
+            let Some(e) = lost else {
+                // The answer ends without a wakeup of the router: poll, backing off.
+                wait = (wait * 2).min(std::time::Duration::from_millis(5));
+                continue;
+            };
+            tracing::warn!(error = ?e.map(|e| e.to_string()), ?progress, "replica connection failed while the kernel routed a read");
+            self.fast.as_mut().expect("checked").stop_redirect();
+            self.drop_backend(Target::Replica);
+            return match progress {
+                crate::fast_path::Progress::InFlight { started: false } => self.send_err(1, codes::BACKEND_LOST, "db-router: replica connection lost; the read did not run").await,
+                _ => Err(End),
+            };
+        }
     }
 
     /// Waits until no answer of this session is still on its way through the in-kernel relay.
@@ -500,6 +600,7 @@ impl Session {
             session_track,
             timeout: self.shared.settings.connect_timeout,
             unix_socket: self.shared.settings.sockets.get(&addr).map(|p| p.as_path()),
+            fast: None,
         }
     }
 
@@ -554,7 +655,10 @@ impl Session {
     }
 
     async fn open_replica(&mut self, addr: SocketAddr) -> Result<(), String> {
-        let login = self.login_params(addr, false);
+        let mut login = self.login_params(addr, false);
+        if self.fast.is_some() && login.unix_socket.is_none() {
+            login.fast = self.shared.fast.get().map(|f| &**f);
+        }
         match Backend::connect(addr, &login).await {
             Ok(mut be) => match self.prepare_connection(&mut be, false).await {
                 Ok(()) => {
@@ -797,7 +901,7 @@ impl Session {
                 self.cbuf.reserve(64 * 1024);
                 match self.client.read_buf(&mut self.cbuf).await {
                     Ok(0) => return Err(RelayError::Client(std::io::ErrorKind::UnexpectedEof.into())),
-                    Ok(_) => {}
+                    Ok(n) => self.client_bytes += n as u64,
                     Err(e) => return Err(RelayError::Client(e)),
                 }
             };
@@ -894,6 +998,9 @@ impl Session {
         self.trx = None;
         self.autocommit = true;
         self.stmts.clear();
+        if let Some(f) = self.fast.as_mut() {
+            f.unregister_all();
+        }
         // The replica connection is simply dropped (reopened clean when needed); the primary
         // is reset and its session tracking set up again.
         self.replica = None;
@@ -1003,6 +1110,13 @@ impl Session {
                 new_types = Some(types.to_vec());
             }
         }
+        if new_types.is_some() && new_types != self.stmts.get(&client_id).and_then(|s| s.types.clone()) {
+            // The kernel sends executions without types, or with the same ones, as they are:
+            // only while the replica has these.
+            if let Some(f) = self.fast.as_mut() {
+                f.unregister_stmt(client_id);
+            }
+        }
         let target = self.route(class).await;
         if let Err(e) = self.ensure(target).await {
             return self.send_err(1, codes::NO_PRIMARY, &format!("db-router: {e}")).await;
@@ -1055,8 +1169,24 @@ impl Session {
         // COM_STMT_FETCH: the router keeps it (the relay counts whole result sets only).
         let cursor = payload[5] != 0;
         let direct = !cursor && self.kernel_eligible(target, Expect::Results, class);
+        let fast_eligible = target == Target::Replica && class == Class::Read && !cursor && (params == 0 || self.stmts.get(&client_id).is_some_and(|s| s.types_on[Target::Replica as usize]));
         match self.try_forward(target, &p, Expect::Results, None, target == Target::Replica && retry, direct).await? {
-            Forwarded::Done(sum) => self.note_response(target, &sum, class),
+            Forwarded::Done(sum) => {
+                self.note_response(target, &sum, class);
+                // Later executions may go through the kernel, past the router.
+                if let (true, Some(f), Some(r)) = (fast_eligible, self.fast.as_mut(), self.replica.as_ref()) {
+                    if f.backend_serial() != Some(r.serial) {
+                        if let Some((local, peer)) = r.tcp_addrs() {
+                            let ok = f.attach_backend(local, peer, r.serial, r.caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
+                            tracing::debug!(%local, %peer, ok, "fast path replica connection");
+                        }
+                    }
+                    if f.backend_serial() == Some(r.serial) {
+                        let types = self.stmts.get(&client_id).and_then(|s| s.types.as_deref());
+                        f.register_stmt(client_id, id, params as u16, types.filter(|t| t.len() <= 32));
+                    }
+                }
+            }
             Forwarded::Failed => {}
             // The replica went away before answering; once more (it is reconnected or, if it
             // is down, the primary runs it). Long data was consumed: no retry with it.
@@ -1069,6 +1199,10 @@ impl Session {
         // No response either way; kept until the execution picks its backend.
         if payload.len() >= 7 {
             let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+            // The execution must come to the router, which holds the data.
+            if let Some(f) = self.fast.as_mut() {
+                f.unregister_stmt(id);
+            }
             if let Some(st) = self.stmts.get_mut(&id) {
                 st.long_data.push(payload);
             }
@@ -1080,6 +1214,9 @@ impl Session {
             return;
         }
         let id = u32::from_le_bytes(payload[1..5].try_into().expect("4"));
+        if let Some(f) = self.fast.as_mut() {
+            f.unregister_stmt(id);
+        }
         let Some(st) = self.stmts.remove(&id) else { return };
         for t in [Target::Primary, Target::Replica] {
             if let (Some((serial, bid)), Some(be)) = (st.on[t as usize], self.backend(t)) {

@@ -49,6 +49,14 @@ impl Stream {
         }
     }
 
+    /// (local, peer) addresses of a TCP connection.
+    pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        match self {
+            Stream::Tcp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
+            Stream::Unix(_) => None,
+        }
+    }
+
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read(buf),

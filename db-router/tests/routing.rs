@@ -30,6 +30,8 @@ struct Rig {
     metrics: Arc<Metrics>,
     /// The in-kernel read relay loaded (root, a kernel with sockmap).
     kernel: bool,
+    /// The in-kernel fast path for prepared reads loaded.
+    fast: bool,
     /// The routing view's publisher, or the monitor that owns it (it runs while the handle lives).
     _publisher: Result<Publisher, MonitorHandle>,
     pair: Pair,
@@ -63,6 +65,7 @@ fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> O
     });
     let shared = Shared::new(users(), settings, metrics.clone(), subscriber);
     let kernel = shared.kernel.get().is_some();
+    let fast = shared.fast.get().is_some();
     let addr = rt.block_on(router::spawn("127.0.0.1:0".parse().unwrap(), shared)).expect("router listens");
     let publisher = match monitor {
         Some(cfg) => {
@@ -72,7 +75,7 @@ fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> O
         }
         None => Ok(publisher),
     };
-    Some(Rig { rt, addr, metrics, kernel, _publisher: publisher, pair })
+    Some(Rig { rt, addr, metrics, kernel, fast, _publisher: publisher, pair })
 }
 
 impl Rig {
@@ -982,4 +985,52 @@ fn kernel_relay_leaves_cursors_to_the_router() {
     }
     assert_eq!(frames, 1 + 1 + 1 + 5 + 1, "column count, definition, EOF, 5 rows, EOF");
     assert_eq!(rig.metrics.kernel_relayed.get(), before + 1, "a plain execution goes through the kernel");
+}
+
+fn fast_rig(test: &str, settings: Settings) -> Option<Rig> {
+    let rig = rig(test, Settings { kernel_fast_path: true, ..settings })?;
+    if rig.fast {
+        return Some(rig);
+    }
+    let why = "the in-kernel fast path did not load (not root, no cgroup v2, or no BPF sockmap support)";
+    assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
+    eprintln!("skipping {test}: {why}");
+    None
+}
+
+/// Prepared reads of a client on this host go through the kernel to the replica and back:
+/// same answers as a direct connection, counted by the replica (server-side evidence) and
+/// not by the primary, and the router is not involved (its replica statement counter moves
+/// only when the session next comes to it).
+#[test]
+fn fast_path_routes_prepared_reads_in_the_kernel() {
+    let Some(rig) = fast_rig("fast_path_routes_prepared_reads_in_the_kernel", no_ryw()) else { return };
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE f (id INT PRIMARY KEY, v VARCHAR(3000))").unwrap();
+    rig.pair.primary.sql_as(&APP, "INSERT INTO f SELECT seq, REPEAT(CHAR(65 + seq % 26), seq % 3000) FROM seq_1_to_2000").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let stmt = c.prep("SELECT id, v FROM f WHERE id = ?").await.unwrap();
+        let range = c.prep("SELECT id, v FROM f WHERE id BETWEEN ? AND ? ORDER BY id").await.unwrap();
+        // The first executions teach the router (types), the rest may go through the kernel.
+        let replica0 = counter(&rig.pair.replica, "Com_stmt_execute");
+        let primary0 = counter(&rig.pair.primary, "Com_stmt_execute");
+        let routed0 = rig.metrics.kernel_routed.get();
+        for i in 1..=200i64 {
+            let row: Option<(i64, String)> = c.exec_first(&stmt, (i,)).await.unwrap();
+            let want = char::from(65 + (i % 26) as u8).to_string().repeat((i % 3000) as usize);
+            assert_eq!(row, Some((i, want)), "row {i}");
+        }
+        let rows: Vec<(i64, String)> = c.exec(&range, (1, 2000)).await.unwrap();
+        assert_eq!(rows.len(), 2000);
+        assert!(rows.iter().enumerate().all(|(k, (id, v))| *id == k as i64 + 1 && v.len() == (*id % 3000) as usize));
+        // Wakes the session: it counts what the kernel routed.
+        let one: Option<i64> = c.query_first("SELECT 1").await.unwrap();
+        assert_eq!(one, Some(1));
+        let routed = rig.metrics.kernel_routed.get() - routed0;
+        assert_eq!(counter(&rig.pair.replica, "Com_stmt_execute") - replica0, 201, "every execution ran on the replica");
+        assert_eq!(counter(&rig.pair.primary, "Com_stmt_execute") - primary0, 0);
+        eprintln!("routed by the kernel: {routed}");
+        assert!(routed >= 198, "executions routed by the kernel: {routed}");
+    });
 }

@@ -1,0 +1,420 @@
+//! db-router's in-kernel fast path for prepared reads: a client on this host executes a
+//! prepared read and the command goes from the client's socket straight into the replica's
+//! socket, and the replica's answer straight back into the client's, without either passing
+//! through the router or through TCP (sockmap, `sk_msg` redirects to ingress).
+//!
+//! Two programs share the maps:
+//! - `dbf_sockops` (`sock_ops`, attached to the cgroup v2 root) puts into `DBF_SOCKS` the
+//!   client end of connections to a router listening port (`DBF_LISTEN`), and the server end
+//!   of connections from a port the router bound for a backend connection (`DBF_PORTS`), and
+//!   notes each in `DBF_LIVE` so that the router knows which of its peers it can reach.
+//! - `dbf_msg` (`sk_msg`, attached to `DBF_SOCKS`) runs on every send of those sockets:
+//!   - on a client's socket (a `DBF_ROLE` index below `SLOTS`): a single, whole
+//!     `COM_STMT_EXECUTE` of a statement the router registered in `DBF_STMT` (a read,
+//!     prepared on the session's replica connection, parameter types already there), without
+//!     a cursor and without new parameter types (or with the ones the replica has), while the router has the session's fast
+//!     path on, gets the replica's statement id and goes into the replica's socket. Anything
+//!     else goes to the router as usual, and turns the session's fast path off: the router
+//!     turns it back on once it has read everything that went to it and the session allows it.
+//!   - on a replica's socket (index `SLOTS + slot`): while the router has the connection's
+//!     `REDIRECT` flag on, everything the server sends goes into the client's socket; the
+//!     program follows the MySQL framing (as `dbrelay` does) to count the answers that ended.
+//!
+//! The session word (`Entry::word` of a client entry) holds, so that the router and the
+//! program agree without locks: bit 0, fast path on (set only by the router, by
+//! compare-and-swap, with the count zeroed); bits 1-31, commands the program routed since;
+//! bits 32-63, bytes that went to the router (mod 2^32). The program counts a command by
+//! compare-and-swap while bit 0 is set, so the count the router sees when it clears bit 0 is
+//! final; it waits until that many answers have ended before it uses the replica connection
+//! or answers the client itself.
+#![no_std]
+#![no_main]
+// The BPF target has no `AtomicU64` read-modify-write methods; the intrinsics compile to BPF
+// atomics (ISA v3: fetch-add, fetch-and, compare-and-swap).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{atomic_and, atomic_cxchg, atomic_xadd, AtomicOrdering::SeqCst};
+
+use aya_ebpf::{
+    bindings::{sk_action, sk_msg_md, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    cty::c_void,
+    helpers::{bpf_loop, bpf_msg_pull_data},
+    macros::{map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+#[allow(unused_imports)]
+use lb_ebpf as _;
+
+/// A socket as its owner sees it: addresses as stored (network order), ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Key {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+/// One per client session (index = slot) and one per session's replica connection (index =
+/// `SLOTS + slot`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Entry {
+    /// Client entries: the session word (module docs).
+    pub word: u64,
+    /// Client entries: the replica's socket; replica entries: the client's socket.
+    pub peer: Key,
+    /// Replica entries from here on (the framing state of `dbrelay`'s `Conn`).
+    pub flags: u32,
+    /// Answers seen to end since the router last reset the entry.
+    pub done: u32,
+    pub skip: u32,
+    pub hdr: u32,
+    pub have: u32,
+    pub eofs: u32,
+    pub cont: u32,
+    pub _pad: u32,
+}
+
+/// Statement of a session, as the client numbers it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StmtKey {
+    pub slot: u32,
+    pub id: u32,
+}
+
+/// Its id on the session's replica connection, its parameter count, and the parameter types
+/// the replica has (for up to `MAX_TYPED` parameters): an execution that sends the same types
+/// again (most connectors send them every time) may go through the kernel too.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stmt {
+    pub id: u32,
+    pub params: u32,
+    pub types: [u8; 2 * MAX_TYPED],
+}
+
+pub const MAX_TYPED: usize = 16;
+
+pub const SLOTS: u32 = 65536;
+/// Replica entry flags: redirect what the server sends to the client.
+const REDIRECT: u32 = 1;
+const DEPRECATE_EOF: u32 = 2;
+/// The stream could not be followed: the router drops the connection.
+const LOST: u32 = 4;
+const MAX_FRAME: u32 = 0xFF_FFFF;
+const COM_STMT_EXECUTE: u8 = 0x17;
+const AF_INET: u32 = 2;
+
+#[map]
+static DBF_SOCKS: SockHash<Key> = SockHash::with_max_entries(131072, 0);
+
+/// Router listening ports.
+#[map]
+static DBF_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Local ports the router bound for backend connections it is opening.
+#[map]
+static DBF_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Sockets put into `DBF_SOCKS` (the router removes the entries of those it registered; LRU
+/// for the others).
+#[map]
+static DBF_LIVE: LruHashMap<Key, u32> = LruHashMap::with_max_entries(131072, 0);
+
+/// Socket -> entry index, written by the router.
+#[map]
+static DBF_ROLE: HashMap<Key, u32> = HashMap::with_max_entries(131072, 0);
+
+#[map]
+static DBF_STATE: Array<Entry> = Array::with_max_entries(2 * SLOTS, BPF_F_MMAPABLE);
+
+#[map]
+static DBF_STMT: HashMap<StmtKey, Stmt> = HashMap::with_max_entries(262144, 0);
+
+/// Host-order port from a context's `remote_port` (network order, in the upper half of the
+/// word on current kernels, the lower half on old ones).
+#[inline(always)]
+fn port(raw: u32) -> u32 {
+    let p = u32::from_be(raw);
+    if p > 0xFFFF {
+        p >> 16
+    } else {
+        p
+    }
+}
+
+#[sock_ops]
+pub fn dbf_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    let op = ctx.op();
+    let mut key = Key { local_ip: ctx.local_ip4(), remote_ip: ctx.remote_ip4(), local_port: ctx.local_port(), remote_port: port(ctx.remote_port()) };
+    // SAFETY: plain lookups.
+    let wanted = unsafe {
+        match op {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => DBF_LISTEN.get(&key.remote_port).is_some(),
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => DBF_PORTS.get(&key.remote_port).is_some(),
+            _ => false,
+        }
+    };
+    // SAFETY: the context's own socket operations structure.
+    if wanted && DBF_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        let _ = DBF_LIVE.insert(&key, &1, 0);
+    }
+    1
+}
+
+#[sk_msg]
+pub fn dbf_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the program's own context.
+    let md = unsafe { &*ctx.msg };
+    let key = Key { local_ip: md.local_ip4, remote_ip: md.remote_ip4, local_port: md.local_port, remote_port: port(md.remote_port) };
+    // SAFETY: a plain lookup; the value is copied out.
+    let Some(&index) = (unsafe { DBF_ROLE.get(&key) }) else { return sk_action::SK_PASS };
+    let Some(e) = DBF_STATE.get_ptr_mut(index) else { return sk_action::SK_PASS };
+    if index < SLOTS {
+        command(&ctx, index, e)
+    } else {
+        answer(&ctx, e)
+    }
+}
+
+/// A client's send.
+#[inline(always)]
+fn command(ctx: &SkMsgContext, slot: u32, e: *mut Entry) -> u32 {
+    let size = ctx.size();
+    // SAFETY: a map value; the router and this program change the word with atomics only.
+    let word = unsafe { core::ptr::addr_of_mut!((*e).word) };
+    // SAFETY: as above.
+    let w = unsafe { core::ptr::read_volatile(word) };
+    if w & 1 != 0 {
+        if let Some(id) = eligible(ctx, slot, size) {
+            // Counted only while the router has not turned the fast path off.
+            // SAFETY: as above.
+            if unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(word, w, w + 2) }.1 {
+                let data = ctx.data();
+                if data + 9 <= ctx.data_end() {
+                    // SAFETY: checked against data_end; the statement id of the command.
+                    unsafe { core::ptr::write_unaligned((data + 5) as *mut u32, id.to_le()) };
+                }
+                // SAFETY: the entry's peer key, copied.
+                let mut peer = unsafe { (*e).peer };
+                return DBF_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) as u32;
+            }
+        }
+    }
+    // SAFETY: as above.
+    let old = unsafe { atomic_xadd::<u64, u64, { SeqCst }>(word, (size as u64) << 32) };
+    if old & 1 != 0 {
+        // SAFETY: as above.
+        unsafe { atomic_and::<u64, u64, { SeqCst }>(word, !1) };
+    }
+    sk_action::SK_PASS
+}
+
+/// The replica's statement id when the message is one whole `COM_STMT_EXECUTE` the kernel
+/// may route: registered statement, no cursor, no new parameter types.
+#[inline(always)]
+fn eligible(ctx: &SkMsgContext, slot: u32, size: u32) -> Option<u32> {
+    if size < 15 {
+        return None;
+    }
+    let want = if size < 64 { size } else { 64 };
+    // SAFETY: the program's own message.
+    if unsafe { bpf_msg_pull_data(ctx.msg as *mut sk_msg_md, 0, want, 0) } != 0 {
+        return None;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 15 > end {
+        return None;
+    }
+    // SAFETY: 15 bytes checked against data_end.
+    let b = unsafe { core::slice::from_raw_parts(data as *const u8, 15) };
+    let plen = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
+    if plen + 4 != size || b[3] != 0 || b[4] != COM_STMT_EXECUTE || b[9] != 0 {
+        return None;
+    }
+    let id = u32::from_le_bytes([b[5], b[6], b[7], b[8]]);
+    // SAFETY: a plain lookup; the value is copied out.
+    let st = *unsafe { DBF_STMT.get(&StmtKey { slot, id }) }?;
+    if st.params > 0 {
+        // Null bitmap, then the new-parameters-bound flag, then (when 1) the types.
+        let at = 14 + (st.params.min(128) + 7) / 8;
+        let p = data + at as usize;
+        if p + 1 > end {
+            return None;
+        }
+        // SAFETY: checked against data_end.
+        match unsafe { *(p as *const u8) } {
+            0 => {}
+            1 if st.params as usize <= MAX_TYPED => {
+                let n = 2 * st.params as usize;
+                for i in 0..2 * MAX_TYPED {
+                    if i >= n {
+                        break;
+                    }
+                    let q = p + 1 + i;
+                    if q + 1 > end {
+                        return None;
+                    }
+                    // SAFETY: checked against data_end.
+                    if unsafe { *(q as *const u8) } != st.types[i] {
+                        return None;
+                    }
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(st.id)
+}
+
+/// A replica's send.
+#[inline(always)]
+fn answer(ctx: &SkMsgContext, e: *mut Entry) -> u32 {
+    // SAFETY: a map value; the kernel runs this program for one send of a socket at a time,
+    // and the router writes the entry only while the server sends nothing on it.
+    let c = unsafe { &mut *e };
+    if c.flags & REDIRECT == 0 {
+        return sk_action::SK_PASS;
+    }
+    let len = ctx.size();
+    if len == 0 {
+        return sk_action::SK_PASS;
+    }
+    let mut walk = Walk { msg: ctx.msg, entry: e, off: 0, len };
+    // Each step consumes at least one frame header byte or the rest of the message.
+    // SAFETY: bpf_loop calls `step` with `walk`, which lives on this stack frame.
+    let ran = unsafe { bpf_loop(len + 1, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
+    if ran < 0 || walk.off < len {
+        c.flags |= LOST;
+    }
+    let mut peer = c.peer;
+    DBF_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) as u32
+}
+
+#[repr(C)]
+struct Walk {
+    msg: *mut sk_msg_md,
+    entry: *mut Entry,
+    off: u32,
+    len: u32,
+}
+
+/// Reads `n` (1 or 5) bytes at `off` of the message into `out`.
+#[inline(always)]
+fn load(msg: *mut sk_msg_md, off: u32, n: u32, out: &mut [u8; 5]) -> bool {
+    // SAFETY: the program's own message.
+    if unsafe { bpf_msg_pull_data(msg, off, off + n, 0) } != 0 {
+        return false;
+    }
+    // SAFETY: the context's packet pointers, refreshed by the pull.
+    let (data, end) = unsafe { ((*msg).__bindgen_anon_1.data as usize, (*msg).__bindgen_anon_2.data_end as usize) };
+    if n == 5 {
+        if data + 5 > end {
+            return false;
+        }
+        // SAFETY: 5 bytes checked against data_end.
+        unsafe { core::ptr::copy_nonoverlapping(data as *const u8, out.as_mut_ptr(), 5) };
+    } else {
+        if data + 1 > end {
+            return false;
+        }
+        // SAFETY: 1 byte checked against data_end.
+        out[0] = unsafe { *(data as *const u8) };
+    }
+    true
+}
+
+/// One step over the message: the rest of a frame's payload, or one frame header. Returns 1
+/// (stop) at the end of the message.
+extern "C" fn step(_i: u64, w: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the `Walk` given to it.
+    let w = unsafe { &mut *(w as *mut Walk) };
+    // SAFETY: the map value the program looked up.
+    let c = unsafe { &mut *w.entry };
+    if w.off >= w.len {
+        return 1;
+    }
+    let avail = w.len - w.off;
+    if c.skip > 0 {
+        let take = if c.skip < avail { c.skip } else { avail };
+        c.skip -= take;
+        w.off += take;
+        return 0;
+    }
+    let mut b = [0u8; 5];
+    if c.have == 0 && avail >= 5 {
+        // Fast path: header and first payload byte in this message.
+        if !load(w.msg, w.off, 5, &mut b) {
+            c.flags |= LOST;
+            w.off = w.len;
+            return 1;
+        }
+        let plen = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
+        if plen == 0 {
+            w.off += 4;
+            frame(c, 0, 0);
+        } else {
+            w.off += 5;
+            c.skip = plen - 1;
+            frame(c, plen, b[4]);
+        }
+        return 0;
+    }
+    // Slow path: one byte of a header that crosses a message boundary.
+    if !load(w.msg, w.off, 1, &mut b) {
+        c.flags |= LOST;
+        w.off = w.len;
+        return 1;
+    }
+    w.off += 1;
+    if c.have < 4 {
+        c.hdr |= (b[0] as u32) << (8 * (c.have & 3));
+        c.have += 1;
+        if c.have == 4 && c.hdr & MAX_FRAME == 0 {
+            c.have = 0;
+            c.hdr = 0;
+            frame(c, 0, 0);
+        }
+        return 0;
+    }
+    let plen = c.hdr & MAX_FRAME;
+    c.have = 0;
+    c.hdr = 0;
+    c.skip = plen - 1;
+    frame(c, plen, b[0]);
+    0
+}
+
+/// A frame starts: `plen` payload bytes, the first of them `first` (as in `dbrelay`).
+#[inline(always)]
+fn frame(c: &mut Entry, plen: u32, first: u8) {
+    let cont = c.cont;
+    c.cont = (plen == MAX_FRAME) as u32;
+    if cont != 0 {
+        return;
+    }
+    if c.eofs == 0 {
+        match first {
+            0x00 | 0xFF if plen > 0 => c.done = c.done.wrapping_add(1),
+            _ if plen == 0 || first == 0xFB => c.flags |= LOST,
+            _ => c.eofs = if c.flags & DEPRECATE_EOF != 0 { 1 } else { 2 },
+        }
+        return;
+    }
+    if first == 0xFF || (first == 0xFE && plen < MAX_FRAME && plen > 0) {
+        c.eofs -= 1;
+        if first == 0xFF {
+            c.eofs = 0;
+        }
+        if c.eofs == 0 {
+            c.done = c.done.wrapping_add(1);
+        }
+    }
+}
