@@ -15,7 +15,7 @@
 //! threads = 1                        # session threads (default: half the CPUs, at least 1)
 //! kernel_relay = false               # true: replica answers to plain reads go to the client
 //!                                    # through the kernel (BPF sockmap, needs root)
-//! kernel_fast_path = false           # true: prepared reads of clients on this host go to a
+//! kernel_fast_path = true            # true: prepared reads of clients on this host go to a
 //!                                    # replica on this host and back through the kernel,
 //!                                    # past the router (BPF sockmap, needs root, cgroup v2)
 //!

@@ -64,7 +64,7 @@ impl Default for Settings {
             max_packet: 64 * 1024 * 1024,
             sockets: HashMap::new(),
             kernel_relay: false,
-            kernel_fast_path: false,
+            kernel_fast_path: true,
         }
     }
 }

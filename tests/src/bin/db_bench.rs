@@ -281,15 +281,20 @@ fn main() {
     // The router runs on its own threads, as `db-router run` does.
     // As many as `db-router run` uses by default; DB_BENCH_ROUTER_THREADS overrides.
     let threads = std::env::var("DB_BENCH_ROUTER_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(router::default_threads);
+    let fast_path = shared.fast.get().is_some();
     let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
     // The same router with replica answers to plain reads sent by the kernel
     // (`kernel_relay = true`, off by default: see README).
-    let kernel_settings = Settings { kernel_relay: true, ..Settings::default() };
+    let kernel_settings = Settings { kernel_relay: true, kernel_fast_path: false, ..Settings::default() };
     let kernel_shared = Shared::new(users_for_bench(), kernel_settings, Arc::clone(&metrics), publisher.subscribe());
     let kernel_relay = kernel_shared.kernel.get().is_some();
     let kernel_router = router::serve_threads("127.0.0.1:0".parse().unwrap(), kernel_shared, threads).expect("router listens");
     // A second router for the Unix-socket row: clients on its socket, servers on theirs.
+    // The default router without the in-kernel fast path for prepared reads.
+    let slow_shared = Shared::new(users_for_bench(), Settings { kernel_fast_path: false, ..Settings::default() }, Arc::clone(&metrics), publisher.subscribe());
+    let slow_router = router::serve_threads("127.0.0.1:0".parse().unwrap(), slow_shared, threads).expect("router listens");
     let unix_settings = Settings {
+        kernel_fast_path: false,
         sockets: [(primary, pair.primary.socket()), (pair.replica.connect_addr(), pair.replica.socket())].into(),
         ..Settings::default()
     };
@@ -339,6 +344,10 @@ fn main() {
         "in-kernel read relay (the lane of that name only): {}",
         if kernel_relay { "loaded (replica answers to plain reads go from backend socket to client socket via BPF sockmap)" } else { "unavailable (see the warning above): that lane relays in user space" }
     );
+    println!(
+        "in-kernel fast path for prepared reads (default, on the router of the first table and the lane \"router, TCP\"): {}",
+        if fast_path { "loaded (prepared reads go from the client's socket to the replica's and back via BPF sockmap, past the router)" } else { "unavailable (see the warning above): the router relays every statement" }
+    );
     println!("db-router vs direct to the primary, sysbench {seconds} s per path and workload ({ROUNDS} alternating runs), same machine (2 vCPUs shared)");
     for place in placements() {
         apply(place, haproxy.child.id(), servers);
@@ -348,6 +357,7 @@ fn main() {
         compare_lanes(&[
             Lane { name: "direct to the primary, TCP", to: To::Tcp(primary.port()), relay: None },
             Lane { name: "router, TCP", to: To::Tcp(router_addr.port()), relay: Some(None) },
+            Lane { name: "router, TCP, no in-kernel fast path", to: To::Tcp(slow_router.port()), relay: Some(None) },
             Lane { name: "router, TCP, in-kernel read relay", to: To::Tcp(kernel_router.port()), relay: Some(None) },
             Lane { name: "direct to the replica, TCP", to: To::Tcp(pair.replica.connect_addr().port()), relay: None },
             Lane { name: "HAProxy tcp mode -> replica, TCP", to: To::Tcp(haproxy.port), relay: Some(Some(haproxy.child.id())) },
@@ -390,11 +400,12 @@ fn measure(workloads: &[(&str, &[&str], u32)], seconds: u32, primary: u16, route
         for _ in 0..ROUNDS {
             let c0 = children_cpu_time();
             let d = sysbench(To::Tcp(primary), args, threads, chunk);
-            client_cpu += children_cpu_time() - c0;
+            client_cpu += children_cpu_time().saturating_sub(c0);
             let cpu0 = cpu_time();
             let r = sysbench(To::Tcp(router), args, threads, chunk);
             // This process is the router (the benchmark driver only waits for sysbench).
-            router_cpu += cpu_time() - cpu0;
+            // Saturating: a kworker that exits takes its CPU time out of the sum.
+            router_cpu += cpu_time().saturating_sub(cpu0);
             direct.qps += d.qps / ROUNDS as f64;
             direct.avg_ms += d.avg_ms / ROUNDS as f64;
             routed.qps += r.qps / ROUNDS as f64;
