@@ -155,9 +155,6 @@ impl Shared {
 
 /// Accepts clients until the listener fails for good; one task per session.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    if let (Some(f), Ok(addr)) = (shared.fast.get(), listener.local_addr()) {
-        f.listen(addr.port());
-    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -268,6 +265,7 @@ pub fn serve_threads_with(addr: SocketAddr, unix: Option<&UnixSocket>, shared: A
                     Ok(u) => u,
                     Err(e) => return drop(tx.send(Err(e))),
                 };
+                fast_listen(&shared, &listener);
                 let _ = tx.send(listener.local_addr());
                 match unix {
                     Some(u) => {
@@ -281,6 +279,14 @@ pub fn serve_threads_with(addr: SocketAddr, unix: Option<&UnixSocket>, shared: A
         bound = rx.recv().map_err(|_| std::io::Error::other("router thread died"))??;
     }
     Ok(bound)
+}
+
+/// Clients connecting to `listener` from this host may use the in-kernel fast path: before
+/// the first client can connect (a client whose connection was set up earlier never does).
+fn fast_listen(shared: &Shared, listener: &TcpListener) {
+    if let (Some(f), Ok(addr)) = (shared.fast.get(), listener.local_addr()) {
+        f.listen(addr.port());
+    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -302,6 +308,7 @@ pub fn spawn_unix(socket: &UnixSocket, shared: Arc<Shared>) -> std::io::Result<(
 pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    fast_listen(&shared, &listener);
     tokio::spawn(serve(listener, shared));
     Ok(local)
 }

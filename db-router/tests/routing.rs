@@ -772,7 +772,7 @@ const CLIENT_DEPRECATE_EOF: u32 = 0x0100_0000;
 /// router relays in user space and these tests have nothing to check. Under CI that is a
 /// failure.
 fn kernel_rig(test: &str, settings: Settings) -> Option<Rig> {
-    let rig = rig(test, Settings { kernel_relay: true, ..settings })?;
+    let rig = rig(test, Settings { kernel_relay: true, kernel_fast_path: false, ..settings })?;
     if rig.kernel {
         return Some(rig);
     }
@@ -1033,4 +1033,243 @@ fn fast_path_routes_prepared_reads_in_the_kernel() {
         eprintln!("routed by the kernel: {routed}");
         assert!(routed >= 198, "executions routed by the kernel: {routed}");
     });
+}
+
+/// Prepares `sql` with a hand-made client; returns the statement id (reads the whole answer:
+/// the OK, then parameter and column definitions, each followed by an EOF without
+/// DEPRECATE_EOF).
+fn prepare_raw(s: &mut TcpStream, sql: &str, deprecate_eof: bool) -> u32 {
+    let mut cmd = vec![0x16];
+    cmd.extend_from_slice(sql.as_bytes());
+    write_packet(s, 0, &cmd);
+    let (_, ok) = read_packet(s).unwrap();
+    assert_eq!(ok[0], 0, "prepare {sql}: {:?}", String::from_utf8_lossy(&ok));
+    let id = u32::from_le_bytes(ok[1..5].try_into().unwrap());
+    let (cols, params) = (u16::from_le_bytes([ok[5], ok[6]]), u16::from_le_bytes([ok[7], ok[8]]));
+    for n in [params, cols] {
+        for _ in 0..n {
+            read_packet(s).unwrap();
+        }
+        if n > 0 && !deprecate_eof {
+            let (_, eof) = read_packet(s).unwrap();
+            assert_eq!(eof[0], 0xFE);
+        }
+    }
+    id
+}
+
+fn execute_raw(s: &mut TcpStream, id: u32) {
+    let mut cmd = vec![0x17];
+    cmd.extend_from_slice(&id.to_le_bytes());
+    cmd.extend_from_slice(&[0, 1, 0, 0, 0]);
+    write_packet(s, 0, &cmd);
+}
+
+/// Wakes a session (a ping goes through the router) so that it counts what the kernel routed.
+fn ping_raw(s: &mut TcpStream) {
+    write_packet(s, 0, &[0x0e]);
+    let (_, ok) = read_packet(s).unwrap();
+    assert_eq!(ok[0], 0, "ping");
+}
+
+/// Answers that went through the kernel are byte for byte what a direct connection to the
+/// replica gets: text and binary values, 20,000 rows (frames cross message boundaries), one
+/// 3 MB row, no rows, an error at execution time, rows that begin with 0xFE-like bytes; with
+/// and without CLIENT_DEPRECATE_EOF.
+#[test]
+fn fast_path_answers_are_byte_exact() {
+    let Some(rig) = fast_rig("fast_path_answers_are_byte_exact", no_ryw()) else { return };
+    let queries: &[&str] = &[
+        "SELECT 1",
+        "SELECT NULL, 'a', 3.5, CAST('2024-01-02' AS DATE), -7, _binary x'00feff', 1e300",
+        "SELECT seq, REPEAT('x', seq % 300) FROM seq_1_to_20000",
+        "SELECT REPEAT('y', 3000000)",
+        "SELECT 1 FROM DUAL WHERE 0",
+        "SELECT 1 FROM seq_1_to_3 WHERE 1 = (SELECT seq FROM seq_1_to_2)",
+        "SELECT CHAR(254), CHAR(255), '' FROM seq_1_to_50",
+    ];
+    let replica = rig.pair.replica.connect_addr();
+    for caps in [0, CLIENT_DEPRECATE_EOF] {
+        let deprecate = caps != 0;
+        let mut routed = login_raw_caps(rig.addr, caps);
+        let mut direct = login_raw_caps(replica, caps);
+        let routed0 = rig.metrics.kernel_routed.get();
+        let executes0 = counter(&rig.pair.replica, "Com_stmt_execute");
+        for q in queries {
+            let (rid, did) = (prepare_raw(&mut routed, q, deprecate), prepare_raw(&mut direct, q, deprecate));
+            // The first execution goes through the router (which registers the statement).
+            for round in 0..3 {
+                execute_raw(&mut direct, did);
+                let want = read_raw_response(&mut direct, deprecate);
+                execute_raw(&mut routed, rid);
+                let got = read_raw_response(&mut routed, deprecate);
+                assert!(got == want, "{q} (deprecate_eof {deprecate}, round {round}): {} bytes through the router, {} direct", got.len(), want.len());
+            }
+        }
+        ping_raw(&mut routed);
+        assert_eq!(rig.metrics.kernel_routed.get() - routed0, 2 * queries.len() as u64, "deprecate_eof {deprecate}: executions routed by the kernel");
+        assert_eq!(counter(&rig.pair.replica, "Com_stmt_execute") - executes0, 6 * queries.len() as i64, "all ran on the replica");
+    }
+}
+
+/// The fast path gives way whenever the session's state says a read must go elsewhere or
+/// wait: read-your-writes after a write, a transaction, autocommit off, a temporary table; it
+/// resumes afterwards. Proven by what each server sees.
+#[test]
+fn fast_path_follows_session_state() {
+    let Some(rig) = fast_rig("fast_path_follows_session_state", Settings { ryw_timeout: Duration::from_secs(5), ..Settings::default() }) else { return };
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE s (id INT PRIMARY KEY, v INT)").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let read = c.prep("SELECT v FROM s WHERE id = ?").await.unwrap();
+        let executes = |inst: &Instance| counter(inst, "Com_stmt_execute");
+        for i in 0..20i64 {
+            // Read-your-writes: each read sees the write just before it, on the replica.
+            c.exec_drop("INSERT INTO s VALUES (?, ?)", (i, i * 10)).await.unwrap();
+            for _ in 0..3 {
+                let v: Option<i64> = c.exec_first(&read, (i,)).await.unwrap();
+                assert_eq!(v, Some(i * 10), "row {i} after its write");
+            }
+        }
+        // Wake the session so that it counts.
+        c.query_drop("DO 1").await.unwrap();
+        let routed = rig.metrics.kernel_routed.get();
+        assert!(routed >= 20, "reads after the first following each write went through the kernel: {routed}");
+
+        // In a transaction the read runs on the primary and sees the uncommitted write.
+        c.query_drop("BEGIN").await.unwrap();
+        c.exec_drop("UPDATE s SET v = -1 WHERE id = 0", ()).await.unwrap();
+        let (p0, r0) = (executes(&rig.pair.primary), executes(&rig.pair.replica));
+        for _ in 0..5 {
+            let v: Option<i64> = c.exec_first(&read, (0,)).await.unwrap();
+            assert_eq!(v, Some(-1), "the transaction reads its own write");
+        }
+        assert_eq!((executes(&rig.pair.primary) - p0, executes(&rig.pair.replica) - r0), (5, 0), "in the transaction: primary only");
+        c.query_drop("ROLLBACK").await.unwrap();
+
+        // Autocommit off: reads are part of the implicit transaction, on the primary.
+        c.query_drop("SET autocommit = 0").await.unwrap();
+        let (p0, r0) = (executes(&rig.pair.primary), executes(&rig.pair.replica));
+        for _ in 0..5 {
+            let v: Option<i64> = c.exec_first(&read, (1,)).await.unwrap();
+            assert_eq!(v, Some(10));
+        }
+        assert_eq!((executes(&rig.pair.primary) - p0, executes(&rig.pair.replica) - r0), (5, 0), "autocommit off: primary only");
+        c.query_drop("COMMIT").await.unwrap();
+        c.query_drop("SET autocommit = 1").await.unwrap();
+
+        // Back to normal: the replica answers, through the kernel after the first read.
+        let (p0, r0, k0) = (executes(&rig.pair.primary), executes(&rig.pair.replica), rig.metrics.kernel_routed.get());
+        for _ in 0..10 {
+            let v: Option<i64> = c.exec_first(&read, (2,)).await.unwrap();
+            assert_eq!(v, Some(20));
+        }
+        c.query_drop("DO 1").await.unwrap();
+        assert_eq!((executes(&rig.pair.primary) - p0, executes(&rig.pair.replica) - r0), (0, 10), "autocommit reads: replica");
+        assert!(rig.metrics.kernel_routed.get() - k0 >= 9, "through the kernel again");
+
+        // A temporary table pins the session to the primary, reads included.
+        c.query_drop("CREATE TEMPORARY TABLE t (a INT)").await.unwrap();
+        c.query_drop("INSERT INTO t VALUES (7)").await.unwrap();
+        let (p0, r0) = (executes(&rig.pair.primary), executes(&rig.pair.replica));
+        for _ in 0..5 {
+            let v: Option<i64> = c.exec_first(&read, (3,)).await.unwrap();
+            assert_eq!(v, Some(30));
+        }
+        let t: Option<i64> = c.exec_first("SELECT a FROM t", ()).await.unwrap();
+        assert_eq!(t, Some(7), "the temporary table is there (primary)");
+        assert_eq!((executes(&rig.pair.primary) - p0, executes(&rig.pair.replica) - r0), (6, 0), "pinned: primary only");
+    });
+}
+
+/// A change of the routing view (the monitor takes the replica out) stops the kernel from
+/// routing at once, also for a session that is idle with its fast path on; reads go to the
+/// primary, and through the kernel again once the replica is back.
+#[test]
+fn fast_path_stops_when_the_replica_leaves_the_routing_view() {
+    let Some(rig) = fast_rig("fast_path_stops_when_the_replica_leaves_the_routing_view", no_ryw()) else { return };
+    let Ok(publisher) = &rig._publisher else { unreachable!("no monitor") };
+    let mut s = login_raw(rig.addr);
+    let id = prepare_raw(&mut s, "SELECT @@server_id", false);
+    let server_id = |s: &mut TcpStream| {
+        execute_raw(s, id);
+        let rows = read_binary_rows(s);
+        assert_eq!(rows.len(), 1);
+        rows[0].clone()
+    };
+    for _ in 0..5 {
+        assert_eq!(server_id(&mut s), 2u64.to_le_bytes(), "the replica (server id 2) answers");
+    }
+    let mut r = publisher.borrow().clone();
+    let replica = r.replica.take();
+    publisher.send(r.clone()).unwrap();
+    // The session reacts to the change by itself (no command needed); give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..5 {
+        assert_eq!(server_id(&mut s), 1u64.to_le_bytes(), "the primary (server id 1) answers");
+    }
+    r.replica = replica;
+    publisher.send(r).unwrap();
+    let k0 = rig.metrics.kernel_routed.get();
+    for _ in 0..5 {
+        assert_eq!(server_id(&mut s), 2u64.to_le_bytes(), "the replica again");
+    }
+    ping_raw(&mut s);
+    assert!(rig.metrics.kernel_routed.get() - k0 >= 4, "through the kernel again");
+}
+
+/// A client that sends its next commands before reading the answers (a read the kernel
+/// routes, a write the router must handle, another read): the answers arrive whole and in
+/// order.
+#[test]
+fn fast_path_keeps_pipelined_answers_in_order() {
+    let Some(rig) = fast_rig("fast_path_keeps_pipelined_answers_in_order", no_ryw()) else { return };
+    rig.pair.primary.sql_as(&APP, "CREATE TABLE pp (a INT)").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    let mut s = login_raw(rig.addr);
+    let big = prepare_raw(&mut s, "SELECT seq FROM seq_1_to_30000", false);
+    let small = prepare_raw(&mut s, "SELECT seq FROM seq_1_to_3", false);
+    for id in [big, small] {
+        execute_raw(&mut s, id);
+        read_binary_rows(&mut s);
+    }
+    for round in 0..5 {
+        // Separate writes: each is its own message for the kernel to route or pass.
+        execute_raw(&mut s, big);
+        write_packet(&mut s, 0, b"\x03INSERT INTO pp VALUES (1)");
+        execute_raw(&mut s, small);
+        execute_raw(&mut s, big);
+        let rows = read_binary_rows(&mut s);
+        assert_eq!(rows.len(), 30000, "round {round}");
+        let (_, ok) = read_packet(&mut s).unwrap();
+        assert_eq!(ok[0..2], [0, 1], "round {round}: the INSERT's OK, one row");
+        assert_eq!(read_binary_rows(&mut s).len(), 3, "round {round}");
+        let rows = read_binary_rows(&mut s);
+        assert_eq!(rows.len(), 30000, "round {round}");
+        assert_eq!(rows.last().map(|r| r.as_slice()), Some(&30000u64.to_le_bytes()[..]), "round {round}");
+    }
+    assert_eq!(counter(&rig.pair.primary, "Com_insert"), 5);
+}
+
+/// Reads one binary result set (no DEPRECATE_EOF): each row's values after its header (a
+/// single non-null column: the value's bytes).
+fn read_binary_rows(s: &mut TcpStream) -> Vec<Vec<u8>> {
+    let (_, first) = read_packet(s).unwrap();
+    assert_ne!(first[0], 0xFF, "{:?}", String::from_utf8_lossy(&first));
+    let mut eofs = 0;
+    let mut rows = Vec::new();
+    while eofs < 2 {
+        let (_, p) = read_packet(s).unwrap();
+        assert_ne!(p[0], 0xFF, "{:?}", String::from_utf8_lossy(&p));
+        if p[0] == 0xFE && p.len() < 9 {
+            eofs += 1;
+        } else if eofs == 1 {
+            // 0x00, null bitmap (1 byte for one column), the value.
+            let v = &p[2..];
+            // Integers come as they are; strings with a length byte.
+            rows.push(if v.len() > 1 && v[0] as usize == v.len() - 1 { v[1..].to_vec() } else { v.to_vec() });
+        }
+    }
+    rows
 }

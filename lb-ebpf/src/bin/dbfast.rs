@@ -221,7 +221,8 @@ fn command(ctx: &SkMsgContext, slot: u32, e: *mut Entry) -> u32 {
 /// may route: registered statement, no cursor, no new parameter types.
 #[inline(always)]
 fn eligible(ctx: &SkMsgContext, slot: u32, size: u32) -> Option<u32> {
-    if size < 15 {
+    // Header, command, statement id, flags, iteration count: 14 bytes without parameters.
+    if size < 14 {
         return None;
     }
     let want = if size < 64 { size } else { 64 };
@@ -230,11 +231,11 @@ fn eligible(ctx: &SkMsgContext, slot: u32, size: u32) -> Option<u32> {
         return None;
     }
     let (data, end) = (ctx.data(), ctx.data_end());
-    if data + 15 > end {
+    if data + 14 > end {
         return None;
     }
-    // SAFETY: 15 bytes checked against data_end.
-    let b = unsafe { core::slice::from_raw_parts(data as *const u8, 15) };
+    // SAFETY: 14 bytes checked against data_end.
+    let b = unsafe { core::slice::from_raw_parts(data as *const u8, 14) };
     let plen = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
     if plen + 4 != size || b[3] != 0 || b[4] != COM_STMT_EXECUTE || b[9] != 0 {
         return None;
