@@ -143,6 +143,9 @@ pub enum Sink<'a> {
         strip_state: bool,
         /// COM_STMT_PREPARE: the statement id the client sees.
         stmt_id: Option<u32>,
+        /// Leave the answer's last bytes in `out` for the caller to send (the session sends
+        /// them once it has decided whether the kernel may route the client's next command).
+        hold: bool,
     },
     Discard,
 }
@@ -388,6 +391,11 @@ impl Backend {
         }
     }
 
+    /// Waits until the connection has something to read (data, its end, or an error).
+    pub async fn readable(&self) -> std::io::Result<()> {
+        self.stream.readable().await
+    }
+
     /// (local, peer) addresses of a TCP connection.
     pub fn tcp_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
         self.stream.tcp_addrs()
@@ -576,8 +584,9 @@ impl Backend {
                 }
             }
             self.rbuf.advance(pos);
-            if let Sink::Client { stream, out, .. } = sink {
-                if !out.is_empty() {
+            let last = matches!(state, State::Done) && !continuing && !sum.local_infile;
+            if let Sink::Client { stream, out, hold, .. } = sink {
+                if !(out.is_empty() || last && *hold) {
                     self.relayed = true;
                     let r = stream.write_all(out).await;
                     out.clear();

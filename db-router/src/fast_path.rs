@@ -41,7 +41,6 @@ pub const SLOTS: u32 = 65536;
 /// Replica entry flags, as in the program.
 const REDIRECT: u32 = 1;
 const DEPRECATE_EOF: u32 = 2;
-const LOST: u32 = 4;
 
 /// A socket as its owner sees it (`Key` in the program).
 #[repr(C)]
@@ -77,11 +76,7 @@ struct Entry {
     peer: Key,
     flags: u32,
     done: u32,
-    skip: u32,
-    hdr: u32,
-    have: u32,
-    eofs: u32,
-    cont: u32,
+    hold: u32,
     _pad: u32,
 }
 
@@ -108,6 +103,7 @@ struct Stmt {
 unsafe impl Pod for Stmt {}
 
 struct Maps {
+    socks: SockHash<MapData, Key>,
     listen: HashMap<MapData, u32, u32>,
     ports: HashMap<MapData, u32, u32>,
     live: HashMap<MapData, Key, u32>,
@@ -124,7 +120,6 @@ pub struct FastPath {
     len: usize,
     /// Keeps the programs loaded and attached (detached when dropped), and the maps' fds.
     _ebpf: Mutex<Ebpf>,
-    _socks: SockHash<MapData, Key>,
     _state: MapData,
 }
 
@@ -170,12 +165,12 @@ impl FastPath {
             anyhow::bail!("mmap of DBF_STATE: {}", std::io::Error::last_os_error());
         }
         let entries = NonNull::new(ptr.cast::<Entry>()).ok_or_else(|| anyhow::anyhow!("mmap returned null"))?;
-        let fp = FastPath { maps: Mutex::new(Maps { listen, ports, live, role, stmt, free: (0..SLOTS).rev().collect() }), entries, len, _ebpf: Mutex::new(ebpf), _socks: socks, _state: state };
+        let msg: &mut SkMsg = ebpf.program_mut("dbf_msg").ok_or_else(|| anyhow::anyhow!("program dbf_msg missing"))?.try_into()?;
+        msg.load()?;
+        msg.attach(socks.fd())?;
+        let fp = FastPath { maps: Mutex::new(Maps { socks, listen, ports, live, role, stmt, free: (0..SLOTS).rev().collect() }), entries, len, _ebpf: Mutex::new(ebpf), _state: state };
         {
             let mut ebpf = fp._ebpf.lock().unwrap_or_else(|e| e.into_inner());
-            let msg: &mut SkMsg = ebpf.program_mut("dbf_msg").ok_or_else(|| anyhow::anyhow!("program dbf_msg missing"))?.try_into()?;
-            msg.load()?;
-            msg.attach(fp._socks.fd())?;
             let ops: &mut SockOps = ebpf.program_mut("dbf_sockops").ok_or_else(|| anyhow::anyhow!("program dbf_sockops missing"))?.try_into()?;
             ops.load()?;
             // A link (kernel 5.7+) runs beside other programs of the cgroup whatever the mode;
@@ -212,23 +207,30 @@ impl FastPath {
         let _ = self.maps().ports.remove(&u32::from(port));
     }
 
-    /// Registers the client of the router's socket `local` connected from `peer`, before any
-    /// byte is read from it; `None` when the client is not on this host (its socket is not in
-    /// the sockmap) or the slots are used up.
-    pub fn client(self: &Arc<Self>, local: SocketAddr, peer: SocketAddr) -> Option<FastClient> {
+    /// Registers the client of the router's socket `socket` (at `local`, connected from
+    /// `peer`), before any byte is read from or written to it; `None` when the client is not
+    /// on this host (its socket is not in the sockmap) or the kernel refuses.
+    pub fn client(self: &Arc<Self>, socket: &impl AsRawFd, local: SocketAddr, peer: SocketAddr) -> Option<FastClient> {
         let key = Key::of(peer, local)?;
+        let own = Key::of(local, peer)?;
         let mut m = self.maps();
         m.live.get(&key, 0).ok()?;
         let slot = m.free.pop()?;
-        // SAFETY: this slot's entry; no session owns it and the program does not find it
-        // before the role below exists.
-        unsafe { std::ptr::write_volatile(self.entry(slot), Entry::default()) };
-        if let Err(e) = m.role.insert(key, slot, 0) {
+        // SAFETY: this slot's entries; no session owns them and the program does not find
+        // them before the roles below exist.
+        unsafe {
+            std::ptr::write_volatile(self.entry(slot), Entry::default());
+            std::ptr::write_volatile(self.entry(SLOTS + slot), Entry { peer: key, ..Entry::default() });
+        }
+        let registered = m.role.insert(own, 2 * SLOTS + slot, 0).and_then(|()| m.socks.insert(own, socket.as_raw_fd(), 0)).and_then(|()| m.role.insert(key, slot, 0));
+        if let Err(e) = registered {
+            let _ = m.role.remove(&own);
+            let _ = m.socks.remove(&own);
             m.free.push(slot);
             tracing::debug!(error = %e, "client not registered with the in-kernel fast path");
             return None;
         }
-        Some(FastClient { fp: Arc::clone(self), slot, key, on: false, backend: None, stmts: Vec::new() })
+        Some(FastClient { fp: Arc::clone(self), slot, key, own, on: false, backend: None, stmts: Vec::new() })
     }
 }
 
@@ -239,21 +241,26 @@ impl Drop for FastPath {
     }
 }
 
-/// Where the answers the kernel routed stand.
+/// Where the answers to the commands the kernel routed stand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Progress {
+    /// Every one went to the client.
     Settled,
-    /// An answer is on its way; `started`: the client may have part of it.
-    InFlight { started: bool },
-    /// The program could not follow the answers: the replica connection must be dropped.
-    Lost,
+    /// The program handed this many (the last ones) over to the router: they come on the
+    /// replica connection, in order, for the router to relay.
+    HandedOver(u32),
+    /// One is still on its way (the server has not answered yet).
+    InFlight,
 }
 
 /// A session's place in the fast path; removed on drop.
 pub struct FastClient {
     fp: Arc<FastPath>,
     slot: u32,
+    /// The client's socket.
     key: Key,
+    /// The router's socket to the client.
+    own: Key,
     /// The fast path may be on (the router set it and has not paused it since).
     on: bool,
     /// The replica connection's server end and the connection's serial.
@@ -353,7 +360,10 @@ impl FastClient {
     /// Turns the fast path on if every byte the kernel passed to the router has been read
     /// (`read`: bytes read from the client since registration); false otherwise (bytes are
     /// on their way: the router reads them first).
-    pub fn resume(&mut self, read: u64) -> bool {
+    /// With `hold`, the router still has bytes to send to the client: until
+    /// [`FastClient::release_hold`], the program hands answers over to the router instead of
+    /// redirecting them (they would overtake those bytes).
+    pub fn resume(&mut self, read: u64, hold: bool) -> bool {
         if self.on {
             return true;
         }
@@ -362,6 +372,7 @@ impl FastClient {
         }
         let w = self.word().load(Ordering::Acquire);
         if w & 1 != 0 || (w >> 32) as u32 != read as u32 {
+            tracing::trace!(word = w, read, "fast path not resumed: bytes on their way to the router");
             return false;
         }
         // SAFETY: this session's replica entry; nothing is redirected while the path is off
@@ -369,7 +380,7 @@ impl FastClient {
         unsafe {
             let a = self.answer();
             let flags = (*a).flags & DEPRECATE_EOF;
-            std::ptr::write_volatile(a, Entry { peer: self.key, flags: flags | REDIRECT, ..Entry::default() });
+            std::ptr::write_volatile(a, Entry { peer: self.key, flags: flags | REDIRECT, hold: hold.into(), ..Entry::default() });
         }
         let new = (w & !0xFFFF_FFFF) | 1;
         if self.word().compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -396,17 +407,36 @@ impl FastClient {
         if routed == 0 {
             return Progress::Settled;
         }
-        // SAFETY: this session's replica entry; the program updates it concurrently (plain
-        // u32 fields: a volatile read sees each whole).
-        let c = unsafe { std::ptr::read_volatile(self.answer()) };
-        if c.flags & LOST != 0 {
-            Progress::Lost
-        } else if c.done.wrapping_sub(routed) as i32 >= 0 {
+        // SAFETY: this session's replica entry; the program updates it concurrently (u32
+        // fields: a volatile read sees each whole). Flags first: once the program has turned
+        // redirection off, `done` no longer moves.
+        let a = self.answer();
+        let flags = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*a).flags)) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        // SAFETY: as above.
+        let done = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*a).done)) };
+        let left = routed.wrapping_sub(done);
+        if left == 0 || left as i32 <= 0 {
             Progress::Settled
+        } else if flags & REDIRECT == 0 {
+            Progress::HandedOver(left)
         } else {
-            let started = c.eofs != 0 || c.have != 0 || c.skip != 0 || c.cont != 0 || c.done != routed.wrapping_sub(1);
-            Progress::InFlight { started }
+            Progress::InFlight
         }
+    }
+
+    /// The bytes [`FastClient::resume`] was told of are sent.
+    pub fn release_hold(&mut self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // SAFETY: this session's replica entry; only the router writes `hold`.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*self.answer()).hold), 0) };
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Answers the kernel redirected to the client since the path was last turned on.
+    pub fn done(&self) -> u32 {
+        // SAFETY: this session's replica entry (a u32 field, read whole).
+        unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*self.answer()).done)) }
     }
 
     /// Answers on the replica connection come to the router again. Only when settled.
@@ -428,6 +458,8 @@ impl Drop for FastClient {
         let mut m = self.fp.maps();
         let _ = m.role.remove(&self.key);
         let _ = m.live.remove(&self.key);
+        let _ = m.role.remove(&self.own);
+        let _ = m.socks.remove(&self.own);
         m.free.push(self.slot);
     }
 }

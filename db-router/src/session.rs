@@ -169,7 +169,7 @@ pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
     };
     // Before the first byte is read: the kernel counts every byte it passes to the router.
     if let (Some(f), Some((local, peer))) = (s.shared.fast.get(), s.client.tcp_addrs()) {
-        s.fast = f.client(local, peer);
+        s.fast = f.client(&s.client, local, peer);
         tracing::debug!(%local, %peer, registered = s.fast.is_some(), "fast path client");
     }
     if s.login().await.is_ok() {
@@ -221,8 +221,18 @@ impl Session {
         }
     }
 
-    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), End> {
+    /// Sends what the last answer left in `out`.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.client.write_all(&self.out).await;
         self.out.clear();
+        r.map_err(|_| End)
+    }
+
+    /// Sends a packet, after whatever the last answer left in `out`.
+    async fn send_packet(&mut self, seq: u8, payload: &[u8]) -> Result<(), End> {
         protocol::put_packet(&mut self.out, seq, payload);
         let r = self.client.write_all(&self.out).await;
         self.out.clear();
@@ -329,6 +339,7 @@ impl Session {
             let Some((seq, mut payload)) = self.next_command().await? else { return Ok(()) };
             // The kernel routes nothing more until this command is dealt with.
             self.fast_pause().await?;
+            self.flush().await?;
             // A client that pipelines may send this before a redirected answer has ended.
             self.settle_all().await?;
             if seq != 0 {
@@ -376,19 +387,30 @@ impl Session {
     async fn next_command(&mut self) -> Result<Option<(u8, Vec<u8>)>, End> {
         // While the kernel routes this session's prepared reads, the router waits for what
         // it passes on, and watches the replica connection and the routing view.
-        while self.cbuf.is_empty() && self.fast_resume() {
+        loop {
+            // The last answer's end is still here: the fast path goes on first (with the
+            // kernel handing answers over until it is sent), so that a client that answers
+            // at once already finds it on.
+            let held = !self.out.is_empty();
+            let on = self.cbuf.is_empty() && self.fast_resume(held);
+            if held {
+                self.flush().await?;
+                if on {
+                    self.fast.as_mut().expect("on").release_hold();
+                }
+            }
+            if !on {
+                break;
+            }
             let replica = self.replica.as_ref().expect("the fast path runs with a replica");
-            let event = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = self.client.readable() => break,
-                e = replica.watch() => Some(e),
-                _ = self.routing.changed() => None,
+                // An answer the kernel handed over, or the end of the connection.
+                _ = replica.readable() => {}
+                _ = self.routing.changed() => {}
             };
             self.fast_pause().await?;
-            if let Some(e) = event {
-                tracing::warn!(error = %e, "replica connection lost while the kernel routed reads");
-                self.drop_backend(Target::Replica);
-            }
         }
         if self.cbuf.is_empty() {
             for t in [Target::Primary, Target::Replica] {
@@ -419,7 +441,7 @@ impl Session {
     /// kernel can reach with statements registered, the routing view still reading from it,
     /// and nothing that would send a read elsewhere (transaction, autocommit off, pins, a
     /// write of the session's not yet on the replica); true when on.
-    fn fast_resume(&mut self) -> bool {
+    fn fast_resume(&mut self, hold: bool) -> bool {
         let Some(f) = self.fast.as_ref() else { return false };
         if f.is_on() {
             return true;
@@ -439,12 +461,13 @@ impl Session {
             return false;
         }
         let read = self.client_bytes;
-        self.fast.as_mut().expect("checked").resume(read)
+        self.fast.as_mut().expect("checked").resume(read, hold)
     }
 
-    /// Turns the fast path off and waits until every answer the kernel routed has reached
-    /// the client. If the replica connection ends first, the client gets an ERR for a read
-    /// it has no byte of, and the session ends if it has part of one.
+    /// Turns the fast path off and waits until every answer to a command the kernel routed
+    /// has reached the client: redirected by the kernel, or relayed here when the kernel
+    /// handed it over (answers larger than one message). If the replica connection ends
+    /// first, the client gets an ERR for each read it has no answer to.
     async fn fast_pause(&mut self) -> Result<(), End> {
         let Some(f) = self.fast.as_mut() else { return Ok(()) };
         if !f.is_on() {
@@ -455,35 +478,72 @@ impl Session {
         self.shared.metrics.kernel_routed.inc_by(routed.into());
         let mut wait = std::time::Duration::from_micros(20);
         loop {
-            let f = self.fast.as_mut().expect("checked");
-            let progress = f.progress(routed);
-            let lost = match progress {
-                crate::fast_path::Progress::Settled => {
-                    f.stop_redirect();
+            let progress = self.fast.as_ref().expect("checked").progress(routed);
+            let failure = match progress {
+                crate::fast_path::Progress::Settled => None,
+                crate::fast_path::Progress::HandedOver(n) => {
+                    self.relay_handed_over(n).await?;
+                    None
+                }
+                crate::fast_path::Progress::InFlight => {
+                    let Some(r) = self.replica.as_ref() else { unreachable!("the fast path runs with a replica") };
+                    if tokio::time::timeout(wait, r.readable()).await.is_err() {
+                        // The answer goes to the client without waking the router: poll,
+                        // backing off.
+                        wait = (wait * 2).min(std::time::Duration::from_millis(5));
+                        continue;
+                    }
+                    if !matches!(self.fast.as_ref().expect("checked").progress(routed), crate::fast_path::Progress::InFlight) {
+                        continue;
+                    }
+                    // Redirection is still on, so the server sent nothing the router may
+                    // read: only the end of the connection wakes it.
+                    match r.check_alive() {
+                        Ok(()) => continue,
+                        Err(e) => Some((e, routed.wrapping_sub(self.fast.as_ref().expect("checked").done()))),
+                    }
+                }
+            };
+            self.fast.as_mut().expect("checked").stop_redirect();
+            // Nothing may be read on the replica connection now but its end (the kernel
+            // stops routing to a server end that closed, but only the router drops it).
+            let failure = failure.or_else(|| self.replica.as_ref().and_then(|r| r.check_alive().err()).map(|e| (e, 0)));
+            let Some((e, unanswered)) = failure else { return Ok(()) };
+            tracing::warn!(error = %e, unanswered, "replica connection failed while the kernel routed reads");
+            self.drop_backend(Target::Replica);
+            for _ in 0..unanswered {
+                self.send_err(1, codes::BACKEND_LOST, "db-router: replica connection lost; the read did not run").await?;
+            }
+            return Ok(());
+        }
+    }
+
+    /// Relays `n` answers the kernel handed over from the replica connection to the client.
+    /// If the replica fails before the client got any byte of one, the client gets an ERR for
+    /// it and for the rest; the session ends if it got part of one.
+    async fn relay_handed_over(&mut self, n: u32) -> Result<(), End> {
+        let strip_state = !self.caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK);
+        for i in 0..n {
+            let be = self.replica.as_mut().expect("the fast path runs with a replica");
+            be.relayed = false;
+            // The last answer's end may wait in `out` (see `next_command`).
+            let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id: None, hold: i + 1 == n };
+            match be.relay(Expect::Results, &mut sink, false).await {
+                Ok(_) => {}
+                Err(RelayError::Client(_)) => return Err(End),
+                Err(RelayError::Backend(e)) if !be.relayed => {
+                    self.out.clear();
+                    tracing::warn!(error = %e, "replica connection failed before a handed-over answer");
+                    self.drop_backend(Target::Replica);
+                    for _ in i..n {
+                        self.send_err(1, codes::BACKEND_LOST, "db-router: replica connection lost; the read did not run").await?;
+                    }
                     return Ok(());
                 }
-                crate::fast_path::Progress::Lost => Some(self.replica.as_ref().map(|r| r.protocol_error("the in-kernel fast path lost track of the answers"))),
-                crate::fast_path::Progress::InFlight { .. } => match self.replica.as_ref() {
-                    None => Some(None),
-                    Some(r) => match tokio::time::timeout(wait, r.watch()).await {
-                        Ok(e) => Some(Some(e)),
-                        Err(_) => None,
-                    },
-                },
-            };
-            let Some(e) = lost else {
-                // The answer ends without a wakeup of the router: poll, backing off.
-                wait = (wait * 2).min(std::time::Duration::from_millis(5));
-                continue;
-            };
-            tracing::warn!(error = ?e.map(|e| e.to_string()), ?progress, "replica connection failed while the kernel routed a read");
-            self.fast.as_mut().expect("checked").stop_redirect();
-            self.drop_backend(Target::Replica);
-            return match progress {
-                crate::fast_path::Progress::InFlight { started: false } => self.send_err(1, codes::BACKEND_LOST, "db-router: replica connection lost; the read did not run").await,
-                _ => Err(End),
-            };
+                Err(RelayError::Backend(_)) => return Err(End),
+            }
         }
+        Ok(())
     }
 
     /// Waits until no answer of this session is still on its way through the in-kernel relay.
@@ -853,7 +913,7 @@ impl Session {
             Target::Replica => self.replica.as_mut(),
         }
         .expect("open");
-        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id };
+        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id, hold: true };
         let mut result = match be.send_command(payload).await {
             Ok(()) => be.relay(expect, &mut sink, false).await,
             Err(e) => Err(RelayError::Backend(e)),
@@ -917,7 +977,7 @@ impl Session {
             Target::Replica => self.replica.as_mut(),
         }
         .expect("open");
-        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id: None };
+        let mut sink = Sink::Client { stream: &mut self.client, out: &mut self.out, strip_state, stmt_id: None, hold: true };
         be.relay(Expect::Results, &mut sink, false).await
     }
 

@@ -7,7 +7,8 @@
 //! - `dbf_sockops` (`sock_ops`, attached to the cgroup v2 root) puts into `DBF_SOCKS` the
 //!   client end of connections to a router listening port (`DBF_LISTEN`), and the server end
 //!   of connections from a port the router bound for a backend connection (`DBF_PORTS`), and
-//!   notes each in `DBF_LIVE` so that the router knows which of its peers it can reach.
+//!   notes each in `DBF_LIVE` so that the router knows which of its peers it can reach. The
+//!   router adds its own end of each such client connection.
 //! - `dbf_msg` (`sk_msg`, attached to `DBF_SOCKS`) runs on every send of those sockets:
 //!   - on a client's socket (a `DBF_ROLE` index below `SLOTS`): a single, whole
 //!     `COM_STMT_EXECUTE` of a statement the router registered in `DBF_STMT` (a read,
@@ -17,16 +18,19 @@
 //!     else goes to the router as usual, and turns the session's fast path off: the router
 //!     turns it back on once it has read everything that went to it and the session allows it.
 //!   - on a replica's socket (index `SLOTS + slot`): while the router has the connection's
-//!     `REDIRECT` flag on, everything the server sends goes into the client's socket; the
-//!     program follows the MySQL framing (as `dbrelay` does) to count the answers that ended.
+//!     `REDIRECT` flag on, an answer the server sends in one message goes into the client's
+//!     socket (counted); a larger one goes to the router, and so does everything after it.
+//!   - on the router's socket to the client (index `2 * SLOTS + slot`): what the router
+//!     sends goes into the client's socket too, so that everything the client gets arrives
+//!     in one queue, in order.
 //!
 //! The session word (`Entry::word` of a client entry) holds, so that the router and the
 //! program agree without locks: bit 0, fast path on (set only by the router, by
 //! compare-and-swap, with the count zeroed); bits 1-31, commands the program routed since;
 //! bits 32-63, bytes that went to the router (mod 2^32). The program counts a command by
 //! compare-and-swap while bit 0 is set, so the count the router sees when it clears bit 0 is
-//! final; it waits until that many answers have ended before it uses the replica connection
-//! or answers the client itself.
+//! final; before it uses the replica connection or answers the client itself, it waits until
+//! that many answers were redirected, or relays those the program handed over to it.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64` read-modify-write methods; the intrinsics compile to BPF
@@ -37,7 +41,10 @@
 use core::intrinsics::{atomic_and, atomic_cxchg, atomic_xadd, AtomicOrdering::SeqCst};
 
 use aya_ebpf::{
-    bindings::{sk_action, sk_msg_md, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{
+        sk_action, sk_msg_md, BPF_F_INGRESS, BPF_F_MMAPABLE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     cty::c_void,
     helpers::{bpf_loop, bpf_msg_pull_data},
     macros::{map, sk_msg, sock_ops},
@@ -58,7 +65,8 @@ pub struct Key {
 }
 
 /// One per client session (index = slot) and one per session's replica connection (index =
-/// `SLOTS + slot`).
+/// `SLOTS + slot`); the router's own socket to the client has role `2 * SLOTS + slot` and
+/// uses the replica entry's `peer`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Entry {
@@ -66,15 +74,13 @@ pub struct Entry {
     pub word: u64,
     /// Client entries: the replica's socket; replica entries: the client's socket.
     pub peer: Key,
-    /// Replica entries from here on (the framing state of `dbrelay`'s `Conn`).
+    /// Replica entries: `REDIRECT`, `DEPRECATE_EOF`.
     pub flags: u32,
-    /// Answers seen to end since the router last reset the entry.
+    /// Replica entries: answers redirected since the router last reset the entry.
     pub done: u32,
-    pub skip: u32,
-    pub hdr: u32,
-    pub have: u32,
-    pub eofs: u32,
-    pub cont: u32,
+    /// Replica entries: the router still has bytes to send to the client (they must come
+    /// first): hand answers over.
+    pub hold: u32,
     pub _pad: u32,
 }
 
@@ -103,11 +109,10 @@ pub const SLOTS: u32 = 65536;
 /// Replica entry flags: redirect what the server sends to the client.
 const REDIRECT: u32 = 1;
 const DEPRECATE_EOF: u32 = 2;
-/// The stream could not be followed: the router drops the connection.
-const LOST: u32 = 4;
 const MAX_FRAME: u32 = 0xFF_FFFF;
 const COM_STMT_EXECUTE: u8 = 0x17;
 const AF_INET: u32 = 2;
+const TCP_ESTABLISHED: u32 = 1;
 
 #[map]
 static DBF_SOCKS: SockHash<Key> = SockHash::with_max_entries(131072, 0);
@@ -159,12 +164,23 @@ pub fn dbf_sockops(ctx: SockOpsContext) -> u32 {
         match op {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => DBF_LISTEN.get(&key.remote_port).is_some(),
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => DBF_PORTS.get(&key.remote_port).is_some(),
+            BPF_SOCK_OPS_STATE_CB => {
+                // A server's end leaves ESTABLISHED (it closes, or its process died): the
+                // client's commands stop going there before the socket leaves the map.
+                if ctx.arg(1) != TCP_ESTABLISHED {
+                    let _ = DBF_LIVE.remove(&key);
+                }
+                false
+            }
             _ => false,
         }
     };
     // SAFETY: the context's own socket operations structure.
     if wanted && DBF_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_ok() {
         let _ = DBF_LIVE.insert(&key, &1, 0);
+        if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
     }
     1
 }
@@ -176,11 +192,16 @@ pub fn dbf_msg(ctx: SkMsgContext) -> u32 {
     let key = Key { local_ip: md.local_ip4, remote_ip: md.remote_ip4, local_port: md.local_port, remote_port: port(md.remote_port) };
     // SAFETY: a plain lookup; the value is copied out.
     let Some(&index) = (unsafe { DBF_ROLE.get(&key) }) else { return sk_action::SK_PASS };
-    let Some(e) = DBF_STATE.get_ptr_mut(index) else { return sk_action::SK_PASS };
+    let Some(e) = DBF_STATE.get_ptr_mut(index.min(2 * SLOTS - 1)) else { return sk_action::SK_PASS };
     if index < SLOTS {
         command(&ctx, index, e)
-    } else {
+    } else if index < 2 * SLOTS {
         answer(&ctx, e)
+    } else {
+        match DBF_STATE.get_ptr_mut(index - SLOTS) {
+            Some(e) => from_router(&ctx, e),
+            None => sk_action::SK_PASS,
+        }
     }
 }
 
@@ -192,7 +213,8 @@ fn command(ctx: &SkMsgContext, slot: u32, e: *mut Entry) -> u32 {
     let word = unsafe { core::ptr::addr_of_mut!((*e).word) };
     // SAFETY: as above.
     let w = unsafe { core::ptr::read_volatile(word) };
-    if w & 1 != 0 {
+    // SAFETY: the entry's peer key, copied; a plain lookup.
+    if w & 1 != 0 && unsafe { DBF_LIVE.get(&(*e).peer) }.is_some() {
         if let Some(id) = eligible(ctx, slot, size) {
             // Counted only while the router has not turned the fast path off.
             // SAFETY: as above.
@@ -275,7 +297,12 @@ fn eligible(ctx: &SkMsgContext, slot: u32, size: u32) -> Option<u32> {
     Some(st.id)
 }
 
-/// A replica's send.
+/// A replica's send: while redirecting, an answer that is whole in this one message (small
+/// answers are: the server writes each answer with one send unless it outgrows its network
+/// buffer) goes into the client's socket. Anything else (a larger answer, or one the program
+/// cannot follow) goes to the router, with every answer after it: the program turns
+/// `REDIRECT` off, and the router relays what it gets. So the kernel queues at most one
+/// message per answer for a client, and answers stay in order.
 #[inline(always)]
 fn answer(ctx: &SkMsgContext, e: *mut Entry) -> u32 {
     // SAFETY: a map value; the kernel runs this program for one send of a socket at a time,
@@ -285,137 +312,102 @@ fn answer(ctx: &SkMsgContext, e: *mut Entry) -> u32 {
         return sk_action::SK_PASS;
     }
     let len = ctx.size();
-    if len == 0 {
+    // SAFETY: a u32 the router writes, read whole.
+    let hold = unsafe { core::ptr::read_volatile(&c.hold) };
+    if len == 0 || len > MAX_ANSWER || hold != 0 {
+        c.flags &= !REDIRECT;
         return sk_action::SK_PASS;
     }
-    let mut walk = Walk { msg: ctx.msg, entry: e, off: 0, len };
-    // Each step consumes at least one frame header byte or the rest of the message.
+    let mut walk = Walk { msg: ctx.msg, off: 0, len, eofs: 0, ended: 0, deprecate_eof: c.flags & DEPRECATE_EOF };
+    // Each step consumes one whole frame (at least 4 bytes).
     // SAFETY: bpf_loop calls `step` with `walk`, which lives on this stack frame.
-    let ran = unsafe { bpf_loop(len + 1, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
-    if ran < 0 || walk.off < len {
-        c.flags |= LOST;
+    let ran = unsafe { bpf_loop(len / 4 + 1, step as *mut c_void, (&mut walk as *mut Walk).cast(), 0) };
+    if ran < 0 || walk.ended != 1 || walk.off != len {
+        c.flags &= !REDIRECT;
+        return sk_action::SK_PASS;
     }
+    c.done = c.done.wrapping_add(1);
     let mut peer = c.peer;
     DBF_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) as u32
 }
 
+/// The router's send to its client (it goes into the client's socket as the kernel's
+/// answers do, so that the client reads everything in the order it was sent).
+#[inline(always)]
+fn from_router(ctx: &SkMsgContext, e: *mut Entry) -> u32 {
+    // SAFETY: the session's replica entry, whose `peer` is the client's socket from
+    // registration on.
+    let mut peer = unsafe { (*e).peer };
+    DBF_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) as u32
+}
+
+/// Largest message redirected as one answer.
+const MAX_ANSWER: u32 = 64 * 1024;
+
 #[repr(C)]
 struct Walk {
     msg: *mut sk_msg_md,
-    entry: *mut Entry,
     off: u32,
     len: u32,
+    /// 0: at the first packet; n > 0: inside a result set, n 0xFE packets to go.
+    eofs: u32,
+    /// 0: the answer goes on; 1: it ended where `off` is now; 2: not one plain answer.
+    ended: u32,
+    deprecate_eof: u32,
 }
 
-/// Reads `n` (1 or 5) bytes at `off` of the message into `out`.
-#[inline(always)]
-fn load(msg: *mut sk_msg_md, off: u32, n: u32, out: &mut [u8; 5]) -> bool {
-    // SAFETY: the program's own message.
-    if unsafe { bpf_msg_pull_data(msg, off, off + n, 0) } != 0 {
-        return false;
-    }
-    // SAFETY: the context's packet pointers, refreshed by the pull.
-    let (data, end) = unsafe { ((*msg).__bindgen_anon_1.data as usize, (*msg).__bindgen_anon_2.data_end as usize) };
-    if n == 5 {
-        if data + 5 > end {
-            return false;
-        }
-        // SAFETY: 5 bytes checked against data_end.
-        unsafe { core::ptr::copy_nonoverlapping(data as *const u8, out.as_mut_ptr(), 5) };
-    } else {
-        if data + 1 > end {
-            return false;
-        }
-        // SAFETY: 1 byte checked against data_end.
-        out[0] = unsafe { *(data as *const u8) };
-    }
-    true
-}
-
-/// One step over the message: the rest of a frame's payload, or one frame header. Returns 1
-/// (stop) at the end of the message.
+/// One frame: header and first payload byte. Returns 1 (stop) when the answer ended, at the
+/// end of the message, or on anything but a whole frame.
 extern "C" fn step(_i: u64, w: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes the `Walk` given to it.
     let w = unsafe { &mut *(w as *mut Walk) };
-    // SAFETY: the map value the program looked up.
-    let c = unsafe { &mut *w.entry };
-    if w.off >= w.len {
+    if w.ended != 0 || w.off >= w.len {
         return 1;
     }
-    let avail = w.len - w.off;
-    if c.skip > 0 {
-        let take = if c.skip < avail { c.skip } else { avail };
-        c.skip -= take;
-        w.off += take;
-        return 0;
-    }
-    let mut b = [0u8; 5];
-    if c.have == 0 && avail >= 5 {
-        // Fast path: header and first payload byte in this message.
-        if !load(w.msg, w.off, 5, &mut b) {
-            c.flags |= LOST;
-            w.off = w.len;
-            return 1;
-        }
-        let plen = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
-        if plen == 0 {
-            w.off += 4;
-            frame(c, 0, 0);
-        } else {
-            w.off += 5;
-            c.skip = plen - 1;
-            frame(c, plen, b[4]);
-        }
-        return 0;
-    }
-    // Slow path: one byte of a header that crosses a message boundary.
-    if !load(w.msg, w.off, 1, &mut b) {
-        c.flags |= LOST;
-        w.off = w.len;
+    if w.len - w.off < 5 {
+        w.ended = 2;
         return 1;
     }
-    w.off += 1;
-    if c.have < 4 {
-        c.hdr |= (b[0] as u32) << (8 * (c.have & 3));
-        c.have += 1;
-        if c.have == 4 && c.hdr & MAX_FRAME == 0 {
-            c.have = 0;
-            c.hdr = 0;
-            frame(c, 0, 0);
-        }
-        return 0;
+    // SAFETY: the program's own message.
+    if unsafe { bpf_msg_pull_data(w.msg, w.off, w.off + 5, 0) } != 0 {
+        w.ended = 2;
+        return 1;
     }
-    let plen = c.hdr & MAX_FRAME;
-    c.have = 0;
-    c.hdr = 0;
-    c.skip = plen - 1;
-    frame(c, plen, b[0]);
-    0
-}
-
-/// A frame starts: `plen` payload bytes, the first of them `first` (as in `dbrelay`).
-#[inline(always)]
-fn frame(c: &mut Entry, plen: u32, first: u8) {
-    let cont = c.cont;
-    c.cont = (plen == MAX_FRAME) as u32;
-    if cont != 0 {
-        return;
+    // SAFETY: the context's packet pointers, refreshed by the pull.
+    let (data, end) = unsafe { ((*w.msg).__bindgen_anon_1.data as usize, (*w.msg).__bindgen_anon_2.data_end as usize) };
+    if data + 5 > end {
+        w.ended = 2;
+        return 1;
     }
-    if c.eofs == 0 {
+    // SAFETY: 5 bytes checked against data_end.
+    let b = unsafe { core::slice::from_raw_parts(data as *const u8, 5) };
+    let plen = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
+    let first = b[4];
+    if plen == 0 || plen >= MAX_FRAME || plen > w.len - w.off - 4 {
+        // Empty, continued (16 MiB) or cut by the message's end: not for the kernel.
+        w.ended = 2;
+        return 1;
+    }
+    w.off += 4 + plen;
+    if w.eofs == 0 {
         match first {
-            0x00 | 0xFF if plen > 0 => c.done = c.done.wrapping_add(1),
-            _ if plen == 0 || first == 0xFB => c.flags |= LOST,
-            _ => c.eofs = if c.flags & DEPRECATE_EOF != 0 { 1 } else { 2 },
+            0x00 | 0xFF => w.ended = 1,
+            // LOCAL INFILE: no answer to a read.
+            0xFB => w.ended = 2,
+            // Column count: definitions, then rows up to the terminator.
+            _ => w.eofs = if w.deprecate_eof != 0 { 1 } else { 2 },
         }
-        return;
+        return 0;
     }
-    if first == 0xFF || (first == 0xFE && plen < MAX_FRAME && plen > 0) {
-        c.eofs -= 1;
-        if first == 0xFF {
-            c.eofs = 0;
-        }
-        if c.eofs == 0 {
-            c.done = c.done.wrapping_add(1);
+    if first == 0xFF {
+        w.ended = 1;
+    } else if first == 0xFE && plen < 0xFF_FFFF {
+        // A text or binary row can begin with 0xFE only as the 8-byte length prefix of a
+        // value of 16 MiB or more: never in a message this small.
+        w.eofs -= 1;
+        if w.eofs == 0 {
+            w.ended = 1;
         }
     }
+    0
 }
