@@ -449,7 +449,7 @@ fn compare_lanes(lanes: &[Lane<'_>], seconds: u32) {
             let before = p.relay.map(|pid| pid.map(process_cpu_time).unwrap_or_else(cpu_time));
             let r = sysbench(p.to, args, 1, chunk);
             if let (Some(b), Some(pid)) = (before, p.relay) {
-                cpu[i] += pid.map(process_cpu_time).unwrap_or_else(cpu_time) - b;
+                cpu[i] += pid.map(process_cpu_time).unwrap_or_else(cpu_time).saturating_sub(b);
             }
             qps[i] += r.qps / ROUNDS as f64;
             if i == 0 {
