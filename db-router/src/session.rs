@@ -173,10 +173,17 @@ pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
         tracing::debug!(%local, %peer, registered = s.fast.is_some(), "fast path client");
     }
     if s.login().await.is_ok() {
-        if s.client.is_tcp() {
+        // One in-kernel path per session: the fast path's, else the answer relay's.
+        if s.client.is_tcp() && s.fast.is_none() {
             s.kslot = s.shared.kernel.get().and_then(|k| k.client(&s.client));
         }
         let _ = s.command_loop().await;
+    }
+    if let Some(f) = s.fast.as_mut() {
+        // Reads the kernel routed since the session last came to the router.
+        let routed = f.pause();
+        metrics.to_replica.inc_by(routed.into());
+        metrics.kernel_routed.inc_by(routed.into());
     }
     metrics.sessions_active.dec();
 }
