@@ -138,11 +138,27 @@ impl Listener {
 pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, stop: watch::Receiver<bool>, grace: Duration) {
     let specs: Vec<(SocketAddr, ListenerKind)> = listeners.iter().map(|l| (l.local_addr, l.kind.clone())).collect();
     let mut first: Vec<Option<std::net::TcpListener>> = listeners.into_iter().map(|l| Some(l.socket)).collect();
+    // New connections in turn over the threads, rather than by the kernel's hash.
+    let balancers: Vec<Option<Arc<crate::balance::Balancer>>> = specs
+        .iter()
+        .map(|_| {
+            if threads < 2 {
+                return None;
+            }
+            match crate::balance::Balancer::load() {
+                Ok(b) => Some(Arc::new(b)),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot load the round robin over HTTP threads (needs CAP_BPF); the kernel spreads connections by hash");
+                    None
+                }
+            }
+        })
+        .collect();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     for t in 0..threads.max(1) {
         // Thread 0 takes the sockets bound at start; the others bind their own.
         let sockets: Vec<Option<std::net::TcpListener>> = first.iter_mut().map(Option::take).collect();
-        let (specs, state, stop, done_tx) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone());
+        let (specs, state, stop, done_tx, balancers) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone(), balancers.clone());
         let spawned = std::thread::Builder::new().name(format!("web-http-{t}")).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime,
@@ -150,13 +166,16 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
             };
             runtime.block_on(async move {
                 let mut loops = JoinSet::new();
-                for ((addr, kind), socket) in specs.into_iter().zip(sockets) {
+                for (((addr, kind), socket), balancer) in specs.into_iter().zip(sockets).zip(balancers) {
                     let listener = match socket {
                         Some(socket) => TcpListener::from_std(socket),
                         None => reuseport_listener(addr),
                     };
                     match listener {
                         Ok(listener) => {
+                            if let Some(Err(e)) = balancer.map(|b| b.register(&listener)) {
+                                warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not in the round robin; the kernel's hash picks it");
+                            }
                             loops.spawn(accept_loop(listener, addr, kind, Arc::clone(&state), stop.clone(), grace));
                         }
                         Err(e) => warn!(thread = t, %addr, error = %e, "HTTP thread cannot listen; the others serve"),

@@ -30,6 +30,7 @@
 //! ```
 
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod devcert;
 pub mod health;
