@@ -1332,3 +1332,37 @@ fn fast_path_keeps_heavy_pipelining_in_order() {
     assert!(routed > 0, "the kernel routed some of them");
     assert_eq!(counter(&rig.pair.primary, "Com_insert"), plan.iter().filter(|&&p| p == 4).count() as i64);
 }
+
+/// A client that goes away while the kernel routed its read (the replica's answer then has
+/// nowhere to go): its session ends, and other sessions, old and new, keep reading through the
+/// kernel.
+#[test]
+fn fast_path_client_gone_mid_read_harms_no_other_session() {
+    let Some(rig) = fast_rig("fast_path_client_gone_mid_read_harms_no_other_session", no_ryw()) else { return };
+    let mut other = login_raw(rig.addr);
+    let id = prepare_raw(&mut other, "SELECT @@server_id", false);
+    for _ in 0..3 {
+        execute_raw(&mut other, id);
+        assert_eq!(read_binary_rows(&mut other), vec![2u64.to_le_bytes().to_vec()]);
+    }
+    for round in 0..5 {
+        let mut s = login_raw(rig.addr);
+        let slow = prepare_raw(&mut s, "SELECT SLEEP(0.2) + seq FROM seq_1_to_2", false);
+        execute_raw(&mut s, slow);
+        read_binary_rows(&mut s);
+        // Through the kernel this time (the router turned the path on after the first).
+        execute_raw(&mut s, slow);
+        drop(s);
+        std::thread::sleep(Duration::from_millis(300));
+        execute_raw(&mut other, id);
+        assert_eq!(read_binary_rows(&mut other), vec![2u64.to_le_bytes().to_vec()], "round {round}: the other session");
+        let mut fresh = login_raw(rig.addr);
+        let fid = prepare_raw(&mut fresh, "SELECT @@server_id", false);
+        for _ in 0..3 {
+            execute_raw(&mut fresh, fid);
+            assert_eq!(read_binary_rows(&mut fresh), vec![2u64.to_le_bytes().to_vec()], "round {round}: a new session");
+        }
+    }
+    ping_raw(&mut other);
+    assert!(rig.metrics.kernel_routed.get() >= 5, "reads went through the kernel: {}", rig.metrics.kernel_routed.get());
+}
