@@ -104,7 +104,7 @@ unsafe impl Pod for Stmt {}
 
 struct Maps {
     socks: SockHash<MapData, Key>,
-    listen: HashMap<MapData, u32, u32>,
+    listen: HashMap<MapData, [u32; 2], u32>,
     ports: HashMap<MapData, u32, u32>,
     live: HashMap<MapData, Key, u32>,
     role: HashMap<MapData, Key, u32>,
@@ -190,10 +190,13 @@ impl FastPath {
         unsafe { self.entries.as_ptr().add(index as usize) }
     }
 
-    /// Clients on this host connecting to `port` get their sockets into the sockmap.
-    pub fn listen(&self, port: u16) {
-        if let Err(e) = self.maps().listen.insert(u32::from(port), 1, 0) {
-            tracing::warn!(error = %e, port, "listening port not registered with the in-kernel fast path");
+    /// Clients on this host connecting to `addr` (any address of the host when it is a
+    /// wildcard) get their sockets into the sockmap. IPv4 only.
+    pub fn listen(&self, addr: SocketAddr) {
+        let SocketAddr::V4(a) = addr else { return };
+        let ip = if a.ip().is_unspecified() { 0 } else { u32::from_ne_bytes(a.ip().octets()) };
+        if let Err(e) = self.maps().listen.insert([ip, u32::from(a.port())], 1, 0) {
+            tracing::warn!(error = %e, %addr, "listening address not registered with the in-kernel fast path");
         }
     }
 

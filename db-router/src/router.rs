@@ -285,7 +285,7 @@ pub fn serve_threads_with(addr: SocketAddr, unix: Option<&UnixSocket>, shared: A
 /// the first client can connect (a client whose connection was set up earlier never does).
 fn fast_listen(shared: &Shared, listener: &TcpListener) {
     if let (Some(f), Ok(addr)) = (shared.fast.get(), listener.local_addr()) {
-        f.listen(addr.port());
+        f.listen(addr);
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! Two programs share the maps:
 //! - `dbf_sockops` (`sock_ops`, attached to the cgroup v2 root) puts into `DBF_SOCKS` the
-//!   client end of connections to a router listening port (`DBF_LISTEN`), and the server end
+//!   client end of connections to a router listening address (`DBF_LISTEN`), and the server end
 //!   of connections from a port the router bound for a backend connection (`DBF_PORTS`), and
 //!   notes each in `DBF_LIVE` so that the router knows which of its peers it can reach. The
 //!   router adds its own end of each such client connection.
@@ -117,9 +117,10 @@ const TCP_ESTABLISHED: u32 = 1;
 #[map]
 static DBF_SOCKS: SockHash<Key> = SockHash::with_max_entries(131072, 0);
 
-/// Router listening ports.
+/// Router listening addresses: `[address, port]`, address 0 for a wildcard listener (then any
+/// connection to that port from this host qualifies).
 #[map]
-static DBF_LISTEN: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+static DBF_LISTEN: HashMap<[u32; 2], u32> = HashMap::with_max_entries(64, 0);
 
 /// Local ports the router bound for backend connections it is opening.
 #[map]
@@ -162,7 +163,7 @@ pub fn dbf_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: plain lookups.
     let wanted = unsafe {
         match op {
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => DBF_LISTEN.get(&key.remote_port).is_some(),
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => DBF_LISTEN.get(&[key.remote_ip, key.remote_port]).is_some() || DBF_LISTEN.get(&[0, key.remote_port]).is_some(),
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => DBF_PORTS.get(&key.remote_port).is_some(),
             BPF_SOCK_OPS_STATE_CB => {
                 // A server's end leaves ESTABLISHED (it closes, or its process died): the
