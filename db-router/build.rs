@@ -1,13 +1,7 @@
-use anyhow::anyhow;
-use aya_build::{build_ebpf, Package, Toolchain};
+include!("../lb-ebpf/build_programs.rs");
 
-/// Builds lb-ebpf's programs (nightly toolchain, bpf-linker) into OUT_DIR; db-router embeds
-/// `dbrelay`, its in-kernel read relay (see src/kernel_relay.rs).
+/// db-router embeds `dbrelay`, its in-kernel read relay (src/kernel_relay.rs), and `dbfast`,
+/// its in-kernel fast path for prepared reads (src/fast_path.rs).
 fn main() -> anyhow::Result<()> {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or_else(|| anyhow!("no workspace root"))?.to_path_buf();
-    // The programs link lb-ebpf's library, which uses lb-common.
-    println!("cargo:rerun-if-changed={}", workspace.join("lb-common").display());
-    let root = workspace.join("lb-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-    build_ebpf([Package { name: "lb-ebpf", root_dir: root, ..Default::default() }], Toolchain::Nightly)
+    build_lb_ebpf()
 }

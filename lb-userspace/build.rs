@@ -1,16 +1,6 @@
-use anyhow::anyhow;
-use aya_build::{build_ebpf, Package, Toolchain};
+include!("../lb-ebpf/build_programs.rs");
 
-/// Builds the XDP programs of `lb-ebpf` (nightly toolchain, bpf-linker) into OUT_DIR, so a
-/// plain `cargo build` always ships objects that match this source tree.
+/// The XDP programs of `lb-ebpf` (`lb`, `decap`, `pass`), embedded by `Dataplane`.
 fn main() -> anyhow::Result<()> {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| anyhow!("no workspace root"))?
-        .to_path_buf();
-    // aya-build watches lb-ebpf; the programs also compile lb-common's parser.
-    println!("cargo:rerun-if-changed={}", workspace.join("lb-common").display());
-    let root = workspace.join("lb-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-    build_ebpf([Package { name: "lb-ebpf", root_dir: root, ..Default::default() }], Toolchain::Nightly)
+    build_lb_ebpf()
 }

@@ -22,8 +22,7 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -31,10 +30,12 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::{links::CgroupAttachMode, SkMsg, SockOps},
     Ebpf, Pod,
 };
+
+use crate::mapped::MappedArray;
 
 /// Sessions using the fast path at once; the replica entries follow the client entries.
 pub const SLOTS: u32 = 65536;
@@ -115,19 +116,12 @@ struct Maps {
 /// The loaded programs and their maps; shared by all sessions.
 pub struct FastPath {
     maps: Mutex<Maps>,
-    /// `DBF_STATE`, mapped: `2 * SLOTS` entries.
-    entries: NonNull<Entry>,
-    len: usize,
+    /// `DBF_STATE`: `2 * SLOTS` entries; each used by the one session owning that slot (and
+    /// the BPF programs).
+    entries: MappedArray<Entry>,
     /// Keeps the programs loaded and attached (detached when dropped), and the maps' fds.
     _ebpf: Mutex<Ebpf>,
-    _state: MapData,
 }
-
-// SAFETY: `entries` points into a shared mapping that lives as long as the `FastPath`; each
-// entry is used by the one session owning that slot (and the BPF programs).
-unsafe impl Send for FastPath {}
-// SAFETY: as above.
-unsafe impl Sync for FastPath {}
 
 impl FastPath {
     /// Loads and attaches the programs; when the kernel refuses (no privilege, no cgroup v2,
@@ -155,20 +149,11 @@ impl FastPath {
         let live = HashMap::try_from(take(&mut ebpf, "DBF_LIVE")?)?;
         let role = HashMap::try_from(take(&mut ebpf, "DBF_ROLE")?)?;
         let stmt = HashMap::try_from(take(&mut ebpf, "DBF_STMT")?)?;
-        let Map::Array(state) = take(&mut ebpf, "DBF_STATE")? else { anyhow::bail!("DBF_STATE is not an array") };
-        let len = 2 * SLOTS as usize;
-        let bytes = len * std::mem::size_of::<Entry>();
-        // SAFETY: maps the array (created BPF_F_MMAPABLE, `len` entries of `Entry`) shared
-        // and writable; unmapped in Drop.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, state.fd().as_fd().as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            anyhow::bail!("mmap of DBF_STATE: {}", std::io::Error::last_os_error());
-        }
-        let entries = NonNull::new(ptr.cast::<Entry>()).ok_or_else(|| anyhow::anyhow!("mmap returned null"))?;
+        let entries = MappedArray::new(take(&mut ebpf, "DBF_STATE")?, "DBF_STATE", 2 * SLOTS as usize)?;
         let msg: &mut SkMsg = ebpf.program_mut("dbf_msg").ok_or_else(|| anyhow::anyhow!("program dbf_msg missing"))?.try_into()?;
         msg.load()?;
         msg.attach(socks.fd())?;
-        let fp = FastPath { maps: Mutex::new(Maps { socks, listen, ports, live, role, stmt, free: (0..SLOTS).rev().collect() }), entries, len, _ebpf: Mutex::new(ebpf), _state: state };
+        let fp = FastPath { maps: Mutex::new(Maps { socks, listen, ports, live, role, stmt, free: (0..SLOTS).rev().collect() }), entries, _ebpf: Mutex::new(ebpf) };
         {
             let mut ebpf = fp._ebpf.lock().unwrap_or_else(|e| e.into_inner());
             let ops: &mut SockOps = ebpf.program_mut("dbf_sockops").ok_or_else(|| anyhow::anyhow!("program dbf_sockops missing"))?.try_into()?;
@@ -185,9 +170,7 @@ impl FastPath {
     }
 
     fn entry(&self, index: u32) -> *mut Entry {
-        assert!((index as usize) < self.len);
-        // SAFETY: in bounds of the mapping.
-        unsafe { self.entries.as_ptr().add(index as usize) }
+        self.entries.get(index)
     }
 
     /// Clients on this host connecting to `addr` (any address of the host when it is a
@@ -234,13 +217,6 @@ impl FastPath {
             return None;
         }
         Some(FastClient { fp: Arc::clone(self), slot, key, own, on: false, backend: None, stmts: Vec::new() })
-    }
-}
-
-impl Drop for FastPath {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `load`, no longer used (every client holds an Arc).
-        unsafe { libc::munmap(self.entries.as_ptr().cast(), self.len * std::mem::size_of::<Entry>()) };
     }
 }
 

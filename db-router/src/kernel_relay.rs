@@ -15,16 +15,17 @@
 //! maps into its memory: switching and checking cost no system call.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, RawFd},
-    ptr::NonNull,
+    os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex},
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, SockMap},
+    maps::{HashMap, MapData, SockMap},
     programs::SkSkb,
     Ebpf,
 };
+
+use crate::mapped::MappedArray;
 
 /// `Conn::flags` bits, as in the BPF program.
 const REDIRECT: u32 = 1;
@@ -57,19 +58,12 @@ struct Maps {
 /// The loaded program and its maps; shared by all sessions.
 pub struct KernelRelay {
     maps: Mutex<Maps>,
-    /// `DBR_CONN`, mapped: `2 * SLOTS` entries.
-    conns: NonNull<Conn>,
-    conns_len: usize,
+    /// `DBR_CONN`: `2 * SLOTS` entries; each used by the one session owning that slot (and
+    /// the BPF program).
+    conns: MappedArray<Conn>,
     /// Keeps the program loaded and attached (detached when dropped) and the array's fd.
     _ebpf: Mutex<Ebpf>,
-    _conn_map: MapData,
 }
-
-// SAFETY: `conns` points into a shared mapping that lives as long as the relay; each entry is
-// used by the one session owning that slot (and the BPF program).
-unsafe impl Send for KernelRelay {}
-// SAFETY: as above.
-unsafe impl Sync for KernelRelay {}
 
 impl KernelRelay {
     /// Loads the embedded program; when the kernel refuses it (no privilege, no sockmap
@@ -94,21 +88,12 @@ impl KernelRelay {
         let clients = SockMap::try_from(take(&mut ebpf, "DBR_CLIENTS")?)?;
         let backends = SockMap::try_from(take(&mut ebpf, "DBR_BACKENDS")?)?;
         let index = HashMap::try_from(take(&mut ebpf, "DBR_INDEX")?)?;
-        let Map::Array(conn_map) = take(&mut ebpf, "DBR_CONN")? else { anyhow::bail!("DBR_CONN is not an array") };
-        let conns_len = 2 * SLOTS as usize;
-        let bytes = conns_len * std::mem::size_of::<Conn>();
-        // SAFETY: maps the array (created BPF_F_MMAPABLE, `conns_len` entries of `Conn`)
-        // shared and writable; unmapped in Drop.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, conn_map.fd().as_fd().as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            anyhow::bail!("mmap of DBR_CONN: {}", std::io::Error::last_os_error());
-        }
-        let conns = NonNull::new(ptr.cast::<Conn>()).ok_or_else(|| anyhow::anyhow!("mmap returned null"))?;
+        let conns = MappedArray::new(take(&mut ebpf, "DBR_CONN")?, "DBR_CONN", 2 * SLOTS as usize)?;
         let prog: &mut SkSkb = ebpf.program_mut("dbr_verdict").ok_or_else(|| anyhow::anyhow!("program dbr_verdict missing"))?.try_into()?;
         prog.load()?;
         prog.attach(backends.fd())?;
         let free = (0..SLOTS).rev().collect();
-        Ok(Arc::new(KernelRelay { maps: Mutex::new(Maps { clients, backends, index, free }), conns, conns_len, _ebpf: Mutex::new(ebpf), _conn_map: conn_map }))
+        Ok(Arc::new(KernelRelay { maps: Mutex::new(Maps { clients, backends, index, free }), conns, _ebpf: Mutex::new(ebpf) }))
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -116,9 +101,7 @@ impl KernelRelay {
     }
 
     fn conn(&self, index: u32) -> *mut Conn {
-        assert!((index as usize) < self.conns_len);
-        // SAFETY: in bounds of the mapping.
-        unsafe { self.conns.as_ptr().add(index as usize) }
+        self.conns.get(index)
     }
 
     /// Registers a client socket; `None` when the slots are used up or the kernel refuses the
@@ -134,13 +117,6 @@ impl KernelRelay {
                 None
             }
         }
-    }
-}
-
-impl Drop for KernelRelay {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `load`, no longer used (every slot holds an Arc).
-        unsafe { libc::munmap(self.conns.as_ptr().cast(), self.conns_len * std::mem::size_of::<Conn>()) };
     }
 }
 

@@ -6,7 +6,7 @@
 //!   login, per-session backend connections, response relay, routing and session state;
 //!   [`stream`]: TCP or Unix-socket connections on either side.
 //! - [`kernel_relay`], [`fast_path`]: the in-kernel answer relay and the in-kernel fast path
-//!   for prepared reads (BPF sockmap programs in lb-ebpf).
+//!   for prepared reads (BPF sockmap programs in lb-ebpf); [`mapped`]: their mmapped state.
 //! - [`config`]: the `db-router` TOML configuration.
 //! - [`monitor`]: polls the backends, publishes the routing view, fails over, fences, rejoins.
 //! - [`admin`]: HTTP `/metrics`, `/status`, `POST /rejoin`.
@@ -18,6 +18,7 @@ pub mod classify;
 pub mod config;
 pub mod fast_path;
 pub mod kernel_relay;
+pub mod mapped;
 pub mod monitor;
 pub mod protocol;
 pub mod router;
