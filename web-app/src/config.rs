@@ -65,6 +65,9 @@ pub struct Config {
     /// HTTP threads: each runs its own single-threaded runtime and accepts on its own
     /// `SO_REUSEPORT` socket.
     pub threads: usize,
+    /// HTTP/1.1 GET/HEAD of files kept in memory are answered by [`crate::quick`] (true), or
+    /// every request by hyper.
+    pub quick_path: bool,
 }
 
 impl Config {
@@ -87,6 +90,7 @@ impl Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             threads: default_threads(),
+            quick_path: true,
         }
     }
 
@@ -193,6 +197,11 @@ pub struct Cli {
     /// Seconds a client may take to send a request head (then the connection is closed).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
     pub header_read_timeout: u64,
+
+    /// Answer every request through hyper: no quick path for HTTP/1.1 GET and HEAD of the
+    /// files kept in memory.
+    #[arg(long)]
+    pub no_quick_path: bool,
 }
 
 /// Subcommands besides serving.
@@ -296,6 +305,7 @@ impl Cli {
             config.threads = threads;
         }
         config.header_read_timeout = Duration::from_secs(self.header_read_timeout);
+        config.quick_path = !self.no_quick_path;
         Ok(config)
     }
 }

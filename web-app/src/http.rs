@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::sendfile::SendfileStream;
-use crate::State;
+use crate::{quick, State};
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -381,7 +381,14 @@ impl Connection {
             Ok(Ok(tls)) => {
                 // ALPN says which protocol; without it, hyper-util looks at the bytes.
                 let h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
-                Box::pin(self.serve_io(tls, true, h2, None)).await
+                if h2 == Some(true) || !self.state.quick_path {
+                    return Box::pin(self.serve_io(tls, true, h2, None)).await;
+                }
+                // HTTP/1.1, or no ALPN: the quick path first (an HTTP/2 preface is not for it).
+                let mut io = quick::Replay::new(tls);
+                if self.serve_quick(&mut io, true, None).await == quick::End::HandOver {
+                    Box::pin(self.serve_io(io, true, h2, None)).await
+                }
             }
             Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "TLS handshake failed"),
             Err(_) => debug!(peer = %self.peer, "TLS handshake timed out"),
@@ -409,11 +416,20 @@ impl Connection {
         match read {
             Ok(Ok(h2)) => {
                 let closing = io.closing();
+                if !h2 && self.state.quick_path && matches!(self.kind, ListenerKind::Plain) && self.serve_quick(&mut io, false, Some(&closing)).await == quick::End::Closed {
+                    return;
+                }
                 Box::pin(self.serve_io(io, false, Some(h2), Some(closing))).await
             }
             Ok(Err(e)) => debug!(peer = %self.peer, error = %e, "reading the first request failed"),
             Err(_) => debug!(peer = %self.peer, "no request in time"),
         }
+    }
+
+    /// The requests of an HTTP/1.x connection that [`quick`] answers, until one is not.
+    async fn serve_quick<I: quick::ReadAhead>(&self, io: &mut I, tls: bool, closing: Option<&AtomicBool>) -> quick::End {
+        let q = quick::Quick { state: &self.state, peer: self.peer, tls, closing, stop: &self.stop };
+        quick::serve(io, q).await
     }
 
     /// Serves HTTP/2 (`h2` true), HTTP/1.1 (false) or whichever the client speaks (`None`).
@@ -508,7 +524,7 @@ struct ConnInfo {
 }
 
 /// Fixed route names for metrics and the access log.
-fn route_name(method: &Method, path: &str) -> &'static str {
+pub(crate) fn route_name(method: &Method, path: &str) -> &'static str {
     match path {
         "/whoami" => "whoami",
         "/healthz" => "healthz",
@@ -522,8 +538,15 @@ fn route_name(method: &Method, path: &str) -> &'static str {
     }
 }
 
-/// Decrements the in-flight gauge even when the request future is dropped.
-struct InFlight<'a>(&'a State);
+/// Counts a request in flight: decrements the gauge even when the request future is dropped.
+pub(crate) struct InFlight<'a>(&'a State);
+
+impl InFlight<'_> {
+    pub(crate) fn new(state: &State) -> InFlight<'_> {
+        state.metrics.in_flight.inc();
+        InFlight(state)
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -535,8 +558,7 @@ impl Drop for InFlight<'_> {
 /// writes its access log line.
 async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    state.metrics.in_flight.inc();
-    let _in_flight = InFlight(state);
+    let _in_flight = InFlight::new(state);
     let version = req.version();
     if version == Version::HTTP_2 && !conn.is_h2.load(Ordering::Relaxed) {
         conn.is_h2.store(true, Ordering::Relaxed);
@@ -576,7 +598,7 @@ async fn handle(state: &State, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     state.metrics.observe(route, &method, status, elapsed.as_secs_f64());
     if let Some(path) = logged_path {
         let bytes = response.body().size_hint().exact();
-        Access { method: &method, path: &path, version, status, bytes, elapsed, release: &site.version }.log(conn);
+        Access { method: &method, path: &path, version, status, bytes, elapsed, release: &site.version }.log(conn.peer, conn.tls);
     }
     response
 }
@@ -676,23 +698,23 @@ impl ConnectionTokens {
 }
 
 /// One access log line.
-struct Access<'a> {
-    method: &'a Method,
-    path: &'a str,
-    version: Version,
-    status: u16,
-    bytes: Option<u64>,
-    elapsed: Duration,
-    release: &'a str,
+pub(crate) struct Access<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub version: Version,
+    pub status: u16,
+    pub bytes: Option<u64>,
+    pub elapsed: Duration,
+    pub release: &'a str,
 }
 
 impl Access<'_> {
-    fn log(&self, conn: &ConnInfo) {
+    pub(crate) fn log(&self, peer: SocketAddr, tls: bool) {
         let Access { method, path, version, status, bytes, elapsed, release } = self;
         info!(
             target: "access",
-        peer = %conn.peer,
-        tls = conn.tls,
+        peer = %peer,
+        tls = tls,
         method = %method,
         path = %path,
         version = ?version,

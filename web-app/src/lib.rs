@@ -36,6 +36,7 @@ pub mod devcert;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod quick;
 pub mod release;
 pub mod sendfile;
 pub mod site;
@@ -77,6 +78,8 @@ pub struct State {
     pub max_upload_bytes: u64,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// See [`Config::quick_path`].
+    pub quick_path: bool,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -211,6 +214,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Node> {
         tls_listen = ?tls_addr,
         redirect_http = config.redirect_http,
         http_threads = config.threads,
+        quick_path = config.quick_path,
         storage = storage.is_some(),
         udp_echo = ?udp.as_ref().map(UdpEcho::local_addr),
         "web node started"
@@ -226,6 +230,7 @@ pub async fn bind(config: Config) -> anyhow::Result<Node> {
         max_upload_bytes: config.max_upload_bytes,
         request_timeout: config.request_timeout,
         header_read_timeout: config.header_read_timeout,
+        quick_path: config.quick_path,
         reload_lock: tokio::sync::Mutex::new(()),
     };
     Ok(Node {

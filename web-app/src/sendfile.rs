@@ -152,9 +152,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// what is held is pushed out first.
 pub struct SendfileStream {
     stream: TcpStream,
-    /// The first bytes, being read by `read_preface`.
-    preface: bytes::BytesMut,
-    replay: Bytes,
+    /// Bytes read ahead (by `read_preface`, or [`crate::quick`]), returned by the next reads.
+    ahead: bytes::BytesMut,
     closing: Arc<AtomicBool>,
     /// Bytes may be held back: `Some(corked)` (with `TCP_CORK` set when `corked`).
     holding: Option<bool>,
@@ -162,7 +161,7 @@ pub struct SendfileStream {
 
 impl SendfileStream {
     pub fn new(stream: TcpStream) -> SendfileStream {
-        SendfileStream { stream, preface: bytes::BytesMut::new(), replay: Bytes::new(), closing: Arc::default(), holding: None }
+        SendfileStream { stream, ahead: bytes::BytesMut::new(), closing: Arc::default(), holding: None }
     }
 
     /// Set to true when the response about to be written is the last on this connection (see
@@ -214,12 +213,9 @@ impl SendfileStream {
             // Through tokio this time, so that its readiness is cleared when the socket has
             // nothing after all (and the next `readable` waits).
             let stream = &self.stream;
-            let preface = &mut self.preface;
-            match stream.try_io(Interest::READABLE, || recv_preface(stream, preface)) {
-                Ok(Some(h2)) => {
-                    self.replay = std::mem::take(&mut self.preface).freeze();
-                    return Ok(h2);
-                }
+            let ahead = &mut self.ahead;
+            match stream.try_io(Interest::READABLE, || recv_preface(stream, ahead)) {
+                Ok(Some(h2)) => return Ok(h2),
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -232,11 +228,8 @@ impl SendfileStream {
     /// connection just accepted usually holds its request already, while tokio learns that
     /// only on its next turn (a wake-up and a poll of the connection's task later).
     pub fn try_read_preface(&mut self) -> io::Result<Option<bool>> {
-        match recv_preface(&self.stream, &mut self.preface) {
-            Ok(Some(h2)) => {
-                self.replay = std::mem::take(&mut self.preface).freeze();
-                Ok(Some(h2))
-            }
+        match recv_preface(&self.stream, &mut self.ahead) {
+            Ok(Some(h2)) => Ok(Some(h2)),
             Ok(None) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -293,6 +286,28 @@ impl SendfileStream {
     }
 }
 
+/// One `recv` from `stream` into the spare capacity of `buf` (at least 1 KiB of it).
+fn recv_into(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(2048);
+    }
+    let spare = buf.spare_capacity_mut();
+    loop {
+        // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity of the
+        // buffer, which stays alive and unaliased for the call; the socket is ours.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n as usize) };
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Reads from `stream` into `buf` (with `recv` on the socket itself) until the bytes decide
 /// whether they start an HTTP/2 preface: `Some(h2)`, `None` for not yet (more may come, and a
 /// `WouldBlock` error when nothing came).
@@ -333,15 +348,35 @@ fn first_in_region(bufs: &[IoSlice<'_>]) -> Option<(usize, (RawFd, u64))> {
     bufs.iter().enumerate().find_map(|(i, b)| if b.len() >= SENDFILE_MIN { lookup(b).map(|at| (i, at)) } else { None })
 }
 
+impl crate::quick::ReadAhead for SendfileStream {
+    fn ahead(&mut self) -> &mut bytes::BytesMut {
+        &mut self.ahead
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.holding.is_some() {
+            self.release()?;
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let (stream, ahead) = (&self.stream, &mut self.ahead);
+            match stream.try_io(Interest::READABLE, || recv_into(stream, ahead)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+}
+
 impl AsyncRead for SendfileStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.holding.is_some() {
             // Not closing after all: the peer must see everything before we wait for it.
             self.release()?;
         }
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay.split_to(n));
+        if !self.ahead.is_empty() {
+            let n = self.ahead.len().min(buf.remaining());
+            buf.put_slice(&self.ahead.split_to(n));
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)

@@ -42,7 +42,7 @@ type Predicate = fn(StatusCode, Version, &HeaderMap, &Extensions) -> bool;
 
 /// A file kept in memory with its response headers prepared once, at load: the hot path
 /// only clones reference-counted values.
-struct Entry {
+pub(crate) struct Entry {
     body: Bytes,
     gzip: Option<Bytes>,
     br: Option<Bytes>,
@@ -56,10 +56,21 @@ struct Entry {
     /// The headers of a 200 (or HEAD) answer with each body: identity, gzip, br. Cloned per
     /// request, which costs less than building them (no hashing of header names).
     headers: [HeaderMap; 3],
+    /// The same answers as HTTP/1.1 bytes for [`crate::quick`]: status line and headers
+    /// (`x-release` included), without `date` and the blank line; 200 then 304 for each body.
+    heads: [[Bytes; 2]; 3],
+}
+
+/// Which body of a cached file a request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    Identity = 0,
+    Gzip = 1,
+    Br = 2,
 }
 
 impl Entry {
-    fn new(file: CachedFile) -> Option<Entry> {
+    fn new(file: CachedFile, release: &HeaderValue) -> Option<Entry> {
         let variant = |suffix: &str| HeaderValue::from_str(&format!("{}-{suffix}\"", file.etag.trim_end_matches('"'))).ok();
         let mut entry = Entry {
             content_type: HeaderValue::from_static(file.content_type),
@@ -72,13 +83,64 @@ impl Entry {
             gzip: file.gzip,
             br: file.br,
             headers: Default::default(),
+            heads: Default::default(),
         };
         entry.headers = [
             entry.ok_headers(entry.body.len(), &entry.etag, None),
             entry.ok_headers(entry.gzip.as_ref().map_or(0, Bytes::len), &entry.etag_gzip, Some("gzip")),
             entry.ok_headers(entry.br.as_ref().map_or(0, Bytes::len), &entry.etag_br, Some("br")),
         ];
+        let etags = [&entry.etag, &entry.etag_gzip, &entry.etag_br];
+        entry.heads = std::array::from_fn(|i| {
+            let ok = head_bytes("200 OK", &entry.headers[i], release);
+            let mut not_modified = HeaderMap::with_capacity(2);
+            not_modified.insert(header::ETAG, etags[i].clone());
+            not_modified.insert(header::LAST_MODIFIED, entry.last_modified.clone());
+            [ok, head_bytes("304 Not Modified", &not_modified, release)]
+        });
         Some(entry)
+    }
+
+    /// The body a request gets: br, else gzip, else identity, as it accepts and as there are.
+    pub(crate) fn variant(&self, accepts: impl Fn(&str) -> bool) -> Variant {
+        match (&self.br, &self.gzip) {
+            (Some(_), _) if accepts("br") => Variant::Br,
+            (_, Some(_)) if accepts("gzip") => Variant::Gzip,
+            _ => Variant::Identity,
+        }
+    }
+
+    /// The body of `variant`.
+    pub(crate) fn body(&self, variant: Variant) -> &Bytes {
+        match variant {
+            Variant::Br => self.br.as_ref().unwrap_or(&self.body),
+            Variant::Gzip => self.gzip.as_ref().unwrap_or(&self.body),
+            Variant::Identity => &self.body,
+        }
+    }
+
+    fn etag(&self, variant: Variant) -> &HeaderValue {
+        [&self.etag, &self.etag_gzip, &self.etag_br][variant as usize]
+    }
+
+    /// Whether the request's validators say the client has `variant` already (304).
+    /// If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+    pub(crate) fn not_modified(&self, variant: Variant, if_none_match: Option<&str>, if_modified_since: Option<&str>) -> bool {
+        if let Some(inm) = if_none_match {
+            etag_matches(inm, self.etag(variant).to_str().unwrap_or(""))
+        } else if let Some(since) = if_modified_since {
+            httpdate::parse_http_date(since)
+                .ok()
+                .and_then(|since| since.duration_since(UNIX_EPOCH).ok())
+                .is_some_and(|since| self.modified_secs <= since.as_secs())
+        } else {
+            false
+        }
+    }
+
+    /// The HTTP/1.1 status line and headers of the answer (see [`Entry::heads`]).
+    pub(crate) fn head(&self, variant: Variant, not_modified: bool) -> &Bytes {
+        &self.heads[variant as usize][usize::from(not_modified)]
     }
 
     /// The headers of a 200 answer with a body of `len` bytes.
@@ -97,6 +159,18 @@ impl Entry {
         }
         h
     }
+}
+
+/// `HTTP/1.1 <status>` and `headers` (then `x-release`) as hyper writes them.
+fn head_bytes(status: &str, headers: &HeaderMap, release: &HeaderValue) -> Bytes {
+    let mut head = format!("HTTP/1.1 {status}\r\n").into_bytes();
+    for (name, value) in headers.iter().chain([(&crate::http::X_RELEASE, release)]) {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    Bytes::from(head)
 }
 
 /// Moves the bodies worth `sendfile` (see [`crate::sendfile`]) into one sealed memory file;
@@ -176,7 +250,8 @@ impl Site {
         let version_header =
             HeaderValue::from_str(&version).unwrap_or_else(|_| HeaderValue::from_static("invalid-version"));
         // A file whose headers cannot be prepared is simply served from disk.
-        let mut cache = cache.into_iter().filter_map(|(path, file)| Some((path, Entry::new(file)?))).collect();
+        let mut cache =
+            cache.into_iter().filter_map(|(path, file)| Some((path, Entry::new(file, &version_header)?))).collect();
         pack_for_sendfile(&mut cache);
         Site { version, dir, manifest, cache, files, version_header }
     }
@@ -197,17 +272,17 @@ impl Site {
         if req.headers().contains_key(header::RANGE) {
             return None;
         }
-        let path = req.uri().path();
+        Some(serve_cached(self.cached(req.uri().path())?, req.method(), req.headers()))
+    }
+
+    /// The file kept in memory for the path of a request's URI, if there is one.
+    pub(crate) fn cached(&self, path: &str) -> Option<&Entry> {
         // A plain path (what a cached file's own path looks like) is looked up as it is;
         // anything else is decoded and checked first.
-        let plain = path.len() > 1
-            && !path.ends_with('/')
-            && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'-' | b'_'));
-        let file = match plain.then(|| self.cache.get(&path[1..])).flatten() {
-            Some(file) => file,
-            None => self.cache.get(&*relative_path(path)?)?,
-        };
-        Some(serve_cached(file, req.method(), req.headers()))
+        match plain_path(path).then(|| self.cache.get(&path[1..])).flatten() {
+            Some(file) => Some(file),
+            None => self.cache.get(&*relative_path(path)?),
+        }
     }
 
     /// Answers a GET/HEAD for a static file.
@@ -222,7 +297,7 @@ impl Site {
         };
         if let Some(etag) = &etag {
             if let Some(inm) = req.headers().get(header::IF_NONE_MATCH) {
-                if etag_matches(inm, etag) {
+                if inm.to_str().is_ok_and(|inm| etag_matches(inm, etag)) {
                     return not_modified(etag);
                 }
             }
@@ -271,6 +346,15 @@ impl Site {
     }
 }
 
+/// Whether a URI path is `/` and then only letters, digits, `/`, `.`, `-` and `_`, not ending
+/// in `/`: what the path of a file looks like, to be looked up without decoding.
+pub(crate) fn plain_path(path: &str) -> bool {
+    path.len() > 1
+        && path.starts_with('/')
+        && !path.ends_with('/')
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'-' | b'_'))
+}
+
 /// The percent-decoded path relative to the site root, if it is a plain one: only normal
 /// components (no `.`, `..`, backslashes, NUL, or absolute segments once decoded). `None`
 /// means "let ServeDir decide" (it rejects what escapes the root).
@@ -295,9 +379,10 @@ pub fn relative_path(uri_path: &str) -> Option<Cow<'_, str>> {
     })
 }
 
-/// Which representation a client accepts, best first: br, gzip, identity. A `q=0` excludes.
-fn accepts(headers: &HeaderMap, coding: &str) -> bool {
-    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+/// Whether a client accepts a content coding, by its `Accept-Encoding` lines (`values`). A
+/// `q=0` excludes.
+pub(crate) fn accepts<'a>(values: impl IntoIterator<Item = &'a str>, coding: &str) -> bool {
+    values.into_iter().any(|v| {
         v.split(',').any(|item| {
             let mut parts = item.split(';');
             let name = parts.next().unwrap_or("").trim();
@@ -310,10 +395,14 @@ fn accepts(headers: &HeaderMap, coding: &str) -> bool {
     })
 }
 
+/// The `Accept-Encoding` lines of a request that are text.
+fn accept_encoding(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok())
+}
+
 /// Weak comparison of an If-None-Match header against an ETag (RFC 9110 13.1.2).
-fn etag_matches(if_none_match: &HeaderValue, etag: &str) -> bool {
-    let Ok(list) = if_none_match.to_str() else { return false };
-    list.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
+fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    if_none_match.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
 }
 
 fn not_modified(etag: &str) -> Response<Body> {
@@ -326,35 +415,22 @@ fn not_modified(etag: &str) -> Response<Body> {
 }
 
 fn serve_cached(file: &Entry, method: &Method, headers: &HeaderMap) -> Response<Body> {
-    let (body, ok_headers, etag) = match (&file.br, &file.gzip) {
-        (Some(br), _) if accepts(headers, "br") => (br, &file.headers[2], &file.etag_br),
-        (_, Some(gzip)) if accepts(headers, "gzip") => (gzip, &file.headers[1], &file.etag_gzip),
-        _ => (&file.body, &file.headers[0], &file.etag),
-    };
-    // If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
-    let not_modified = if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
-        etag_matches(inm, etag.to_str().unwrap_or(""))
-    } else if let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
-        httpdate::parse_http_date(since)
-            .ok()
-            .and_then(|since| since.duration_since(UNIX_EPOCH).ok())
-            .is_some_and(|since| file.modified_secs <= since.as_secs())
-    } else {
-        false
-    };
+    let variant = file.variant(|coding| accepts(accept_encoding(headers), coding));
+    let text = |name| headers.get(name).map(|v: &HeaderValue| v.to_str().unwrap_or(""));
+    let not_modified = file.not_modified(variant, text(header::IF_NONE_MATCH), text(header::IF_MODIFIED_SINCE));
     let mut response = if not_modified || method == Method::HEAD {
         Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
     } else {
-        Response::new(full(body.clone()))
+        Response::new(full(file.body(variant).clone()))
     };
     if not_modified {
         let h = response.headers_mut();
-        h.insert(header::ETAG, etag.clone());
+        h.insert(header::ETAG, file.etag(variant).clone());
         h.insert(header::LAST_MODIFIED, file.last_modified.clone());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return response;
     }
-    *response.headers_mut() = ok_headers.clone();
+    *response.headers_mut() = file.headers[variant as usize].clone();
     response
 }
 
@@ -402,7 +478,7 @@ mod tests {
         let check = |value: &str, coding: &str, expected: bool| {
             let mut h = HeaderMap::new();
             h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
-            assert_eq!(accepts(&h, coding), expected, "{value} {coding}");
+            assert_eq!(accepts(super::accept_encoding(&h), coding), expected, "{value} {coding}");
         };
         check("gzip, deflate, br", "gzip", true);
         check("gzip, deflate, br", "br", true);
@@ -410,13 +486,13 @@ mod tests {
         check("gzip;q=0", "gzip", false);
         check("GZIP;q=0.5", "gzip", true);
         check("*", "br", true);
-        assert!(!accepts(&HeaderMap::new(), "gzip"));
+        assert!(!accepts(super::accept_encoding(&HeaderMap::new()), "gzip"));
     }
 
     #[test]
     fn if_none_match() {
         let check = |inm: &str, expected: bool| {
-            assert_eq!(etag_matches(&HeaderValue::from_str(inm).unwrap(), "\"abc\""), expected, "{inm}");
+            assert_eq!(etag_matches(inm, "\"abc\""), expected, "{inm}");
         };
         check("\"abc\"", true);
         check("W/\"abc\"", true);
