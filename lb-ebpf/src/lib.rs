@@ -78,25 +78,77 @@ impl XdpFrame {
         if start + 4 * N > self.end {
             return false;
         }
-        // SAFETY: start..start+4N lies inside the packet, checked just above.
-        unsafe { core::ptr::write_unaligned(start as *mut [u32; N], *words) };
+        let mut i = 0;
+        while i < N {
+            // SAFETY: start..start+4N lies inside the packet, checked just above.
+            unsafe { core::ptr::write_unaligned((start as *mut u32).add(i), words[i]) };
+            i += 1;
+        }
         true
+    }
+}
+
+/// What follows the MACs in an Ethernet header, up to the IPv4 header: the ethertype (bytes
+/// 12..14), or a VLAN tag's TPID there and its TCI and the ethertype after it (14..18).
+#[derive(Clone, Copy)]
+pub struct EthTail {
+    /// Bytes 12..14 as read natively.
+    pub head: u16,
+    /// Bytes 14..18 as read natively (part of the IPv4 header in an untagged frame).
+    pub vlan: u32,
+}
+
+impl XdpFrame {
+    /// The MACs as three words (`lb_common::backend::eth_macs` order), read one by one: kept
+    /// for later, an array read would be copied through the stack byte by byte.
+    #[inline(always)]
+    pub fn macs(&self) -> Option<[u32; 3]> {
+        let start = self.data;
+        if start + 12 > self.end {
+            return None;
+        }
+        let w = start as *const u32;
+        // SAFETY: start..start+12 lies inside the packet, checked just above.
+        Some(unsafe { [core::ptr::read_unaligned(w), core::ptr::read_unaligned(w.add(1)), core::ptr::read_unaligned(w.add(2))] })
+    }
+
+    /// The bytes after the MACs, as [`write_eth`] puts them back (two loads, where a byte
+    /// array would be six); `None` if the frame is shorter than 18 bytes.
+    #[inline(always)]
+    pub fn eth_tail(&self) -> Option<EthTail> {
+        let start = self.data + 12;
+        if start + 6 > self.end {
+            return None;
+        }
+        // SAFETY: start..start+6 lies inside the packet, checked just above.
+        let (head, vlan) = unsafe {
+            (core::ptr::read_unaligned(start as *const u16), core::ptr::read_unaligned((start + 2) as *const u32))
+        };
+        Some(EthTail { head, vlan })
     }
 }
 
 /// Writes an Ethernet header at the start of `frame`: the MACs (`lb_common::backend::eth_macs`
 /// words) and, up to `l3_off` (14, or 18 with a VLAN tag), the bytes that followed the MACs
-/// in the received frame (`tail`: ethertype, or VLAN tag and ethertype).
+/// in the received frame.
 #[inline(always)]
-pub fn write_eth(frame: &XdpFrame, l3_off: usize, macs: &[u32; 3], tail: &[u8; 6]) -> bool {
-    if !frame.store_words(0, macs) {
+pub fn write_eth(frame: &XdpFrame, l3_off: usize, macs: &[u32; 3], tail: &EthTail) -> bool {
+    let start = frame.data;
+    if start + 18 > frame.end {
         return false;
     }
-    if l3_off == 18 {
-        frame.store(12, tail)
-    } else {
-        frame.store(12, &[tail[0], tail[1]])
+    // SAFETY: start..start+18 lies inside the packet, checked just above.
+    unsafe {
+        let words = start as *mut u32;
+        core::ptr::write_unaligned(words, macs[0]);
+        core::ptr::write_unaligned(words.add(1), macs[1]);
+        core::ptr::write_unaligned(words.add(2), macs[2]);
+        core::ptr::write_unaligned((start + 12) as *mut u16, tail.head);
+        if l3_off == 18 {
+            core::ptr::write_unaligned((start + 14) as *mut u32, tail.vlan);
+        }
     }
+    true
 }
 
 #[cfg(not(test))]

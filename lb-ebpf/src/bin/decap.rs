@@ -44,7 +44,7 @@ fn decap(ctx: &XdpContext) -> Counter {
     if unsafe { DECAP_ADDRS.get(&d.outer_dst) }.is_none() {
         return Counter::DecapNotLocal;
     }
-    let (Some(macs), Some(tail)) = (frame.load_words::<3>(0), frame.load::<6>(12)) else {
+    let (Some(macs), Some(tail)) = (frame.macs(), frame.eth_tail()) else {
         return Counter::DecapMalformed;
     };
     // outer_len is 20..=60 (checked by the parser); mask to let the verifier see it.

@@ -362,7 +362,7 @@ fn forward_ipip(
 
     // The Ethernet header as received: the MACs, and what follows them up to the IPv4
     // header (bytes 12..18 exist in any frame the parser accepted).
-    let (Some(old_macs), Some(tail)) = (frame.load_words::<3>(0), frame.load::<6>(12)) else {
+    let (Some(old_macs), Some(tail)) = (frame.macs(), frame.eth_tail()) else {
         bump(stats, Counter::Malformed);
         return (xdp_action::XDP_PASS, false);
     };
