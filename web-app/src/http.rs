@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::sendfile::SendfileStream;
+use crate::sendfile::{EagerStream, SendfileStream};
 use crate::{quick, State};
 
 /// Error type of response bodies.
@@ -376,7 +376,7 @@ impl Connection {
     }
 
     async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream) {
-        let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)));
+        let handshake = Box::pin(tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(EagerStream::new(stream))));
         match handshake.await {
             Ok(Ok(tls)) => {
                 // ALPN says which protocol; without it, hyper-util looks at the bytes.

@@ -238,7 +238,15 @@ impl SendfileStream {
 
     /// Runs the non-blocking socket operation `op` once the socket is writable, as often as
     /// it says `WouldBlock`.
+    ///
+    /// It tries `op` once first, whatever tokio knows of the socket: a socket is usually
+    /// writable, and tokio learns that of a connection just accepted only on the next turn of
+    /// its event loop (readiness starts empty), so the first response would wait for that turn.
     fn poll_op(&self, cx: &mut Context<'_>, mut op: impl FnMut() -> io::Result<usize>) -> Poll<io::Result<usize>> {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             match self.stream.try_io(Interest::WRITABLE, &mut op) {
@@ -267,22 +275,92 @@ impl SendfileStream {
     /// `sendmsg` of `bufs` with `MSG_MORE` (more follows at once: no short segment for the
     /// response head alone, or the FIN of the shutdown comes next).
     fn send_more(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: an all-zero msghdr is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        // IoSlice is ABI-compatible with iovec on Unix (documented by std).
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
-        loop {
-            // SAFETY: msg points to `bufs`, valid for the call; the kernel only reads them.
-            let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
+        self.send(bufs, libc::MSG_MORE)
+    }
+
+    /// `sendmsg` of `bufs` with `flags`.
+    fn send(&self, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io::Result<usize> {
+        send(&self.stream, bufs, flags)
+    }
+}
+
+/// `sendmsg` of `bufs` on `stream` with `flags` (never `SIGPIPE`).
+fn send(stream: &TcpStream, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec on Unix (documented by std).
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+    loop {
+        // SAFETY: msg points to `bufs`, valid for the call; the kernel only reads them.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, flags | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A TCP connection whose writes go to the socket at once and wait for tokio's readiness only
+/// when the socket is full (see [`SendfileStream`]'s `poll_op`), and whose first read asks the
+/// socket too: what TLS runs on, so that neither the client hello (there on accept) nor the
+/// first handshake flight waits for a turn of the event loop.
+pub struct EagerStream {
+    stream: TcpStream,
+    fresh: bool,
+}
+
+impl EagerStream {
+    pub fn new(stream: TcpStream) -> EagerStream {
+        EagerStream { stream, fresh: true }
+    }
+}
+
+impl AsyncRead for EagerStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if std::mem::take(&mut self.fresh) {
+            // SAFETY: recv writes at most the unfilled length into the unfilled part, which
+            // is then marked initialised and filled for exactly what it wrote.
+            let n = unsafe {
+                let unfilled = buf.unfilled_mut();
+                libc::recv(self.stream.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len(), libc::MSG_DONTWAIT)
+            };
             if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+                // SAFETY: see above.
+                unsafe { buf.assume_init(n as usize) };
+                buf.advance(n as usize);
+                return Poll::Ready(Ok(()));
             }
         }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for EagerStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match send(&self.stream, bufs, 0) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
+            result => Poll::Ready(result),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -395,7 +473,7 @@ impl AsyncWrite for SendfileStream {
                 self.holding.get_or_insert(false);
                 return self.poll_op(cx, || self.send_more(bufs));
             }
-            return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+            return self.poll_op(cx, || self.send(bufs, 0));
         };
         if last && self.holding != Some(true) {
             // sendfile has no MSG_MORE: cork, so that its last segment waits for the FIN.
@@ -414,7 +492,7 @@ impl AsyncWrite for SendfileStream {
         }
         // The head is out: add what the socket takes of the file now. If it takes nothing
         // (full, or an error), the head's count is the answer and the next write retries.
-        match self.stream.try_io(Interest::WRITABLE, || self.sendfile(at, len)) {
+        match self.sendfile(at, len) {
             Ok(n) => Poll::Ready(Ok(sent + n)),
             Err(_) => Poll::Ready(Ok(sent)),
         }
