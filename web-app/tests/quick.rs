@@ -61,25 +61,6 @@ async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
     .await
 }
 
-/// Splits the bytes of several responses (each with a `content-length`, or none for a 304
-/// or a HEAD answer) into parsed responses. `heads` says which requests were HEADs.
-fn split_responses(mut bytes: &[u8], heads: &[bool]) -> Vec<RawResponse> {
-    let mut out = Vec::new();
-    for &head in heads {
-        let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
-        let parsed = parse_response(&bytes[..end]);
-        let len = if head || parsed.status == 304 {
-            0
-        } else {
-            parsed.header("content-length").map_or(0, |l| l.parse().unwrap())
-        };
-        out.push(parse_response(&bytes[..end + len]));
-        bytes = &bytes[end + len..];
-    }
-    assert!(bytes.is_empty(), "bytes after the last response: {:?}", String::from_utf8_lossy(bytes));
-    out
-}
-
 #[tokio::test]
 async fn quick_answers_are_hypers_answers() {
     let (quick, hyper) = quick_and_hyper().await;

@@ -96,6 +96,36 @@ async fn http1_over_tls_when_the_client_offers_only_http1() {
     assert_eq!(stream.get_ref().1.alpn_protocol(), None);
 }
 
+/// HTTP/1.1 over TLS goes through the quick path first (files kept in memory) and hands over
+/// to hyper mid-connection; a client speaking HTTP/2 without ALPN still gets hyper's HTTP/2.
+#[tokio::test]
+async fn quick_path_over_tls_hands_over_to_hyper() {
+    let node = tls_node(false).await;
+    for alpn in [&[&b"http/1.1"[..]][..], &[]] {
+        let mut stream = tls_connect(node.tls.unwrap(), client_config(Some(&ca(&node)), alpn), "127.0.0.1").await.unwrap();
+        let pipelined = b"GET /css/site.css HTTP/1.1\r\nHost: t\r\n\r\n\
+            POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello\
+            GET /css/site.css HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        within(stream.write_all(pipelined)).await.unwrap();
+        let mut bytes = Vec::new();
+        // A TLS close without close_notify shows as an error after the data: keep the data.
+        let _ = within(stream.read_to_end(&mut bytes)).await;
+        let responses = split_responses(&bytes, &[false, false, false]);
+        assert_eq!(responses.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200, 200], "{alpn:?}");
+        assert_eq!(responses[0].body, b"body { color: #123; }\n");
+        assert_eq!(responses[2].body, responses[0].body);
+        assert_eq!(responses[2].header("connection"), Some("close"));
+        let upload: serde_json::Value = serde_json::from_slice(&responses[1].body).unwrap();
+        assert_eq!(upload["bytes"], 5);
+    }
+    let stream = tls_connect(node.tls.unwrap(), client_config(Some(&ca(&node)), &[]), "127.0.0.1").await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let response = within(sender.send_request(request("GET", "/css/site.css", ""))).await.unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    assert_eq!(collect(response).await.1.as_ref(), b"body { color: #123; }\n");
+}
+
 #[tokio::test]
 async fn untrusted_or_wrong_name_is_refused_and_the_node_keeps_serving() {
     let node = tls_node(false).await;
