@@ -1,21 +1,25 @@
-//! New connections in turn over the HTTP threads (`lb-ebpf/src/bin/webreuse.rs`).
+//! New connections to the HTTP thread with the fewest open connections, in turn among
+//! equals (`lb-ebpf/src/bin/webreuse.rs`).
 //!
 //! Each HTTP thread has its own `SO_REUSEPORT` socket per listening address, and the kernel
 //! picks among a group's sockets by a hash of the connection's 4-tuple: with few
 //! connections the split is uneven (32 keep-alive connections over 2 threads: 20/12 is
 //! common), and the connections of the busier thread wait longer. An `sk_reuseport` program
-//! on the group hands each new connection to the next socket in turn instead (as HAProxy's
-//! round robin does; nginx gets a similar spread from its idle workers accepting first).
+//! on the group picks instead, by the counts of open connections each thread keeps in a
+//! shared (mmapped) map: long connections end up evenly spread, and a short one goes to a
+//! thread that has nothing to do rather than behind another's work (as with nginx's one
+//! accept queue, which its idle workers take from first; HAProxy's `leastconn`).
 //!
 //! Loading needs CAP_BPF (or root): without it the kernel's hash stays, and web-app says so
 //! once. Written with the program rather than by accepting on one thread and handing
 //! connections over: that would cost a cross-thread wakeup per connection.
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use aya::maps::{Array, MapData, ReusePortSockArray};
+use aya::maps::{Array, Map, MapData, ReusePortSockArray};
 use aya::programs::SkReuseport;
 use aya::Ebpf;
 
@@ -23,7 +27,60 @@ use aya::Ebpf;
 pub struct Balancer {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<(ReusePortSockArray<MapData>, Array<MapData, u32>)>,
+    loads: Loads,
     next: AtomicU32,
+}
+
+/// `WEB_LOAD`'s entries (u64) per socket: a cache line, the program's `LOAD_STRIDE`.
+const LOAD_STRIDE: usize = 8;
+/// Sockets per group (the program's map sizes).
+const MAX_SOCKETS: usize = 256;
+
+/// `WEB_LOAD` mapped into memory: each socket's count of open connections, which its thread
+/// keeps and the program reads.
+struct Loads {
+    counters: NonNull<AtomicU64>,
+    /// The map's fd, open as long as the mapping.
+    _map: MapData,
+}
+
+// SAFETY: shared memory living as long as this value, used only through atomics.
+unsafe impl Send for Loads {}
+// SAFETY: as above.
+unsafe impl Sync for Loads {}
+
+impl Loads {
+    const BYTES: usize = MAX_SOCKETS * LOAD_STRIDE * std::mem::size_of::<u64>();
+
+    fn map(map: Map) -> anyhow::Result<Loads> {
+        let Map::Array(map) = map else { anyhow::bail!("WEB_LOAD is not an array") };
+        // SAFETY: maps the whole array (created BPF_F_MMAPABLE) shared and writable;
+        // unmapped in Drop.
+        let at = unsafe {
+            libc::mmap(std::ptr::null_mut(), Self::BYTES, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
+        };
+        if at == libc::MAP_FAILED {
+            anyhow::bail!("mmap of WEB_LOAD: {}", std::io::Error::last_os_error());
+        }
+        let counters = NonNull::new(at.cast()).ok_or_else(|| anyhow::anyhow!("mmap of WEB_LOAD returned null"))?;
+        Ok(Loads { counters, _map: map })
+    }
+
+    /// Socket `index`'s counter.
+    fn of(&self, index: u32) -> &AtomicU64 {
+        let index = index as usize;
+        assert!(index < MAX_SOCKETS);
+        // SAFETY: in bounds of the mapping, aligned (page-aligned base, u64 entries), and
+        // only ever accessed atomically (the program reads it with single loads).
+        unsafe { self.counters.as_ptr().add(index * LOAD_STRIDE).as_ref().expect("mapped") }
+    }
+}
+
+impl Drop for Loads {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`; no reference to it outlives `self`.
+        unsafe { libc::munmap(self.counters.as_ptr().cast(), Self::BYTES) };
+    }
 }
 
 impl Balancer {
@@ -32,15 +89,20 @@ impl Balancer {
         let take = |e: &mut Ebpf, name: &str| e.take_map(name).ok_or_else(|| anyhow::anyhow!("map {name} missing from the object"));
         let socks = ReusePortSockArray::try_from(take(&mut ebpf, "WEB_LISTENERS")?)?;
         let rr = Array::try_from(take(&mut ebpf, "WEB_RR")?)?;
+        let loads = Loads::map(take(&mut ebpf, "WEB_LOAD")?)?;
         let prog: &mut SkReuseport = ebpf.program_mut("web_pick").ok_or_else(|| anyhow::anyhow!("program web_pick missing"))?.try_into()?;
         prog.load()?;
-        Ok(Balancer { ebpf: Mutex::new(ebpf), maps: Mutex::new((socks, rr)), next: AtomicU32::new(0) })
+        Ok(Balancer { ebpf: Mutex::new(ebpf), maps: Mutex::new((socks, rr)), loads, next: AtomicU32::new(0) })
     }
 
     /// Adds a thread's socket of the group (listening already); the first one attaches the
-    /// program to the group. New connections go to the sockets added so far, in turn.
-    pub fn register(&self, socket: &(impl AsFd + AsRawFd)) -> anyhow::Result<()> {
+    /// program to the group. New connections go to the sockets added so far. Returns the
+    /// socket's index, whose [`Balancer::open_connections`] its thread keeps.
+    pub fn register(&self, socket: &(impl AsFd + AsRawFd)) -> anyhow::Result<u32> {
         let index = self.next.fetch_add(1, Ordering::Relaxed);
+        if index as usize >= MAX_SOCKETS {
+            anyhow::bail!("more than {MAX_SOCKETS} sockets in one group");
+        }
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         maps.0.set(index, socket, 0)?;
         maps.1.set(0, index + 1, 0)?;
@@ -49,7 +111,14 @@ impl Balancer {
             let prog: &SkReuseport = ebpf.program("web_pick").ok_or_else(|| anyhow::anyhow!("program web_pick missing"))?.try_into()?;
             prog.attach(socket.as_fd())?;
         }
-        Ok(())
+        Ok(index)
+    }
+
+    /// The count of open connections of socket `index` (see [`Balancer::register`]), which
+    /// the program reads: its thread adds one per connection accepted, takes one per
+    /// connection ended.
+    pub fn open_connections(&self, index: u32) -> &AtomicU64 {
+        self.loads.of(index)
     }
 }
 
@@ -72,30 +141,55 @@ mod tests {
         l
     }
 
-    /// 32 connections to a group of two sockets: 16 each (the kernel's hash rarely splits
-    /// them evenly), and 3 sockets take 11/11/10 of 32.
+    /// A balancer, or `None` (a skip, a failure under CI) when it cannot load.
+    fn balancer() -> Option<Balancer> {
+        match Balancer::load() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                assert!(std::env::var_os("CI").is_none(), "the sk_reuseport program did not load: {e:#}");
+                eprintln!("skipping: the sk_reuseport program did not load (needs CAP_BPF): {e:#}");
+                None
+            }
+        }
+    }
+
+    /// A group of `sockets` listening sockets on one new address, registered with `balancer`.
+    fn group(balancer: &Balancer, sockets: usize) -> (SocketAddr, Vec<TcpListener>) {
+        let first = reuseport_listener("127.0.0.1:0".parse().unwrap());
+        let addr = first.local_addr().unwrap();
+        let mut group = vec![first];
+        for _ in 1..sockets {
+            group.push(reuseport_listener(addr));
+        }
+        for (i, l) in group.iter().enumerate() {
+            assert_eq!(balancer.register(l).unwrap(), i as u32);
+        }
+        (addr, group)
+    }
+
+    /// Which socket of `group` accepted the one connection made.
+    fn accepted_by(group: &[TcpListener]) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let found: Vec<usize> = (0..group.len()).filter(|&i| group[i].accept().is_ok()).collect();
+            assert!(found.len() <= 1, "accepted by {found:?}");
+            if let Some(&i) = found.first() {
+                return i;
+            }
+            assert!(std::time::Instant::now() < deadline, "no socket accepted the connection");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// 32 connections to a group of two sockets with equal loads: 16 each (the kernel's
+    /// hash rarely splits them evenly), and 3 sockets take 11/11/10 of 32.
     #[test]
     fn new_connections_go_to_the_sockets_in_turn() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = rt.enter();
         for sockets in [2usize, 3] {
-            let balancer = match Balancer::load() {
-                Ok(b) => b,
-                Err(e) => {
-                    assert!(std::env::var_os("CI").is_none(), "the sk_reuseport program did not load: {e:#}");
-                    eprintln!("skipping: the sk_reuseport program did not load (needs CAP_BPF): {e:#}");
-                    return;
-                }
-            };
-            let first = reuseport_listener("127.0.0.1:0".parse().unwrap());
-            let addr = first.local_addr().unwrap();
-            let mut group = vec![first];
-            for _ in 1..sockets {
-                group.push(reuseport_listener(addr));
-            }
-            for l in &group {
-                balancer.register(l).unwrap();
-            }
+            let Some(balancer) = balancer() else { return };
+            let (addr, group) = group(&balancer, sockets);
             let clients: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(addr).unwrap()).collect();
             let mut accepted = vec![0usize; sockets];
             for (i, l) in group.iter().enumerate() {
@@ -112,5 +206,45 @@ mod tests {
             assert_eq!(got, want, "{sockets} sockets: accepted {accepted:?}");
             drop(clients);
         }
+    }
+
+    /// New connections go to the socket with the fewest open connections (as its thread
+    /// counts them), in turn among equals; counts that change steer the next ones.
+    #[test]
+    fn new_connections_go_to_the_least_loaded_socket() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        let Some(balancer) = balancer() else { return };
+        let (addr, group) = group(&balancer, 3);
+        let load = |i: u32| balancer.open_connections(i);
+        let mut clients = Vec::new();
+        let mut connect = || {
+            clients.push(TcpStream::connect(addr).unwrap());
+            accepted_by(&group)
+        };
+        load(0).store(5, Ordering::Relaxed);
+        load(1).store(2, Ordering::Relaxed);
+        load(2).store(7, Ordering::Relaxed);
+        assert!((0..6).all(|_| connect() == 1), "socket 1 has the fewest");
+        load(1).store(9, Ordering::Relaxed);
+        assert_eq!(connect(), 0);
+        // Equal loads: in turn.
+        for i in 0..3 {
+            load(i).store(5, Ordering::Relaxed);
+        }
+        let picked: Vec<usize> = (0..6).map(|_| connect()).collect();
+        assert!((0..3).all(|i| picked.iter().filter(|&&p| p == i).count() == 2), "{picked:?}");
+        // As threads would count: each accepted connection adds one to its socket's load,
+        // so a burst of 30 spreads evenly even from unequal starts.
+        for (i, start) in [4u64, 0, 1].into_iter().enumerate() {
+            load(i as u32).store(start, Ordering::Relaxed);
+        }
+        for _ in 0..30 {
+            let i = connect();
+            load(i as u32).fetch_add(1, Ordering::Relaxed);
+        }
+        let mut loads: Vec<u64> = (0..3).map(|i| load(i).load(Ordering::Relaxed)).collect();
+        loads.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(loads, [12, 12, 11]);
     }
 }

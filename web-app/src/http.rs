@@ -148,7 +148,7 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
             match crate::balance::Balancer::load() {
                 Ok(b) => Some(Arc::new(b)),
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), "cannot load the round robin over HTTP threads (needs CAP_BPF); the kernel spreads connections by hash");
+                    warn!(error = %format!("{e:#}"), "cannot load the balancing of new connections over HTTP threads (needs CAP_BPF); the kernel spreads connections by hash");
                     None
                 }
             }
@@ -173,10 +173,15 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                     };
                     match listener {
                         Ok(listener) => {
-                            if let Some(Err(e)) = balancer.map(|b| b.register(&listener)) {
-                                warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not in the round robin; the kernel's hash picks it");
-                            }
-                            loops.spawn(accept_loop(listener, addr, kind, Arc::clone(&state), stop.clone(), grace));
+                            let balanced = balancer.and_then(|b| match b.register(&listener) {
+                                Ok(index) => Some((b, index)),
+                                Err(e) => {
+                                    warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not balanced; the kernel's hash picks it");
+                                    None
+                                }
+                            });
+                            let connections = Arc::new(OpenConnections { balanced, ..Default::default() });
+                            loops.spawn(accept_loop(listener, addr, kind, Arc::clone(&state), stop.clone(), grace, connections));
                         }
                         Err(e) => warn!(thread = t, %addr, error = %e, "HTTP thread cannot listen; the others serve"),
                     }
@@ -207,6 +212,7 @@ async fn accept_loop(
     state: Arc<State>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    connections: Arc<OpenConnections>,
 ) {
     let builders = Arc::new(Builders::new(&state));
     // The connections watch stop and drain through channels of this loop's own, fed from the
@@ -216,7 +222,6 @@ async fn accept_loop(
     let (local_stop, conn_stop) = watch::channel(false);
     let (local_drain, conn_drain) = watch::channel(*drain.borrow_and_update());
     let mut drain_open = true;
-    let connections = Arc::new(OpenConnections::default());
     loop {
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
@@ -269,11 +274,13 @@ async fn accept_loop(
 
 /// The connections of an accept loop still open, so that its shutdown can wait for them. (A
 /// `JoinSet` does that too, at the cost of an entry allocated, linked and reaped per
-/// connection, which shows with a new connection per request.)
+/// connection, which shows with a new connection per request.) With a balancer, the count is
+/// also published to it, which sends new connections to the thread with the fewest.
 #[derive(Default)]
 struct OpenConnections {
     count: std::sync::atomic::AtomicUsize,
     all_closed: tokio::sync::Notify,
+    balanced: Option<(Arc<crate::balance::Balancer>, u32)>,
 }
 
 /// Counts one open connection until dropped.
@@ -282,6 +289,9 @@ struct OpenGuard(Arc<OpenConnections>);
 impl OpenConnections {
     fn open(self: &Arc<Self>) -> OpenGuard {
         self.count.fetch_add(1, Ordering::Relaxed);
+        if let Some((balancer, index)) = &self.balanced {
+            balancer.open_connections(*index).fetch_add(1, Ordering::Relaxed);
+        }
         OpenGuard(Arc::clone(self))
     }
 
@@ -306,6 +316,9 @@ impl OpenConnections {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
+        if let Some((balancer, index)) = &self.0.balanced {
+            balancer.open_connections(*index).fetch_sub(1, Ordering::Relaxed);
+        }
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.all_closed.notify_waiters();
         }

@@ -1,13 +1,19 @@
 //! web-app's listener balancing: an `sk_reuseport` program on the `SO_REUSEPORT` group of a
 //! listening address (one socket per HTTP thread) that hands each new connection to the
-//! next thread's socket in turn, as nginx's idle workers and HAProxy's round robin do.
+//! thread with the fewest open connections (HAProxy's `leastconn`); among equals, the first
+//! from a turn that advances per connection (with two threads and equal counts: in turn).
 //! Without it the kernel picks by a hash of the 4-tuple: with 32 connections over 2
 //! threads, splits like 20/12 are common, and the busier thread's connections wait
-//! longer (web-bench's keep-alive p90 and p99 rows).
+//! longer (web-bench's keep-alive p90 and p99 rows). Turns alone balance long connections
+//! but not short ones: a new connection then waits behind a busy thread's work while the
+//! other thread idles (a connection per request had a 25 % higher median latency than with
+//! nginx's one shared accept queue, and nginx with `reuseport` showed the same).
 //!
 //! Maps (filled by web-app, `web-app/src/balance.rs`):
 //! - `WEB_LISTENERS`: the group's sockets, at index 0..n;
-//! - `WEB_RR`: `[0]` n, `[1]` the next turn (advanced here).
+//! - `WEB_RR`: `[0]` n, `[1]` the next turn (advanced here);
+//! - `WEB_LOAD`: socket i's open connections at `[i * LOAD_STRIDE]` (one cache line each),
+//!   kept by web-app in place (the map is mmapped), read here.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU32` read-modify-write methods; the intrinsic compiles to a
@@ -18,7 +24,7 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering::SeqCst};
 
 use aya_ebpf::{
-    bindings::sk_action,
+    bindings::{sk_action, BPF_F_MMAPABLE},
     macros::{map, sk_reuseport},
     maps::{Array, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -32,6 +38,21 @@ static WEB_LISTENERS: ReusePortSockArray = ReusePortSockArray::with_max_entries(
 #[map]
 static WEB_RR: Array<u32> = Array::with_max_entries(2, 0);
 
+/// Entries of `WEB_LOAD` per socket: a 64-byte cache line, so that threads counting their
+/// connections do not share one. (u64 entries: an array map's entries are 8-byte aligned,
+/// which is how they lie in the mapped memory.)
+const LOAD_STRIDE: u32 = 8;
+/// Sockets looked at per connection (HTTP threads beyond this share the turns by load only
+/// among the next `MAX_SCAN`).
+const MAX_SCAN: u32 = 16;
+
+#[map]
+static WEB_LOAD: Array<u64> = Array::with_max_entries(256 * LOAD_STRIDE, BPF_F_MMAPABLE);
+
+fn load(index: u32) -> u64 {
+    WEB_LOAD.get(index * LOAD_STRIDE).copied().unwrap_or(u64::MAX)
+}
+
 #[sk_reuseport]
 pub fn web_pick(ctx: SkReuseportContext) -> u32 {
     let (Some(&n), Some(next)) = (WEB_RR.get(0), WEB_RR.get_ptr_mut(1)) else { return sk_action::SK_PASS };
@@ -40,7 +61,18 @@ pub fn web_pick(ctx: SkReuseportContext) -> u32 {
     }
     // SAFETY: a map value, changed by this atomic add only.
     let turn = unsafe { atomic_xadd::<u32, u32, { SeqCst }>(next, 1) };
+    let start = turn % n;
+    let (mut best, mut best_load) = (start, load(start));
+    let mut i = 1;
+    while i < n && i < MAX_SCAN {
+        let index = if start + i >= n { start + i - n } else { start + i };
+        let l = load(index);
+        if l < best_load {
+            (best, best_load) = (index, l);
+        }
+        i += 1;
+    }
     // An empty slot (a thread's socket closed): the kernel falls back to its hash.
-    let _ = WEB_LISTENERS.select_reuseport(&ctx, turn % n);
+    let _ = WEB_LISTENERS.select_reuseport(&ctx, best);
     sk_action::SK_PASS
 }
