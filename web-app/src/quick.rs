@@ -49,6 +49,12 @@ pub(crate) trait ReadAhead: AsyncRead + AsyncWrite + Unpin {
     fn ahead(&mut self) -> &mut BytesMut;
     /// Reads what the connection has into [`ReadAhead::ahead`]: the count, 0 at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>;
+    /// Whether dropping the connection ends it as well as a shutdown would: nothing sent
+    /// would be lost (no unread bytes, which make a close send a reset) and no protocol needs
+    /// a last word (TLS's close_notify). Then the last response goes out with the close.
+    fn may_just_close(&mut self) -> bool {
+        false
+    }
 }
 
 /// Any connection (a TLS one) with bytes read ahead.
@@ -215,7 +221,9 @@ pub(crate) async fn serve<I: ReadAhead>(io: &mut I, q: Quick<'_>) -> End {
                 return End::Closed;
             }
             if close {
-                let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
+                if !(io.ahead().is_empty() && io.may_just_close()) {
+                    let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
+                }
                 return End::Closed;
             }
             deadline = None;

@@ -248,3 +248,39 @@ async fn draining_answers_close_the_connection() {
     let response = within(read_response(&mut c)).await;
     assert_eq!((response.status, response.header("connection")), (200, Some("close")));
 }
+
+/// Bytes a client sends after a request that closes the connection are not read: the answer
+/// still arrives whole (a close with unread bytes would send a reset instead of it).
+#[tokio::test]
+async fn bytes_after_a_closing_request_do_not_cost_its_answer() {
+    let files = extra_files();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+    let node = start_release(&refs, |_| {}).await;
+    for path in ["/css/site.css", "/data/blob.bin"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let response = parse_response(&exchange(node.addr, request.as_bytes()).await);
+        assert_eq!(response.status, 200, "{path}");
+        let len: usize = response.header("content-length").unwrap().parse().unwrap();
+        assert_eq!(response.body.len(), len, "{path}: the answer whole, and nothing after it");
+        // The same with the extra bytes arriving just after the request.
+        let answer = within(async {
+            let mut c = TcpStream::connect(node.addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            c.write_all(b"GET /css/site.css HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            let mut bytes = Vec::new();
+            c.read_to_end(&mut bytes).await.map(|_| bytes)
+        })
+        .await
+        .expect("no reset");
+        assert_eq!(parse_response(&answer).body.len(), len, "{path}");
+        // A head of exactly the first read's 2 KiB, more bytes behind it in the socket: the
+        // server has read all of the request and none of the rest.
+        let start = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Pad: ");
+        let head = format!("{start}{}\r\n\r\n", "p".repeat(2048 - start.len() - 4));
+        assert_eq!(head.len(), 2048);
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&[b'x'; 10_000]);
+        let response = parse_response(&exchange(node.addr, &request).await);
+        assert_eq!((response.status, response.body.len()), (200, len), "{path}: padded head");
+    }
+}
