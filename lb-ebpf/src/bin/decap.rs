@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    packet::{parse_ipip, Frame},
+    packet::parse_ipip,
     stats::{Counter, GlobalStats},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
