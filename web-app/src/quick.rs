@@ -318,7 +318,6 @@ fn text(value: &[u8]) -> &str {
 /// Writes all of `bufs`, then flushes.
 async fn write_all<I: AsyncWrite + Unpin>(io: &mut I, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut bufs = bufs;
-    IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         let n = poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, bufs)).await?;
         if n == 0 {

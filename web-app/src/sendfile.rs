@@ -369,6 +369,11 @@ fn recv_into(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize>
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(2048);
     }
+    recv_spare(stream, buf)
+}
+
+/// One `recv` from `stream` into the spare capacity `buf` has.
+fn recv_spare(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     loop {
         // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity of the
@@ -395,22 +400,10 @@ fn recv_preface(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Opt
         buf.reserve(2048);
     }
     loop {
-        let spare = buf.spare_capacity_mut();
-        if spare.is_empty() {
+        if buf.capacity() == buf.len() {
             return Ok(Some(false)); // 2 KiB that are not an HTTP/2 preface
         }
-        // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity of the
-        // buffer, which stays alive and unaliased for the call; the socket is ours.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n as usize) };
+        let n = recv_spare(stream, buf)?;
         let seen = buf.len().min(H2_PREFACE.len());
         if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
             return Ok(Some(false));
