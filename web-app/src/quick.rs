@@ -19,7 +19,8 @@
 //!
 //! Waiting for a request follows hyper's HTTP/1.1 rules: the node's header read timeout runs
 //! from the moment a head is awaited (an idle keep-alive connection included), a shutdown
-//! closes a connection that waits, a draining node answers `connection: close`.
+//! closes a connection that waits, a draining node answers `connection: close`. After each
+//! answer the connection's task yields, so that one fast client cannot hold the thread.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -227,6 +228,13 @@ pub(crate) async fn serve<I: ReadAhead>(io: &mut I, q: Quick<'_>) -> End {
                 return End::Closed;
             }
             deadline = None;
+            // The other connections of the thread first: a client that sends its next request
+            // at once (from another CPU, or pipelined) would otherwise be answered again and
+            // again within this poll, with nothing to stop it but tokio's budget of 128 reads,
+            // while the thread's other connections wait (a p99 of 40-110 ms against nginx's
+            // 2 ms, measured with wrk -t8 -c32). nginx, too, answers a connection's next
+            // request only after the events already waiting.
+            tokio::task::yield_now().await;
             continue;
         }
         let stop = stop.get_or_insert_with(|| q.stop.clone());
