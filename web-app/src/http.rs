@@ -24,7 +24,8 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -168,12 +169,19 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                 let mut loops = JoinSet::new();
                 for (((addr, kind), socket), balancer) in specs.into_iter().zip(sockets).zip(balancers) {
                     let listener = match socket {
-                        Some(socket) => TcpListener::from_std(socket),
-                        None => reuseport_listener(addr),
+                        Some(socket) => Ok(socket),
+                        None => reuseport_listener(addr).and_then(TcpListener::into_std),
                     };
+                    // Accepted through mio, not tokio: a connection answered at once is never
+                    // registered with the runtime (see `quick::answer_at_once`).
+                    let listener = listener.and_then(|l| {
+                        // SAFETY: the mio listener owns its socket, keeps it open until dropped
+                        // (with the AsyncFd) and always gives that same fd.
+                        unsafe { AsyncFd::register_with_interest(mio::net::TcpListener::from_std(l), Interest::READABLE) }.map_err(std::io::Error::from)
+                    });
                     match listener {
                         Ok(listener) => {
-                            let balanced = balancer.and_then(|b| match b.register(&listener) {
+                            let balanced = balancer.and_then(|b| match b.register(listener.get_ref()) {
                                 Ok(index) => Some((b, index)),
                                 Err(e) => {
                                     warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not balanced; the kernel's hash picks it");
@@ -206,7 +214,7 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
 /// connections `grace` to finish their in-flight requests (idle keep-alive connections
 /// are closed at once, HTTP/2 ones get a GOAWAY). Connections still busy are dropped.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<mio::net::TcpListener>,
     local_addr: SocketAddr,
     kind: ListenerKind,
     state: Arc<State>,
@@ -215,6 +223,9 @@ async fn accept_loop(
     connections: Arc<OpenConnections>,
 ) {
     let builders = Arc::new(Builders::new(&state));
+    // New plain connections whose request the quick path answers and closes are answered in
+    // this loop (`quick::answer_at_once`).
+    let at_once = matches!(kind, ListenerKind::Plain) && state.quick_path;
     // The connections watch stop and drain through channels of this loop's own, fed from the
     // node's: every connection registers with them, and a channel shared by all HTTP threads
     // would bounce its lock between CPUs on each connection.
@@ -229,13 +240,46 @@ async fn accept_loop(
                 Ok(()) => { local_drain.send_replace(*drain.borrow_and_update()); }
                 Err(_) => drain_open = false,
             },
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
+            accepted = listener.async_io(Interest::READABLE, |l| l.accept()) => {
+                let (mut stream, peer) = match accepted {
+                    Ok((stream, peer)) => (std::net::TcpStream::from(stream), peer),
                     Err(e) => {
                         // Typically EMFILE/ENFILE: back off instead of spinning.
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let mut ahead = bytes::BytesMut::new();
+                if at_once {
+                    stream = match quick::answer_at_once(&state, stream, peer) {
+                        quick::AtOnce::Done => continue,
+                        quick::AtOnce::Serve(stream, read) => {
+                            ahead = read;
+                            stream
+                        }
+                        quick::AtOnce::Finish(stream, rest) => {
+                            let stream = match TcpStream::from_std(stream) {
+                                Ok(stream) => stream,
+                                Err(e) => {
+                                    warn!(error = %e, "cannot register a connection");
+                                    continue;
+                                }
+                            };
+                            let (open, state) = (connections.open(), Arc::clone(&state));
+                            tokio::spawn(async move {
+                                let _open = open;
+                                let mut io = SendfileStream::finishing(stream, rest.corked());
+                                quick::finish(&mut io, rest, &state, peer).await;
+                            });
+                            continue;
+                        }
+                    };
+                }
+                let stream = match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!(error = %e, "cannot register a connection");
                         continue;
                     }
                 };
@@ -259,7 +303,7 @@ async fn accept_loop(
                 };
                 // Boxed: the task then holds a pointer, not the future, and tokio moves the
                 // task's future several times between spawn and completion.
-                tokio::spawn(Box::pin(conn.serve(stream)));
+                tokio::spawn(Box::pin(conn.serve(stream, ahead)));
             }
         }
     }
@@ -379,12 +423,13 @@ struct Connection {
 impl Connection {
     /// The connection's task. Its future stays small (the large states are boxed), since
     /// spawning moves it: a new connection per request would otherwise copy kilobytes.
-    async fn serve(self, stream: TcpStream) {
+    /// Serves a connection; `ahead` holds its first bytes if they were read already.
+    async fn serve(self, stream: TcpStream, ahead: bytes::BytesMut) {
         match self.kind.clone() {
             // Boxed: a TLS stream held across the handshake's await would make every
             // connection's future (plain ones too) kilobytes larger.
             ListenerKind::Tls(acceptor) => Box::pin(self.serve_tls(acceptor, stream)).await,
-            _ => self.serve_plain(stream).await,
+            _ => self.serve_plain(stream, ahead).await,
         }
     }
 
@@ -410,8 +455,8 @@ impl Connection {
 
     /// Plain HTTP: cached files go out with sendfile. The first read (bounded like a request
     /// head) tells HTTP/1.1 from HTTP/2 with prior knowledge.
-    async fn serve_plain(self, stream: TcpStream) {
-        let mut io = SendfileStream::new(stream);
+    async fn serve_plain(self, stream: TcpStream, ahead: bytes::BytesMut) {
+        let mut io = SendfileStream::with_ahead(stream, ahead);
         // Usually the request is there already: no timer, no waiting.
         let read = match io.try_read_preface() {
             Ok(Some(h2)) => Ok(Ok(h2)),

@@ -161,7 +161,18 @@ pub struct SendfileStream {
 
 impl SendfileStream {
     pub fn new(stream: TcpStream) -> SendfileStream {
-        SendfileStream { stream, ahead: bytes::BytesMut::new(), closing: Arc::default(), holding: None }
+        SendfileStream::with_ahead(stream, bytes::BytesMut::new())
+    }
+
+    /// A connection whose first bytes were read already: `ahead`.
+    pub fn with_ahead(stream: TcpStream, ahead: bytes::BytesMut) -> SendfileStream {
+        SendfileStream { stream, ahead, closing: Arc::default(), holding: None }
+    }
+
+    /// A connection whose last response [`write_last`] wrote in part (`corked`: it set
+    /// `TCP_CORK`): the rest is held back as well, until the shutdown.
+    pub fn finishing(stream: TcpStream, corked: bool) -> SendfileStream {
+        SendfileStream { stream, ahead: bytes::BytesMut::new(), closing: Arc::new(AtomicBool::new(true)), holding: Some(corked) }
     }
 
     /// Set to true when the response about to be written is the last on this connection (see
@@ -176,18 +187,7 @@ impl SendfileStream {
 
     /// `TCP_CORK` on or off (off sends what it held).
     fn cork(&self, on: bool) -> io::Result<()> {
-        let value: libc::c_int = on.into();
-        // SAFETY: setsockopt on our socket with a pointer to an int of the size given.
-        check(unsafe {
-            libc::setsockopt(
-                self.stream.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        })
-        .map(drop)
+        cork(&self.stream, on)
     }
 
     /// Sends what is held back, if anything may be: uncorks, or (after `MSG_MORE`) sets
@@ -256,20 +256,8 @@ impl SendfileStream {
         }
     }
 
-    fn sendfile(&self, (fd, offset): (RawFd, u64), len: usize) -> io::Result<usize> {
-        let mut offset = offset as libc::off_t;
-        loop {
-            // SAFETY: both fds are open (the socket is ours; the region's file is kept open by
-            // the region the caller's buffer borrows from); the kernel writes only `offset`.
-            let n = unsafe { libc::sendfile(self.stream.as_raw_fd(), fd, &mut offset, len) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+    fn sendfile(&self, at: (RawFd, u64), len: usize) -> io::Result<usize> {
+        sendfile(&self.stream, at, len)
     }
 
     /// `sendmsg` of `bufs` with `MSG_MORE` (more follows at once: no short segment for the
@@ -284,8 +272,71 @@ impl SendfileStream {
     }
 }
 
+/// `TCP_CORK` on or off on `stream` (off sends what it held).
+fn cork(stream: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let value: libc::c_int = on.into();
+    // SAFETY: setsockopt on a socket with a pointer to an int of the size given.
+    check(unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `sendfile` of `len` bytes of a region's file from `offset` to `stream`.
+fn sendfile(stream: &impl AsRawFd, (fd, offset): (RawFd, u64), len: usize) -> io::Result<usize> {
+    let mut offset = offset as libc::off_t;
+    loop {
+        // SAFETY: both fds are open (the socket is the caller's; the region's file is kept
+        // open by the region the caller's buffer borrows from); the kernel writes only `offset`.
+        let n = unsafe { libc::sendfile(stream.as_raw_fd(), fd, &mut offset, len) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Writes `bufs`, the last response of a connection, to `stream` without waiting (a socket
+/// that tokio does not know: see `quick::answer_at_once`), held back the way
+/// [`SendfileStream`] holds a last response until the close: `MSG_MORE`, or `TCP_CORK` and
+/// `sendfile` for the bytes of a region. Returns the bytes written (fewer than all when the
+/// socket is full) and whether it corked.
+pub(crate) fn write_last(stream: &impl AsRawFd, mut bufs: &mut [IoSlice<'_>]) -> io::Result<(usize, bool)> {
+    let region = first_in_region(bufs).is_some();
+    if region {
+        cork(stream, true)?;
+    }
+    let mut written = 0;
+    while !bufs.is_empty() {
+        let sent = match first_in_region(bufs) {
+            Some((0, at)) => sendfile(stream, at, bufs[0].len()),
+            Some((i, _)) => send(stream, &bufs[..i], libc::MSG_MORE),
+            None => send(stream, bufs, libc::MSG_MORE),
+        };
+        match sent {
+            Ok(n) if n > 0 => {
+                written += n;
+                IoSlice::advance_slices(&mut bufs, n);
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((written, region))
+}
+
 /// `sendmsg` of `bufs` on `stream` with `flags` (never `SIGPIPE`).
-fn send(stream: &TcpStream, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io::Result<usize> {
+fn send(stream: &impl AsRawFd, bufs: &[IoSlice<'_>], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec on Unix (documented by std).
@@ -365,7 +416,7 @@ impl AsyncWrite for EagerStream {
 }
 
 /// One `recv` from `stream` into the spare capacity of `buf` (at least 1 KiB of it).
-fn recv_into(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+fn recv_into(stream: &impl AsRawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(2048);
     }
@@ -373,7 +424,7 @@ fn recv_into(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize>
 }
 
 /// One `recv` from `stream` into the spare capacity `buf` has.
-fn recv_spare(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+fn recv_spare(stream: &impl AsRawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     loop {
         // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity of the
@@ -393,23 +444,25 @@ fn recv_spare(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize
 
 /// Reads from `stream` into `buf` (with `recv` on the socket itself) until the bytes decide
 /// whether they start an HTTP/2 preface: `Some(h2)`, `None` for not yet (more may come, and a
-/// `WouldBlock` error when nothing came).
-fn recv_preface(stream: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<Option<bool>> {
+/// `WouldBlock` error when nothing came). Bytes already in `buf` count first.
+pub(crate) fn recv_preface(stream: &impl AsRawFd, buf: &mut bytes::BytesMut) -> io::Result<Option<bool>> {
     // On the heap, not in the future: a connection's future is moved when it is spawned.
     if buf.capacity() == 0 {
         buf.reserve(2048);
     }
     loop {
-        if buf.capacity() == buf.len() {
-            return Ok(Some(false)); // 2 KiB that are not an HTTP/2 preface
-        }
-        let n = recv_spare(stream, buf)?;
         let seen = buf.len().min(H2_PREFACE.len());
-        if n == 0 || buf[..seen] != H2_PREFACE[..seen] {
+        if buf[..seen] != H2_PREFACE[..seen] {
             return Ok(Some(false));
         }
-        if buf.len() >= H2_PREFACE.len() {
+        if seen == H2_PREFACE.len() {
             return Ok(Some(true));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(2048);
+        }
+        if recv_spare(stream, buf)? == 0 {
+            return Ok(Some(false));
         }
     }
 }

@@ -284,3 +284,41 @@ async fn bytes_after_a_closing_request_do_not_cost_its_answer() {
         assert_eq!((response.status, response.body.len()), (200, len), "{path}: padded head");
     }
 }
+
+/// A new connection's last answer that the socket does not take at once (a client with a small
+/// segment size: the server's send buffer starts small) is written on when the socket has
+/// room: all of it arrives.
+#[tokio::test]
+async fn a_closing_answer_larger_than_the_socket_takes_at_once_arrives_whole() {
+    let big = pattern(200 * 1024);
+    let node = start_release(&[("big.bin", big.as_slice()), ("data/blob.bin", &pattern(64 * 1024))], |_| {}).await;
+    for (path, body) in [("/big.bin", big.clone()), ("/data/blob.bin", pattern(64 * 1024))] {
+        let bytes = within(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            let mss: libc::c_int = 536;
+            // SAFETY: setsockopt on our own socket with a pointer to an int of the size given.
+            let set = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_MAXSEG,
+                    (&mss as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+            let mut c = socket.connect(node.addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            // Read slowly at first, so that the server finds its socket full.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let mut bytes = Vec::new();
+            c.read_to_end(&mut bytes).await.unwrap();
+            bytes
+        })
+        .await;
+        let response = parse_response(&bytes);
+        assert_eq!(response.status, 200, "{path}");
+        assert_eq!(response.header("connection"), Some("close"), "{path}");
+        assert!(response.body == body, "{path}: {} bytes of {}", response.body.len(), body.len());
+    }
+}
