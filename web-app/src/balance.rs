@@ -8,7 +8,9 @@
 //! on the group picks instead, by the counts of open connections each thread keeps in a
 //! shared (mmapped) map: long connections end up evenly spread, and a short one goes to a
 //! thread that has nothing to do rather than behind another's work (as with nginx's one
-//! accept queue, which its idle workers take from first; HAProxy's `leastconn`).
+//! accept queue, which its idle workers take from first; HAProxy's `leastconn`). A thread
+//! that is not asleep (its runtime parked) counts one more, so among equals a new
+//! connection goes to a thread waiting for work rather than behind a busy one.
 //!
 //! Loading needs CAP_BPF (or root): without it the kernel's hash stays, and web-app says so
 //! once. Written with the program rather than by accepting on one thread and handing
@@ -66,13 +68,14 @@ impl Loads {
         Ok(Loads { counters, _map: map })
     }
 
-    /// Socket `index`'s counter.
-    fn of(&self, index: u32) -> &AtomicU64 {
+    /// Word `word` of socket `index`'s line: 0 its open connections, 1 whether its thread
+    /// is asleep.
+    fn of(&self, index: u32, word: usize) -> &AtomicU64 {
         let index = index as usize;
-        assert!(index < MAX_SOCKETS);
+        assert!(index < MAX_SOCKETS && word < LOAD_STRIDE);
         // SAFETY: in bounds of the mapping, aligned (page-aligned base, u64 entries), and
-        // only ever accessed atomically (the program reads it with single loads).
-        unsafe { self.counters.as_ptr().add(index * LOAD_STRIDE).as_ref().expect("mapped") }
+        // only ever accessed atomically (the program reads them with single loads).
+        unsafe { self.counters.as_ptr().add(index * LOAD_STRIDE + word).as_ref().expect("mapped") }
     }
 }
 
@@ -118,7 +121,13 @@ impl Balancer {
     /// the program reads: its thread adds one per connection accepted, takes one per
     /// connection ended.
     pub fn open_connections(&self, index: u32) -> &AtomicU64 {
-        self.loads.of(index)
+        self.loads.of(index, 0)
+    }
+
+    /// Says whether the thread of socket `index` sleeps for want of work (its runtime
+    /// parks): the program prefers such a thread among equally loaded ones.
+    pub fn set_asleep(&self, index: u32, asleep: bool) {
+        self.loads.of(index, 1).store(asleep.into(), Ordering::Relaxed);
     }
 }
 
@@ -246,5 +255,19 @@ mod tests {
         let mut loads: Vec<u64> = (0..3).map(|i| load(i).load(Ordering::Relaxed)).collect();
         loads.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(loads, [12, 12, 11]);
+        // A thread asleep counts one connection fewer than a busy one: with equal counts it
+        // gets every new connection, with one more open it shares them in turn, with two
+        // more it gets none.
+        for i in 0..3 {
+            load(i).store(5, Ordering::Relaxed);
+        }
+        balancer.set_asleep(2, true);
+        assert!((0..6).all(|_| connect() == 2), "socket 2's thread is asleep");
+        load(2).store(6, Ordering::Relaxed);
+        let picked: Vec<usize> = (0..6).map(|_| connect()).collect();
+        assert!((0..3).all(|i| picked.contains(&i)), "{picked:?}");
+        load(2).store(7, Ordering::Relaxed);
+        assert!((0..6).all(|_| connect() != 2));
+        balancer.set_asleep(2, false);
     }
 }

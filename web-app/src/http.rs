@@ -161,7 +161,13 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
         let sockets: Vec<Option<std::net::TcpListener>> = first.iter_mut().map(Option::take).collect();
         let (specs, state, stop, done_tx, balancers) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone(), balancers.clone());
         let spawned = std::thread::Builder::new().name(format!("web-http-{t}")).spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // The balancers learn when this thread sleeps for want of work (see `balance.rs`).
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(|| set_asleep(true))
+                .on_thread_unpark(|| set_asleep(false))
+                .build();
+            let runtime = match runtime {
                 Ok(runtime) => runtime,
                 Err(e) => return warn!(thread = t, error = %e, "HTTP thread without a runtime"),
             };
@@ -182,7 +188,10 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                     match listener {
                         Ok(listener) => {
                             let balanced = balancer.and_then(|b| match b.register(listener.get_ref()) {
-                                Ok(index) => Some((b, index)),
+                                Ok(index) => {
+                                    BALANCED.with(|sockets| sockets.borrow_mut().push((Arc::clone(&b), index)));
+                                    Some((b, index))
+                                }
                                 Err(e) => {
                                     warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not balanced; the kernel's hash picks it");
                                     None
@@ -208,6 +217,20 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
     drop(done_tx);
     // Every thread dropped its sender: all have stopped.
     let _ = done_rx.recv().await;
+}
+
+thread_local! {
+    /// This HTTP thread's balanced sockets: their balancers learn when it sleeps.
+    static BALANCED: std::cell::RefCell<Vec<(Arc<crate::balance::Balancer>, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tells the balancers of this thread's sockets whether it sleeps (its runtime parks).
+fn set_asleep(asleep: bool) {
+    BALANCED.with(|sockets| {
+        for (balancer, index) in sockets.borrow().iter() {
+            balancer.set_asleep(*index, asleep);
+        }
+    });
 }
 
 /// Accepts connections until `stop` says true, then stops accepting and gives the open

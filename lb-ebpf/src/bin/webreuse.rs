@@ -12,8 +12,15 @@
 //! Maps (filled by web-app, `web-app/src/balance.rs`):
 //! - `WEB_LISTENERS`: the group's sockets, at index 0..n;
 //! - `WEB_RR`: `[0]` n, `[1]` the next turn (advanced here);
-//! - `WEB_LOAD`: socket i's open connections at `[i * LOAD_STRIDE]` (one cache line each),
-//!   kept by web-app in place (the map is mmapped), read here.
+//! - `WEB_LOAD`: socket i's line of `LOAD_STRIDE` words (one cache line each; the map is
+//!   mmapped by web-app, which keeps them, read here): `[i * LOAD_STRIDE]` its open
+//!   connections, `[i * LOAD_STRIDE + 1]` 1 while its thread sleeps for want of work.
+//!
+//! A thread that is not asleep counts one connection more: among threads with as many open
+//! connections, a new one goes to a thread that waits for work rather than behind a busy
+//! (or preempted) one's (what nginx's single accept queue gives: its idle workers take new
+//! connections first). Connections answered at once in the accept loop are never open for
+//! long, so with a connection per request the counts alone left only the turns.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU32` read-modify-write methods; the intrinsic compiles to a
@@ -49,8 +56,10 @@ const MAX_SCAN: u32 = 16;
 #[map]
 static WEB_LOAD: Array<u64> = Array::with_max_entries(256 * LOAD_STRIDE, BPF_F_MMAPABLE);
 
+/// Socket `index`'s open connections, and one more unless its thread is asleep.
 fn load(index: u32) -> u64 {
-    WEB_LOAD.get(index * LOAD_STRIDE).copied().unwrap_or(u64::MAX)
+    let (Some(&open), Some(&asleep)) = (WEB_LOAD.get(index * LOAD_STRIDE), WEB_LOAD.get(index * LOAD_STRIDE + 1)) else { return u64::MAX };
+    open.saturating_add(u64::from(asleep == 0))
 }
 
 #[sk_reuseport]
