@@ -133,8 +133,9 @@ impl Listener {
 }
 
 /// Serves `listeners` on `threads` threads, each a single-threaded tokio runtime with its own
-/// socket per listener (so a connection lives on one thread: no work stealing, no cross-thread
-/// wakeups), until `stop` says true or its sender is gone; then each thread stops accepting
+/// socket per listener (so a connection lives on one thread: no cross-thread wakeups; a
+/// thread about to sleep takes connections still queued at another thread's socket, see
+/// [`steal_if_waiting`]), until `stop` says true or its sender is gone; then each thread stops accepting
 /// and gives its connections `grace` to finish (see [`accept_loop`]).
 pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, stop: watch::Receiver<bool>, grace: Duration) {
     let specs: Vec<(SocketAddr, ListenerKind)> = listeners.iter().map(|l| (l.local_addr, l.kind.clone())).collect();
@@ -155,16 +156,20 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
             }
         })
         .collect();
+    let groups: Vec<Arc<Group>> = specs.iter().map(|_| Arc::default()).collect();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     for t in 0..threads.max(1) {
         // Thread 0 takes the sockets bound at start; the others bind their own.
         let sockets: Vec<Option<std::net::TcpListener>> = first.iter_mut().map(Option::take).collect();
-        let (specs, state, stop, done_tx, balancers) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone(), balancers.clone());
+        let (specs, state, stop, done_tx, balancers, groups) = (specs.clone(), Arc::clone(&state), stop.clone(), done_tx.clone(), balancers.clone(), groups.clone());
         let spawned = std::thread::Builder::new().name(format!("web-http-{t}")).spawn(move || {
             // The balancers learn when this thread sleeps for want of work (see `balance.rs`).
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(|| set_asleep(true))
+                .on_thread_park(|| {
+                    steal_if_waiting();
+                    set_asleep(true);
+                })
                 .on_thread_unpark(|| set_asleep(false))
                 .build();
             let runtime = match runtime {
@@ -173,7 +178,7 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
             };
             runtime.block_on(async move {
                 let mut loops = JoinSet::new();
-                for (((addr, kind), socket), balancer) in specs.into_iter().zip(sockets).zip(balancers) {
+                for ((((addr, kind), socket), balancer), group) in specs.into_iter().zip(sockets).zip(balancers).zip(groups) {
                     let listener = match socket {
                         Some(socket) => Ok(socket),
                         None => reuseport_listener(addr).and_then(TcpListener::into_std),
@@ -181,9 +186,10 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                     // Accepted through mio, not tokio: a connection answered at once is never
                     // registered with the runtime (see `quick::answer_at_once`).
                     let listener = listener.and_then(|l| {
-                        // SAFETY: the mio listener owns its socket, keeps it open until dropped
-                        // (with the AsyncFd) and always gives that same fd.
-                        unsafe { AsyncFd::register_with_interest(mio::net::TcpListener::from_std(l), Interest::READABLE) }.map_err(std::io::Error::from)
+                        let l = Arc::new(mio::net::TcpListener::from_std(l));
+                        // SAFETY: the mio listener owns its socket and keeps it open until the
+                        // last Arc (the AsyncFd's or the group's) is dropped; same fd always.
+                        unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.map_err(std::io::Error::from)
                     });
                     match listener {
                         Ok(listener) => {
@@ -198,7 +204,13 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                                 }
                             });
                             let connections = Arc::new(OpenConnections { balanced, ..Default::default() });
-                            loops.spawn(accept_loop(listener, addr, kind, Arc::clone(&state), stop.clone(), grace, connections));
+                            let steal = Arc::new(tokio::sync::Notify::new());
+                            group.add(Arc::clone(listener.get_ref()));
+                            if threads > 1 {
+                                STEALERS.with(|s| s.borrow_mut().push((Arc::clone(&group), Arc::clone(listener.get_ref()), Arc::clone(&steal))));
+                            }
+                            let socket = Socket { listener, group, steal };
+                            loops.spawn(accept_loop(socket, addr, kind, Arc::clone(&state), stop.clone(), grace, connections));
                         }
                         Err(e) => warn!(thread = t, %addr, error = %e, "HTTP thread cannot listen; the others serve"),
                     }
@@ -224,6 +236,83 @@ thread_local! {
     static BALANCED: std::cell::RefCell<Vec<(Arc<crate::balance::Balancer>, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// An accept loop's socket: its group, its own socket, and how to wake the loop to take
+/// connections from the others' queues.
+type Stealer = (Arc<Group>, Arc<mio::net::TcpListener>, Arc<tokio::sync::Notify>);
+
+thread_local! {
+    /// This HTTP thread's accept loops.
+    static STEALERS: std::cell::RefCell<Vec<Stealer>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What an accept loop accepts from.
+struct Socket {
+    /// Its own socket, accepted from through mio (see `quick::answer_at_once`).
+    listener: AsyncFd<Arc<mio::net::TcpListener>>,
+    /// The sockets of the same address on the other HTTP threads, and its own.
+    group: Arc<Group>,
+    /// Woken when the thread is about to sleep while another socket of the group has
+    /// connections waiting.
+    steal: Arc<tokio::sync::Notify>,
+}
+
+/// Connections taken from another thread's queue per socket and turn.
+const STEAL_BATCH: usize = 16;
+
+/// Before this thread sleeps: wakes its accept loops whose group has a connection waiting
+/// in another thread's queue (that thread is busy, or preempted), so that they take it
+/// instead of sleeping. A new connection goes to one thread's queue (`balance.rs`), which
+/// cannot know that the thread will be off its CPU for a scheduler tick (4 ms here) right
+/// after; nginx's shared accept queue has no such wait.
+fn steal_if_waiting() {
+    STEALERS.with(|stealers| {
+        for (group, own, steal) in stealers.borrow().iter() {
+            if group.others_waiting(own) {
+                steal.notify_one();
+            }
+        }
+    });
+}
+
+/// The sockets of one listening address, one per HTTP thread.
+#[derive(Default)]
+struct Group(std::sync::Mutex<Vec<Arc<mio::net::TcpListener>>>);
+
+impl Group {
+    fn add(&self, socket: Arc<mio::net::TcpListener>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(socket);
+    }
+
+    fn remove(&self, socket: &Arc<mio::net::TcpListener>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|s| !Arc::ptr_eq(s, socket));
+    }
+
+    /// The group's sockets but `own`.
+    fn others(&self, own: &Arc<mio::net::TcpListener>) -> Vec<Arc<mio::net::TcpListener>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| !Arc::ptr_eq(s, own)).cloned().collect()
+    }
+
+    /// Whether a socket of the group other than `own` has a connection to accept (one
+    /// `poll(2)` that does not wait).
+    fn others_waiting(&self, own: &Arc<mio::net::TcpListener>) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut fds = [libc::pollfd { fd: -1, events: libc::POLLIN, revents: 0 }; 16];
+        let mut n = 0;
+        for socket in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if n < fds.len() && !Arc::ptr_eq(socket, own) {
+                fds[n].fd = socket.as_raw_fd();
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return false;
+        }
+        // SAFETY: poll reads and writes `n` initialised entries of `fds`.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 0) };
+        ready > 0 && fds[..n].iter().any(|p| p.revents & libc::POLLIN != 0)
+    }
+}
+
 /// Tells the balancers of this thread's sockets whether it sleeps (its runtime parks).
 fn set_asleep(asleep: bool) {
     BALANCED.with(|sockets| {
@@ -237,7 +326,7 @@ fn set_asleep(asleep: bool) {
 /// connections `grace` to finish their in-flight requests (idle keep-alive connections
 /// are closed at once, HTTP/2 ones get a GOAWAY). Connections still busy are dropped.
 async fn accept_loop(
-    listener: AsyncFd<mio::net::TcpListener>,
+    socket: Socket,
     local_addr: SocketAddr,
     kind: ListenerKind,
     state: Arc<State>,
@@ -245,6 +334,7 @@ async fn accept_loop(
     grace: Duration,
     connections: Arc<OpenConnections>,
 ) {
+    let Socket { listener, group, steal } = socket;
     let builders = Arc::new(Builders::new(&state));
     // New plain connections whose request the quick path answers and closes are answered in
     // this loop (`quick::answer_at_once`).
@@ -256,6 +346,63 @@ async fn accept_loop(
     let (local_stop, conn_stop) = watch::channel(false);
     let (local_drain, conn_drain) = watch::channel(*drain.borrow_and_update());
     let mut drain_open = true;
+    // What becomes of a connection accepted here (or taken from another thread's queue).
+    let take = |mut stream: std::net::TcpStream, peer: SocketAddr| {
+        let mut ahead = bytes::BytesMut::new();
+        if at_once {
+            stream = match quick::answer_at_once(&state, stream, peer) {
+                quick::AtOnce::Done => return,
+                quick::AtOnce::Serve(stream, read) => {
+                    ahead = read;
+                    stream
+                }
+                quick::AtOnce::Finish(stream, rest) => {
+                    let stream = match TcpStream::from_std(stream) {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            warn!(error = %e, "cannot register a connection");
+                            return;
+                        }
+                    };
+                    let (open, state) = (connections.open(), Arc::clone(&state));
+                    tokio::spawn(async move {
+                        let _open = open;
+                        let mut io = SendfileStream::finishing(stream, rest.corked());
+                        quick::finish(&mut io, rest, &state, peer).await;
+                    });
+                    return;
+                }
+            };
+        }
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(error = %e, "cannot register a connection");
+                return;
+            }
+        };
+        // Bound to a wildcard address: ask which one the client reached.
+        let local = if local_addr.ip().is_unspecified() {
+            let Ok(local) = stream.local_addr() else { return };
+            local
+        } else {
+            local_addr
+        };
+        // TCP_NODELAY: inherited from the listening socket (Linux), no syscall here.
+        let conn = Connection {
+            _open: connections.open(),
+            state: Arc::clone(&state),
+            builders: Arc::clone(&builders),
+            local,
+            peer,
+            kind: kind.clone(),
+            stop: conn_stop.clone(),
+            drain: conn_drain.clone(),
+        };
+        // Boxed: the task then holds a pointer, not the future, and tokio moves the
+        // task's future several times between spawn and completion.
+        tokio::spawn(Box::pin(conn.serve(stream, ahead)));
+    };
     loop {
         tokio::select! {
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
@@ -263,73 +410,30 @@ async fn accept_loop(
                 Ok(()) => { local_drain.send_replace(*drain.borrow_and_update()); }
                 Err(_) => drain_open = false,
             },
-            accepted = listener.async_io(Interest::READABLE, |l| l.accept()) => {
-                let (mut stream, peer) = match accepted {
-                    Ok((stream, peer)) => (std::net::TcpStream::from(stream), peer),
-                    Err(e) => {
-                        // Typically EMFILE/ENFILE: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let mut ahead = bytes::BytesMut::new();
-                if at_once {
-                    stream = match quick::answer_at_once(&state, stream, peer) {
-                        quick::AtOnce::Done => continue,
-                        quick::AtOnce::Serve(stream, read) => {
-                            ahead = read;
-                            stream
-                        }
-                        quick::AtOnce::Finish(stream, rest) => {
-                            let stream = match TcpStream::from_std(stream) {
-                                Ok(stream) => stream,
-                                Err(e) => {
-                                    warn!(error = %e, "cannot register a connection");
-                                    continue;
-                                }
-                            };
-                            let (open, state) = (connections.open(), Arc::clone(&state));
-                            tokio::spawn(async move {
-                                let _open = open;
-                                let mut io = SendfileStream::finishing(stream, rest.corked());
-                                quick::finish(&mut io, rest, &state, peer).await;
-                            });
-                            continue;
-                        }
-                    };
+            accepted = listener.async_io(Interest::READABLE, |l| l.accept()) => match accepted {
+                Ok((stream, peer)) => take(std::net::TcpStream::from(stream), peer),
+                Err(e) => {
+                    // Typically EMFILE/ENFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let stream = match TcpStream::from_std(stream) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        warn!(error = %e, "cannot register a connection");
-                        continue;
+            },
+            () = steal.notified() => {
+                // This thread ran out of work while another's queue holds connections (that
+                // thread is busy, or off its CPU): take them, as from a shared accept queue.
+                for other in group.others(listener.get_ref()) {
+                    for _ in 0..STEAL_BATCH {
+                        let Ok((stream, peer)) = other.accept() else { break };
+                        take(std::net::TcpStream::from(stream), peer);
                     }
-                };
-                // Bound to a wildcard address: ask which one the client reached.
-                let local = if local_addr.ip().is_unspecified() {
-                    let Ok(local) = stream.local_addr() else { continue };
-                    local
-                } else {
-                    local_addr
-                };
-                // TCP_NODELAY: inherited from the listening socket (Linux), no syscall here.
-                let conn = Connection {
-                    _open: connections.open(),
-                    state: Arc::clone(&state),
-                    builders: Arc::clone(&builders),
-                    local,
-                    peer,
-                    kind: kind.clone(),
-                    stop: conn_stop.clone(),
-                    drain: conn_drain.clone(),
-                };
-                // Boxed: the task then holds a pointer, not the future, and tokio moves the
-                // task's future several times between spawn and completion.
-                tokio::spawn(Box::pin(conn.serve(stream, ahead)));
+                }
             }
         }
     }
+    // Closed now, so that the kernel stops queueing connections at it: out of the group and
+    // of this thread's stealers (which hold it too), then dropped.
+    group.remove(listener.get_ref());
+    STEALERS.with(|s| s.borrow_mut().retain(|(_, own, _)| !Arc::ptr_eq(own, listener.get_ref())));
     drop(listener);
     local_stop.send_replace(true);
     info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
@@ -998,4 +1102,44 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two sockets of one `SO_REUSEPORT` group: a connection waiting in one's queue is seen
+    /// from the other (`others_waiting`) and taken from there (`others`), as an idle HTTP
+    /// thread takes a busy one's.
+    #[tokio::test]
+    async fn a_socket_sees_and_takes_the_connections_waiting_at_the_others() {
+        let a = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = reuseport_listener(addr).unwrap();
+        let (a, b) = (Arc::new(mio::net::TcpListener::from_std(a.into_std().unwrap())), Arc::new(mio::net::TcpListener::from_std(b.into_std().unwrap())));
+        let group = Group::default();
+        group.add(Arc::clone(&a));
+        group.add(Arc::clone(&b));
+        assert!(!group.others_waiting(&a) && !group.others_waiting(&b), "nothing waits yet");
+        assert_eq!(group.others(&a).len(), 1);
+        // The kernel spreads connections over the two by a hash: connect until one waits at
+        // b (a `deferred` listener hands it over once its first bytes are there).
+        let mut clients = Vec::new();
+        let mut waiting_at_b = false;
+        for _ in 0..64 {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            clients.push(c);
+            std::thread::sleep(Duration::from_millis(5));
+            if group.others_waiting(&a) {
+                waiting_at_b = true;
+                break;
+            }
+        }
+        assert!(waiting_at_b, "no connection of 64 went to the second socket");
+        // Taken from a's side, through the group.
+        let taken = group.others(&a).iter().filter_map(|other| other.accept().ok()).count();
+        assert_eq!(taken, 1);
+        assert!(!group.others_waiting(&a), "taken");
+    }
 }
