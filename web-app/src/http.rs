@@ -207,7 +207,7 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                             let steal = Arc::new(tokio::sync::Notify::new());
                             group.add(Arc::clone(listener.get_ref()));
                             if threads > 1 {
-                                STEALERS.with(|s| s.borrow_mut().push((Arc::clone(&group), Arc::clone(listener.get_ref()), Arc::clone(&steal))));
+                                STEALERS.with(|s| s.borrow_mut().push((Arc::clone(&group), Arc::clone(listener.get_ref()), Arc::clone(&steal), Arc::clone(&connections))));
                             }
                             let socket = Socket { listener, group, steal };
                             loops.spawn(accept_loop(socket, addr, kind, Arc::clone(&state), stop.clone(), grace, connections));
@@ -238,7 +238,7 @@ thread_local! {
 
 /// An accept loop's socket: its group, its own socket, and how to wake the loop to take
 /// connections from the others' queues.
-type Stealer = (Arc<Group>, Arc<mio::net::TcpListener>, Arc<tokio::sync::Notify>);
+type Stealer = (Arc<Group>, Arc<mio::net::TcpListener>, Arc<tokio::sync::Notify>, Arc<OpenConnections>);
 
 thread_local! {
     /// This HTTP thread's accept loops.
@@ -266,8 +266,11 @@ const STEAL_BATCH: usize = 16;
 /// after; nginx's shared accept queue has no such wait.
 fn steal_if_waiting() {
     STEALERS.with(|stealers| {
-        for (group, own, steal) in stealers.borrow().iter() {
-            if group.others_waiting(own) {
+        for (group, own, steal, open) in stealers.borrow().iter() {
+            // Only a thread without open connections: one with keep-alive connections keeps
+            // the share the balancer gave it (taking more would leave the threads uneven for
+            // as long as those connections last), and saves the poll.
+            if open.len() == 0 && group.others_waiting(own) {
                 steal.notify_one();
             }
         }
@@ -433,7 +436,7 @@ async fn accept_loop(
     // Closed now, so that the kernel stops queueing connections at it: out of the group and
     // of this thread's stealers (which hold it too), then dropped.
     group.remove(listener.get_ref());
-    STEALERS.with(|s| s.borrow_mut().retain(|(_, own, _)| !Arc::ptr_eq(own, listener.get_ref())));
+    STEALERS.with(|s| s.borrow_mut().retain(|(_, own, _, _)| !Arc::ptr_eq(own, listener.get_ref())));
     drop(listener);
     local_stop.send_replace(true);
     info!(%local_addr, open_connections = connections.len(), ?grace, "listener shutting down");
