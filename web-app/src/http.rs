@@ -194,10 +194,7 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
                     match listener {
                         Ok(listener) => {
                             let balanced = balancer.and_then(|b| match b.register(listener.get_ref()) {
-                                Ok(index) => {
-                                    BALANCED.with(|sockets| sockets.borrow_mut().push((Arc::clone(&b), index)));
-                                    Some((b, index))
-                                }
+                                Ok(index) => Some((b, index)),
                                 Err(e) => {
                                     warn!(thread = t, %addr, error = %format!("{e:#}"), "socket not balanced; the kernel's hash picks it");
                                     None
@@ -231,17 +228,13 @@ pub async fn serve(listeners: Vec<Listener>, threads: usize, state: Arc<State>, 
     let _ = done_rx.recv().await;
 }
 
-thread_local! {
-    /// This HTTP thread's balanced sockets: their balancers learn when it sleeps.
-    static BALANCED: std::cell::RefCell<Vec<(Arc<crate::balance::Balancer>, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// An accept loop's socket: its group, its own socket, and how to wake the loop to take
 /// connections from the others' queues.
 type Stealer = (Arc<Group>, Arc<mio::net::TcpListener>, Arc<tokio::sync::Notify>, Arc<OpenConnections>);
 
 thread_local! {
-    /// This HTTP thread's accept loops.
+    /// This HTTP thread's accept loops (their balancers learn when it sleeps, through their
+    /// `OpenConnections`).
     static STEALERS: std::cell::RefCell<Vec<Stealer>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -318,9 +311,11 @@ impl Group {
 
 /// Tells the balancers of this thread's sockets whether it sleeps (its runtime parks).
 fn set_asleep(asleep: bool) {
-    BALANCED.with(|sockets| {
-        for (balancer, index) in sockets.borrow().iter() {
-            balancer.set_asleep(*index, asleep);
+    STEALERS.with(|stealers| {
+        for (_, _, _, open) in stealers.borrow().iter() {
+            if let Some((balancer, index)) = &open.balanced {
+                balancer.set_asleep(*index, asleep);
+            }
         }
     });
 }
