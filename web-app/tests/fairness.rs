@@ -81,11 +81,25 @@ async fn a_client_with_requests_always_waiting_does_not_hold_the_thread() {
         };
         tokio::join!(reader, writer);
 
-        let answered = ANSWERED.lock().unwrap().clone();
+        // An answer is logged once it is written, so the last lines may come just after the
+        // client read the answers: wait for them (bounded by `within`).
         let (other_peer, busy_peer) = (other_peer.to_string(), busy_peer.to_string());
-        let busy_total = answered.iter().filter(|p| **p == busy_peer).count();
-        assert_eq!(busy_total, PIPELINED, "every pipelined request is logged once");
-        let other_at = answered.iter().position(|p| *p == other_peer).expect("the other connection's answer is logged");
+        let logged = |answered: &[String]| answered.iter().filter(|p| **p == busy_peer).count();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while logged(&ANSWERED.lock().unwrap()) < PIPELINED || !ANSWERED.lock().unwrap().contains(&other_peer) {
+            let answered = ANSWERED.lock().unwrap().clone();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "5 s after the answers, {} of {PIPELINED} pipelined requests logged, the other one {}",
+                logged(&answered),
+                if answered.contains(&other_peer) { "too" } else { "not" }
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let answered = ANSWERED.lock().unwrap().clone();
+        assert_eq!(logged(&answered), PIPELINED, "every pipelined request is logged once");
+        let other_at = answered.iter().position(|p| *p == other_peer).unwrap();
         let busy_before = answered[..other_at].iter().filter(|p| **p == busy_peer).count();
         // In turn: a few answers of the burst at most before the other connection's (it waits
         // for the node to see it, a turn of the event loop). Without turns: all of them.
