@@ -64,51 +64,76 @@ async fn a_client_with_requests_always_waiting_does_not_hold_the_thread() {
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(AccessPeers)).unwrap();
     // One HTTP thread: both connections are served by the same one.
     let node = start_release(&[], |c| c.threads = 1).await;
-    const PIPELINED: usize = 2000;
-    within(async {
-        let mut other = TcpStream::connect(node.addr).await.unwrap();
-        let mut busy = TcpStream::connect(node.addr).await.unwrap();
-        let (other_peer, busy_peer): (SocketAddr, SocketAddr) = (other.local_addr().unwrap(), busy.local_addr().unwrap());
-        // Served from memory by the quick path, answered with a head alone.
-        let burst = b"HEAD /index.html HTTP/1.1\r\nhost: t\r\n\r\n".repeat(PIPELINED);
-        let (mut busy_read, mut busy_write) = busy.split();
-        let reader = read_heads(&mut busy_read, PIPELINED);
-        let writer = async {
-            busy_write.write_all(&burst).await.unwrap();
-            // The node is busy with the burst (thousands of answers) when this arrives.
-            other.write_all(b"HEAD /index.html HTTP/1.1\r\nhost: t\r\n\r\n").await.unwrap();
-            read_heads(&mut other, 1).await;
-        };
-        tokio::join!(reader, writer);
-
-        // An answer is logged once it is written, so the last lines may come just after the
-        // client read the answers: wait for them (bounded by `within`).
-        let (other_peer, busy_peer) = (other_peer.to_string(), busy_peer.to_string());
-        let logged = |answered: &[String]| answered.iter().filter(|p| **p == busy_peer).count();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while logged(&ANSWERED.lock().unwrap()) < PIPELINED || !ANSWERED.lock().unwrap().contains(&other_peer) {
-            let answered = ANSWERED.lock().unwrap().clone();
+    // A run judges only if most of the burst was still unanswered when the other request
+    // was sent (the test's task may lose its CPU between the two writes on a busy machine):
+    // otherwise it is run again with new connections.
+    let mut judged = false;
+    for _ in 0..5 {
+        if let Some(result) = within(burst_and_one_more(node.addr)).await {
+            let (before, after_sent, remaining) = result;
+            // In turn: a few answers of the burst at most between the other request's
+            // arrival and its answer (it waits for the node to see it, a turn of the event
+            // loop; 1 here). Without a turn after each answer: as many as tokio's budget for
+            // one poll of a task allows (53 here), or all of them.
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "5 s after the answers, {} of {PIPELINED} pipelined requests logged, the other one {}",
-                logged(&answered),
-                if answered.contains(&other_peer) { "too" } else { "not" }
+                after_sent <= 8,
+                "the other connection was answered after {after_sent} of the {remaining} pipelined requests \
+                 still unanswered when it was sent ({before} answered before)"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            println!("answered after {after_sent} of {remaining} pipelined requests left when it was sent");
+            judged = true;
+            break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let answered = ANSWERED.lock().unwrap().clone();
-        assert_eq!(logged(&answered), PIPELINED, "every pipelined request is logged once");
-        let other_at = answered.iter().position(|p| *p == other_peer).unwrap();
-        let busy_before = answered[..other_at].iter().filter(|p| **p == busy_peer).count();
-        // In turn: a few answers of the burst at most before the other connection's (it waits
-        // for the node to see it, a turn of the event loop). Without turns: all of them.
-        assert!(
-            busy_before < PIPELINED / 2,
-            "the other connection was answered only after {busy_before} of the {PIPELINED} pipelined requests"
-        );
-        println!("answered after {busy_before} of {PIPELINED} pipelined requests");
-    })
-    .await;
+    }
+    assert!(judged, "in 5 runs the node answered most of the burst before the other request was sent");
     node.stop().await.unwrap();
+}
+
+const PIPELINED: usize = 2000;
+
+/// Sends `PIPELINED` requests on one connection, then one on another, and reads all answers.
+/// Returns how many of the burst were logged when the other request had been sent, how many
+/// after that and before its answer, and how many were left at that point; `None` if fewer
+/// than half were left (the run cannot tell turns from no turns).
+async fn burst_and_one_more(addr: SocketAddr) -> Option<(usize, usize, usize)> {
+    let mut other = TcpStream::connect(addr).await.unwrap();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let (other_peer, busy_peer) = (other.local_addr().unwrap().to_string(), busy.local_addr().unwrap().to_string());
+    let logged = |answered: &[String]| answered.iter().filter(|p| **p == busy_peer).count();
+    // Served from memory by the quick path, answered with a head alone.
+    let burst = b"HEAD /index.html HTTP/1.1\r\nhost: t\r\n\r\n".repeat(PIPELINED);
+    let (mut busy_read, mut busy_write) = busy.split();
+    let reader = read_heads(&mut busy_read, PIPELINED);
+    let writer = async {
+        busy_write.write_all(&burst).await.unwrap();
+        // The node is busy with the burst (thousands of answers) when this arrives.
+        other.write_all(b"HEAD /index.html HTTP/1.1\r\nhost: t\r\n\r\n").await.unwrap();
+        // Counted once the request is on its way: answers the node gave while this task
+        // waited for its CPU between the two would otherwise count against the node.
+        let before = logged(&ANSWERED.lock().unwrap());
+        read_heads(&mut other, 1).await;
+        before
+    };
+    let ((), before) = tokio::join!(reader, writer);
+
+    // An answer is logged once it is written, so the last lines may come just after the
+    // client read the answers: wait for them (bounded).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while logged(&ANSWERED.lock().unwrap()) < PIPELINED || !ANSWERED.lock().unwrap().contains(&other_peer) {
+        let answered = ANSWERED.lock().unwrap().clone();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "5 s after the answers, {} of {PIPELINED} pipelined requests logged, the other one {}",
+            logged(&answered),
+            if answered.contains(&other_peer) { "too" } else { "not" }
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let answered = ANSWERED.lock().unwrap().clone();
+    assert_eq!(logged(&answered), PIPELINED, "every pipelined request is logged once");
+    let other_at = answered.iter().position(|p| *p == other_peer).unwrap();
+    let busy_before = logged(&answered[..other_at]);
+    let remaining = PIPELINED - before;
+    (remaining >= PIPELINED / 2).then(|| (before, busy_before.saturating_sub(before), remaining))
 }

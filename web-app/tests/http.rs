@@ -325,8 +325,12 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     node.trigger_stop();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(TcpStream::connect(node.addr).await.is_err(), "still accepting after shutdown");
+    // Every HTTP thread's accept loop sees the stop on its next turn and closes its socket.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(node.addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting 10 s after shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     stream.write_all(b"67890").await.unwrap();
     let response = within(read_response(&mut stream)).await;
