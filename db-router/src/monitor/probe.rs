@@ -186,17 +186,23 @@ impl Prober {
         self.wait_replicating(REJOIN_CONFIRM).await
     }
 
-    /// Waits (bounded) until both replication threads run; a thread that stops (e.g. the
-    /// primary lacks this backend's GTID position: an errant transaction) is an error.
+    /// Waits (bounded) until both replication threads run, seen on two polls in a row (50 ms
+    /// apart); a thread that stops (e.g. the primary lacks this backend's GTID position:
+    /// an errant transaction) is an error. Why two: the IO thread shows `Yes` from its
+    /// connection on, before the primary has answered its request for the binlog (with
+    /// error 1236 when the position is errant).
     async fn wait_replicating(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + limit;
+        let mut running_before = false;
         loop {
             let rows = self.rows("SHOW SLAVE STATUS").await?;
             let r = rows.first().ok_or("no replication configured after CHANGE MASTER")?;
             let (io, sql) = (text(r, "Slave_IO_Running"), text(r, "Slave_SQL_Running"));
-            if io == "Yes" && sql == "Yes" {
+            let running = io == "Yes" && sql == "Yes";
+            if running && running_before {
                 return Ok(());
             }
+            running_before = running;
             if io == "No" || sql == "No" {
                 return Err(format!(
                     "replication stopped: IO {io}, SQL {sql}; {} {}",
