@@ -420,7 +420,12 @@ fn failover_under_load_and_all_backends_down() {
     }
     let s = stack.status();
     assert!(s["vips"][0]["state"].as_str().unwrap().starts_with("down"), "{}", s["vips"][0]);
-    assert!(stack.log("lbd").contains("no live backend left"), "logged loudly");
+    // /status reads the health state, which the daemon sets before it reconciles the
+    // data plane and logs: wait (bounded) for the line.
+    while !stack.log("lbd").contains("no live backend left") {
+        assert!(start.elapsed() < Duration::from_secs(15), "the loss of every backend was not logged loudly");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     stack.exec("web1", "ip link set eth0 up");
     stack.wait_backend_state("web1", "up", Duration::from_secs(10));
     let served = new_connections(&stack, 20);
