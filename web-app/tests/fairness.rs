@@ -119,8 +119,11 @@ async fn burst_and_one_more(addr: SocketAddr) -> Option<(usize, usize, usize)> {
     // An answer is logged once it is written, so the last lines may come just after the
     // client read the answers: wait for them (bounded).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while logged(&ANSWERED.lock().unwrap()) < PIPELINED || !ANSWERED.lock().unwrap().contains(&other_peer) {
+    loop {
         let answered = ANSWERED.lock().unwrap().clone();
+        if logged(&answered) >= PIPELINED && answered.contains(&other_peer) {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "5 s after the answers, {} of {PIPELINED} pipelined requests logged, the other one {}",

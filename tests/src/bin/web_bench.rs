@@ -258,28 +258,28 @@ fn main() {
                 }
                 let (wp, np, scheme) = if tls { (web_https, ngx_https, "https") } else { (web_http, ngx_http, "http") };
                 let urls = [wp, np].map(|port| format!("{scheme}://127.0.0.1:{port}/{file}"));
+                // Every round runs both servers, one after the other.
+                let runs = |think: Option<&Path>| {
+                    let mut runs: [Vec<Result>; 2] = Default::default();
+                    for _ in 0..rounds {
+                        for (i, url) in urls.iter().enumerate() {
+                            runs[i].push(wrk(url, close, secs, think));
+                        }
+                    }
+                    runs
+                };
                 // Throughput: the run with the median requests/s of the rounds (the best of
                 // a few favours the server whose rate swings most: nginx's, whose keep-alive
                 // connections fall on its workers as their accepts race, moves by 20 %).
-                let mut runs: [Vec<Result>; 2] = Default::default();
-                for _ in 0..rounds {
-                    for (i, url) in urls.iter().enumerate() {
-                        runs[i].push(wrk(url, close, secs, None));
-                    }
-                }
-                let fast = [median_by(&mut runs[0], |r| r.rps), median_by(&mut runs[1], |r| r.rps)];
+                let mut fast_runs = runs(None);
+                let fast = fast_runs.each_mut().map(|r| median_by(r, |r| r.rps));
                 // Latency at half of nginx's requests/s: think time = connections / rate.
                 let think_ms = ((CONNS as f64 * 1000.0 / (fast[1].rps / 2.0)).round() as u32).max(1);
                 let script = w.join(format!("think-{think_ms}.lua"));
                 fs::write(&script, format!("function delay()\n  return {think_ms}\nend\n")).unwrap();
-                let mut calm_runs: [Vec<Result>; 2] = Default::default();
-                for _ in 0..rounds {
-                    for (i, url) in urls.iter().enumerate() {
-                        calm_runs[i].push(wrk(url, close, secs, Some(&script)));
-                    }
-                }
-                let calm = [median_by(&mut calm_runs[0], |r| r.p99_ms), median_by(&mut calm_runs[1], |r| r.p99_ms)];
-                let errors: u64 = runs.iter().chain(&calm_runs).flatten().map(|r| r.errors).sum();
+                let mut calm_runs = runs(Some(&script));
+                let calm = calm_runs.each_mut().map(|r| median_by(r, |r| r.p99_ms));
+                let errors: u64 = fast_runs.iter().chain(&calm_runs).flatten().map(|r| r.errors).sum();
                 let rps_ratio = fast[0].rps / fast[1].rps;
                 let p99_ratio = calm[1].p99_ms / calm[0].p99_ms;
                 if rps_ratio < 1.0 || p99_ratio < 1.0 {
