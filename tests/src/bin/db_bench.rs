@@ -46,6 +46,7 @@ use db_router::{
     topology::{self, Routing},
 };
 use prometheus_client::registry::Registry;
+use tests::process_cpu_time;
 
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 10_000;
@@ -204,17 +205,6 @@ fn rusage(who: libc::c_int) -> Duration {
     unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// CPU time of another process (all its threads) so far, from /proc.
-fn process_cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces): utime is the 14th field.
-    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
 }
 
 /// HAProxy in TCP mode in front of `backend`, stopped (and its directory removed) on drop.

@@ -25,8 +25,13 @@
 //!
 //! Needs no root. `cargo xtask bench` runs it; alone: build web-app in release mode, then
 //! `cargo run --release -p tests --bin web-bench`. `WEB_BENCH_SECS` (default 5) per run,
-//! `WEB_BENCH_ROUNDS` (default 1; the median of each measurement is kept), `WEB_BENCH_ROWS` (run only the
+//! `WEB_BENCH_ROUNDS` (default 3; the median of each measurement is kept), `WEB_BENCH_ROWS` (run only the
 //! rows whose name contains one of these comma-separated words, e.g. `100 KiB plain`).
+//!
+//! Each server's CPU time per request (user and system, all its threads and processes, from
+//! /proc) in the full-speed runs is printed too: where wrk, on the same two CPUs, sets the
+//! pace, the requests/s move only by the share of the CPUs that a cheaper server leaves to
+//! wrk, and the CPU time shows the servers' own cost.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -106,12 +111,19 @@ fn run(cmd: &mut Command) -> String {
 struct Result {
     rps: f64,
     p99_ms: f64,
+    /// The server's CPU time (user and system, all its processes) per request of the run.
+    cpu_us: f64,
     errors: u64,
 }
 
-/// One wrk run; with `think`, a Lua script whose `delay()` makes each connection wait that
-/// many milliseconds (wrk's unit, whole) before its next request.
-fn wrk(url: &str, close: bool, secs: u32, think: Option<&Path>) -> Result {
+/// CPU time so far of all of `pids`.
+fn cpu_time(pids: &[u32]) -> Duration {
+    pids.iter().map(|&p| tests::process_cpu_time(p)).sum()
+}
+
+/// One wrk run against the server made of `pids`; with `think`, a Lua script whose `delay()`
+/// makes each connection wait that many milliseconds (wrk's unit, whole) before its next request.
+fn wrk(url: &str, pids: &[u32], close: bool, secs: u32, think: Option<&Path>) -> Result {
     let mut cmd = Command::new("timeout");
     cmd.args(["-s", "KILL", &(secs + 20).to_string(), "wrk", "-t2", &format!("-c{CONNS}"), &format!("-d{secs}s"), "--latency"]);
     if close {
@@ -120,11 +132,16 @@ fn wrk(url: &str, close: bool, secs: u32, think: Option<&Path>) -> Result {
     if let Some(script) = think {
         cmd.arg("-s").arg(script);
     }
+    let before = cpu_time(pids);
     let out = run(cmd.arg(url));
+    let cpu = cpu_time(pids).saturating_sub(before);
     let mut r = Result::default();
     for line in out.lines() {
         let l = line.trim();
-        if let Some(v) = l.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = l.split_once(" requests in ") {
+            let requests: f64 = n.trim().parse().unwrap();
+            r.cpu_us = cpu.as_secs_f64() * 1e6 / requests.max(1.0);
+        } else if let Some(v) = l.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap();
         } else if let Some(v) = l.strip_prefix("99%") {
             r.p99_ms = tests::wrk_ms(v);
@@ -146,7 +163,8 @@ fn median_by(runs: &mut [Result], key: impl Fn(&Result) -> f64) -> Result {
 
 fn main() {
     let secs: u32 = std::env::var("WEB_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let rounds: usize = std::env::var("WEB_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    // One round decides nothing on a shared host: a row moves by 5-10 % between rounds.
+    let rounds: usize = std::env::var("WEB_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let rows: Vec<String> = std::env::var("WEB_BENCH_ROWS")
         .map(|s| s.split(',').map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()).collect())
         .unwrap_or_default();
@@ -233,6 +251,9 @@ fn main() {
     };
     wait_listening(format!("127.0.0.1:{ngx_http}").parse().unwrap(), &mut nginx, &ngx_log);
     wait_listening(format!("127.0.0.1:{ngx_https}").parse().unwrap(), &mut nginx, &ngx_log);
+    // Whose CPU time counts: web-app's process; nginx's master and its workers.
+    let pids = [vec![web.child.id()], std::iter::once(nginx.child.id()).chain(tests::child_pids(nginx.child.id())).collect()];
+    assert!(pids[1].len() > threads, "nginx's workers not found: {:?}", pids[1]);
 
     // Both serve the same bytes.
     for (port, scheme) in [(web_http, "http"), (ngx_http, "http"), (web_https, "https"), (ngx_https, "https")] {
@@ -244,10 +265,13 @@ fn main() {
     let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
     println!("web-bench: web-app ({threads} HTTP threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, {rounds} round(s)");
     println!(
-        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} {:>6}",
-        "row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "errors"
+        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6}",
+        "row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "CPU us/req", "CPU x", "errors"
     );
-    println!("{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} {:>6}", "", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "");
+    println!(
+        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6}",
+        "", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "(w/n)", "", ""
+    );
     let mut below = 0;
     for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
         for tls in [false, true] {
@@ -263,7 +287,7 @@ fn main() {
                     let mut runs: [Vec<Result>; 2] = Default::default();
                     for _ in 0..rounds {
                         for (i, url) in urls.iter().enumerate() {
-                            runs[i].push(wrk(url, close, secs, think));
+                            runs[i].push(wrk(url, &pids[i], close, secs, think));
                         }
                     }
                     runs
@@ -273,6 +297,10 @@ fn main() {
                 // connections fall on its workers as their accepts race, moves by 20 %).
                 let mut fast_runs = runs(None);
                 let fast = fast_runs.each_mut().map(|r| median_by(r, |r| r.rps));
+                // Each server's own cost per request, the median of the full-speed rounds: on
+                // rows where wrk (on the same two CPUs) sets the pace, requests/s can only
+                // move by the share of the CPUs a cheaper server leaves to wrk.
+                let cpu = fast_runs.each_mut().map(|r| median_by(r, |r| r.cpu_us).cpu_us);
                 // Latency at half of nginx's requests/s: think time = connections / rate.
                 let think_ms = ((CONNS as f64 * 1000.0 / (fast[1].rps / 2.0)).round() as u32).max(1);
                 let script = w.join(format!("think-{think_ms}.lua"));
@@ -286,7 +314,7 @@ fn main() {
                     below += 1;
                 }
                 println!(
-                    "{row:<28} {:>11.0} {:>11.0} {:>6.2}x {:>8.2} {:>8.2} | {:>13} {:>8.2} {:>8.2} {:>6.2}x {:>6}",
+                    "{row:<28} {:>11.0} {:>11.0} {:>6.2}x {:>8.2} {:>8.2} | {:>13} {:>8.2} {:>8.2} {:>6.2}x | {:>11} {:>5.2}x {:>6}",
                     fast[0].rps,
                     fast[1].rps,
                     rps_ratio,
@@ -296,6 +324,8 @@ fn main() {
                     calm[0].p99_ms,
                     calm[1].p99_ms,
                     p99_ratio,
+                    format!("{:.1}/{:.1}", cpu[0], cpu[1]),
+                    cpu[1] / cpu[0],
                     errors
                 );
             }
@@ -305,7 +335,15 @@ fn main() {
         "left: as fast as wrk goes (the run with the median requests/s of the rounds, and its p99); right: both servers \
          offered the same load, half of nginx's requests/s (wrk think time {CONNS} connections / rate, whole ms), median p99 of the rounds"
     );
-    println!("r/s x = web-app/nginx requests per second; p99 x = nginx/web-app p99 at the same load; >= 1.00x means web-app is at least as good (target on every row); {below} row(s) below");
+    println!(
+        "r/s x = web-app/nginx requests per second; p99 x = nginx/web-app p99 at the same load; >= 1.00x means web-app is at \
+         least as good (target on every row); {below} row(s) below"
+    );
+    println!(
+        "CPU us/req: each server's CPU time (user and system, all its threads and processes) per request in the full-speed runs \
+         (median of the rounds); CPU x = nginx/web-app, >= 1.00x means web-app spends no more (not a target: where wrk sets \
+         the pace it shows what the requests/s cannot)"
+    );
     drop(nginx);
     drop(web);
 }
