@@ -46,7 +46,7 @@ pub struct Settings {
     /// Plain reads on the replica are answered through the in-kernel relay
     /// ([`crate::kernel_relay`]) when the kernel allows it (root or CAP_BPF + CAP_NET_ADMIN).
     /// Off by default: on the 2-vCPU test machine it did not make the router faster (the
-    /// kernel sends redirected data from a workqueue, a wakeup of its own; see README).
+    /// kernel sends redirected data from a workqueue, a wakeup of its own; see docs/benchmark-history.md).
     pub kernel_relay: bool,
     /// Prepared reads of clients on this host go to a replica on this host and back through
     /// the kernel, past the router ([`crate::fast_path`]), when the kernel allows it (root

@@ -274,7 +274,7 @@ fn main() {
     let fast_path = shared.fast.get().is_some();
     let router_addr = router::serve_threads("127.0.0.1:0".parse().unwrap(), shared, threads).expect("router listens");
     // The same router with replica answers to plain reads sent by the kernel
-    // (`kernel_relay = true`, off by default: see README).
+    // (`kernel_relay = true`, off by default: see docs/benchmark-history.md).
     let kernel_settings = Settings { kernel_relay: true, kernel_fast_path: false, ..Settings::default() };
     let kernel_shared = Shared::new(users_for_bench(), kernel_settings, Arc::clone(&metrics), publisher.subscribe());
     let kernel_relay = kernel_shared.kernel.get().is_some();
