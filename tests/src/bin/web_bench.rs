@@ -251,9 +251,6 @@ fn main() {
     };
     wait_listening(format!("127.0.0.1:{ngx_http}").parse().unwrap(), &mut nginx, &ngx_log);
     wait_listening(format!("127.0.0.1:{ngx_https}").parse().unwrap(), &mut nginx, &ngx_log);
-    // Whose CPU time counts: web-app's process; nginx's master and its workers.
-    let pids = [vec![web.child.id()], std::iter::once(nginx.child.id()).chain(tests::child_pids(nginx.child.id())).collect()];
-    assert!(pids[1].len() > threads, "nginx's workers not found: {:?}", pids[1]);
 
     // Both serve the same bytes.
     for (port, scheme) in [(web_http, "http"), (ngx_http, "http"), (web_https, "https"), (ngx_https, "https")] {
@@ -261,6 +258,19 @@ fn main() {
             .arg(format!("{scheme}://127.0.0.1:{port}/small.html")));
         assert_eq!(out, small, "{scheme} port {port} serves another small.html");
     }
+
+    // Whose CPU time counts: web-app's process; nginx's master and its workers (the master
+    // forks them after it listens: wait for all of them, bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let nginx_pids = loop {
+        let pids: Vec<u32> = std::iter::once(nginx.child.id()).chain(tests::child_pids(nginx.child.id())).collect();
+        if pids.len() > threads {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "nginx's {threads} workers not found after 10 s: {pids:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let pids = [vec![web.child.id()], nginx_pids];
 
     let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
     println!("web-bench: web-app ({threads} HTTP threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, {rounds} round(s)");
