@@ -31,7 +31,8 @@
 //! Each server's CPU time per request (user and system, all its threads and processes, from
 //! /proc) in the full-speed runs is printed too: where wrk, on the same two CPUs, sets the
 //! pace, the requests/s move only by the share of the CPUs that a cheaper server leaves to
-//! wrk, and the CPU time shows the servers' own cost.
+//! wrk, and the CPU time shows the servers' own cost. And the range of each row's per-round
+//! ratios (round i of web-app against round i of nginx, run back to back): the noise.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -155,6 +156,16 @@ fn wrk(url: &str, pids: &[u32], close: bool, secs: u32, think: Option<&Path>) ->
     r
 }
 
+/// The range of a row's per-round ratios, e.g. `0.94-1.08`.
+fn spread(ratios: impl Iterator<Item = f64>) -> String {
+    let (lo, hi) = ratios.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    if lo == hi {
+        format!("{lo:.2}")
+    } else {
+        format!("{lo:.2}-{hi:.2}")
+    }
+}
+
 /// The run whose `key` is the median of `runs` (the upper one of an even count).
 fn median_by(runs: &mut [Result], key: impl Fn(&Result) -> f64) -> Result {
     runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
@@ -275,12 +286,13 @@ fn main() {
     let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
     println!("web-bench: web-app ({threads} HTTP threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, {rounds} round(s)");
     println!(
-        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6}",
-        "row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "CPU us/req", "CPU x", "errors"
+        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6} | {:>9} {:>9}",
+        "row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "CPU us/req", "CPU x", "errors",
+        "r/s x", "p99 x"
     );
     println!(
-        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6}",
-        "", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "(w/n)", "", ""
+        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6} | {:>9} {:>9}",
+        "", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "(w/n)", "", "", "rounds", "rounds"
     );
     let mut below = 0;
     for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
@@ -306,6 +318,9 @@ fn main() {
                 // a few favours the server whose rate swings most: nginx's, whose keep-alive
                 // connections fall on its workers as their accepts race, moves by 20 %).
                 let mut fast_runs = runs(None);
+                // The spread of the per-round ratios (round i of web-app against round i of
+                // nginx, run back to back), taken before the medians reorder the runs.
+                let rps_spread = spread(fast_runs[0].iter().zip(&fast_runs[1]).map(|(w, n)| w.rps / n.rps));
                 let fast = fast_runs.each_mut().map(|r| median_by(r, |r| r.rps));
                 // Each server's own cost per request, the median of the full-speed rounds: on
                 // rows where wrk (on the same two CPUs) sets the pace, requests/s can only
@@ -316,6 +331,7 @@ fn main() {
                 let script = w.join(format!("think-{think_ms}.lua"));
                 fs::write(&script, format!("function delay()\n  return {think_ms}\nend\n")).unwrap();
                 let mut calm_runs = runs(Some(&script));
+                let p99_spread = spread(calm_runs[0].iter().zip(&calm_runs[1]).map(|(w, n)| n.p99_ms / w.p99_ms));
                 let calm = calm_runs.each_mut().map(|r| median_by(r, |r| r.p99_ms));
                 let errors: u64 = fast_runs.iter().chain(&calm_runs).flatten().map(|r| r.errors).sum();
                 let rps_ratio = fast[0].rps / fast[1].rps;
@@ -324,7 +340,7 @@ fn main() {
                     below += 1;
                 }
                 println!(
-                    "{row:<28} {:>11.0} {:>11.0} {:>6.2}x {:>8.2} {:>8.2} | {:>13} {:>8.2} {:>8.2} {:>6.2}x | {:>11} {:>5.2}x {:>6}",
+                    "{row:<28} {:>11.0} {:>11.0} {:>6.2}x {:>8.2} {:>8.2} | {:>13} {:>8.2} {:>8.2} {:>6.2}x | {:>11} {:>5.2}x {:>6} | {:>9} {:>9}",
                     fast[0].rps,
                     fast[1].rps,
                     rps_ratio,
@@ -336,7 +352,9 @@ fn main() {
                     p99_ratio,
                     format!("{:.1}/{:.1}", cpu[0], cpu[1]),
                     cpu[1] / cpu[0],
-                    errors
+                    errors,
+                    rps_spread,
+                    p99_spread
                 );
             }
         }
@@ -353,6 +371,10 @@ fn main() {
         "CPU us/req: each server's CPU time (user and system, all its threads and processes) per request in the full-speed runs \
          (median of the rounds); CPU x = nginx/web-app, >= 1.00x means web-app spends no more (not a target: where wrk sets \
          the pace it shows what the requests/s cannot)"
+    );
+    println!(
+        "rounds: the lowest and highest of the per-round ratios (round i of web-app against round i of nginx, run back to \
+         back): how far one round can be trusted on this host"
     );
     drop(nginx);
     drop(web);
