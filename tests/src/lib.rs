@@ -61,27 +61,30 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may contain spaces), as
+/// numbers where they are (the state, field 3, is not); empty once the process has gone.
+fn stat_fields(pid: u32) -> Vec<Option<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    after.split_whitespace().map(|v| v.parse().ok()).collect()
+}
+
 /// CPU time (user and system) of another process, all its threads, so far, from /proc; zero
 /// once it has gone. Tick resolution (`_SC_CLK_TCK`, usually 10 ms).
 pub fn process_cpu_time(pid: u32) -> std::time::Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces): utime is the 14th field.
-    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after the command name.
+    let ticks: u64 = stat_fields(pid).iter().skip(11).take(2).flatten().sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    std::time::Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
+    std::time::Duration::from_secs_f64(ticks as f64 / hz)
 }
 
 /// The processes whose parent is `pid` (e.g. nginx's workers), from /proc.
 pub fn child_pids(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            // The parent is the second field after the command name.
-            stat.rsplit_once(')').and_then(|(_, a)| a.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
-        })
+        // The parent is field 4, the second after the command name.
+        .filter(|&child| stat_fields(child).get(1).copied().flatten() == Some(u64::from(pid)))
         .collect()
 }
 

@@ -285,15 +285,14 @@ fn main() {
 
     let nginx_version = run(Command::new("sh").args(["-c", "nginx -v 2>&1"])).trim().to_owned();
     println!("web-bench: web-app ({threads} HTTP threads) vs {nginx_version} ({threads} workers), loopback, wrk -t2 -c{CONNS} -d{secs}s, {rounds} round(s)");
-    println!(
-        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6} | {:>9} {:>9}",
-        "row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "CPU us/req", "CPU x", "errors",
-        "r/s x", "p99 x"
-    );
-    println!(
-        "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6} | {:>9} {:>9}",
-        "", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "(w/n)", "", "", "rounds", "rounds"
-    );
+    let header = |c: [&str; 15]| {
+        println!(
+            "{:<28} {:>11} {:>11} {:>7} {:>8} {:>8} | {:>13} {:>8} {:>8} {:>7} | {:>11} {:>6} {:>6} | {:>9} {:>9}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13], c[14]
+        )
+    };
+    header(["row", "web-app r/s", "nginx r/s", "r/s x", "p99 ms", "p99 ms", "at r/s (w/n)", "p99 ms", "p99 ms", "p99 x", "CPU us/req", "CPU x", "errors", "r/s x", "p99 x"]);
+    header(["", "", "", "", "web-app", "nginx", "", "web-app", "nginx", "", "(w/n)", "", "", "rounds", "rounds"]);
     let mut below = 0;
     for (file, size) in [("small.html", "1 KiB"), ("large.bin", "100 KiB")] {
         for tls in [false, true] {
