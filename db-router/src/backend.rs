@@ -40,6 +40,10 @@ pub enum BackendError {
     Protocol { addr: SocketAddr, what: String },
     #[error("timed out after {0:?} connecting to {1}")]
     Timeout(Duration, SocketAddr),
+    /// The routing view no longer has this server as the primary (the monitor found it down,
+    /// or a failover replaced it) while the session waited for its answer.
+    #[error("{0} is no longer the primary (taken out by the monitor) and did not answer")]
+    TakenOut(SocketAddr),
 }
 
 /// Why a relay stopped early.
@@ -99,6 +103,9 @@ pub struct Backend {
     /// The last relay passed bytes to the client (after a failure: the client saw part of
     /// an answer, so the statement cannot be retried elsewhere).
     pub relayed: bool,
+    /// For a connection to the primary: the routing view, so that a wait for the server's
+    /// answer ends once the view no longer names it the primary (see [`Backend::watch_primary`]).
+    primary_watch: Option<crate::topology::Subscriber>,
 }
 
 /// What the relay saw of one response.
@@ -196,6 +203,7 @@ impl Backend {
         let mut be = Backend {
             addr,
             kernel: None,
+            primary_watch: None,
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(4096),
@@ -273,9 +281,30 @@ impl Backend {
         BackendError::Io { addr: self.addr, source }
     }
 
+    /// Marks this connection as the session's connection to the primary: from now on, a
+    /// read that waits for the server gives up with [`BackendError::TakenOut`] as soon as
+    /// `routing` no longer names this server the primary. A server that hangs (stopped,
+    /// frozen disk, lost network without a reset) never closes its connections, so without
+    /// this every session with a statement in flight on it would wait forever, also after the
+    /// monitor has promoted the replica; with it they get an error at the failover, as
+    /// MaxScale's sessions do, and their next statement goes to the new primary. Only reads
+    /// wait on the server: a write goes to the socket buffer.
+    pub fn watch_primary(&mut self, routing: crate::topology::Subscriber) {
+        self.primary_watch = Some(routing);
+    }
+
     async fn fill(&mut self) -> Result<(), BackendError> {
         self.rbuf.reserve(64 * 1024);
-        match self.stream.read_buf(&mut self.rbuf).await {
+        let Backend { stream, rbuf, primary_watch, addr, .. } = self;
+        let read = stream.read_buf(rbuf);
+        let result = match primary_watch {
+            None => read.await,
+            Some(routing) => tokio::select! {
+                r = read => r,
+                () = taken_out(routing, *addr) => return Err(BackendError::TakenOut(*addr)),
+            },
+        };
+        match result {
             Ok(0) => Err(self.io(std::io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => Ok(()),
             Err(e) => Err(self.io(e)),
@@ -623,6 +652,14 @@ impl Backend {
 }
 
 /// (code, SQL state, message) of an ERR packet; lenient with odd ones.
+/// Resolves once the routing view no longer names `addr` the primary; never if the view's
+/// publisher is gone (the router is shutting down: nothing will change any more).
+async fn taken_out(routing: &mut crate::topology::Subscriber, addr: SocketAddr) {
+    if routing.wait_for(|r| r.primary != Some(addr)).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 pub fn parse_err(payload: &[u8]) -> (u16, [u8; 5], String) {
     use mysql_common::packets::ErrPacket;
     match ParseBuf(payload).parse::<ErrPacket>(CapabilityFlags::CLIENT_PROTOCOL_41) {

@@ -762,14 +762,15 @@ impl Session {
                 }
                 let login = self.login_params(addr, self.shared.settings.read_your_writes);
                 match Backend::connect(addr, &login).await {
-                    Ok(mut be) => match self.prepare_connection(&mut be, true).await {
-                        Ok(()) => {
-                            self.primary = Some(be);
-                            self.primary_generation = r.generation;
-                            return Ok(());
+                    Ok(mut be) => {
+                        be.watch_primary(self.routing.clone());
+                        if let Err(e) = self.prepare_connection(&mut be, true).await {
+                            return Err(format!("cannot set up the session on primary {addr}: {e}"));
                         }
-                        Err(e) => return Err(format!("cannot set up the session on primary {addr}: {e}")),
-                    },
+                        self.primary = Some(be);
+                        self.primary_generation = r.generation;
+                        return Ok(());
+                    }
                     Err(BackendError::Login { message, .. }) => return Err(format!("primary {addr} refused the login: {message}")),
                     Err(e) => {
                         self.shared.metrics.errors_backend.inc();

@@ -539,12 +539,26 @@ impl Instance {
         Ok(())
     }
 
+    /// Stops the server where it stands (SIGSTOP): a hung server, whose connections stay
+    /// open and unanswered. [`Instance::resume`] lets it go on; dropping the instance kills it
+    /// either way.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// Shuts the server down cleanly (SIGTERM), SIGKILL after a generous bounded wait.
     pub fn stop(&mut self) -> Result<()> {
         if !self.is_running() {
             return Ok(());
         }
         self.signal(libc::SIGTERM);
+        // A paused server (see `pause`) handles the SIGTERM once it runs again.
+        self.signal(libc::SIGCONT);
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.is_running() {
             if Instant::now() > deadline {

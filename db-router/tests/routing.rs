@@ -585,6 +585,99 @@ fn failover_under_continuous_writes_loses_no_acknowledged_write() {
     assert_eq!(new_primary.value("SELECT COUNT(*) FROM app.w WHERE id = -2").unwrap(), "1");
 }
 
+/// A primary that hangs (SIGSTOP: its connections stay open and nothing answers) holds a
+/// statement sent to it only until the routing view stops naming it the primary, as after a
+/// failover: then the statement fails with an error that says why, and the session's next
+/// statement goes to the new primary. Reads of other sessions go on from the replica
+/// meanwhile.
+#[test]
+fn a_statement_waiting_on_a_hung_primary_ends_when_the_routing_view_drops_it() {
+    let Some(rig) = rig("a_statement_waiting_on_a_hung_primary_ends_when_the_routing_view_drops_it", no_ryw()) else { return };
+    let Ok(publisher) = &rig._publisher else { unreachable!("no monitor: the test publishes the view") };
+    let (primary, replica) = (rig.pair.primary.connect_addr(), rig.pair.replica.connect_addr());
+    let mut c = rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        c.query_drop("CREATE TABLE hung (id INT PRIMARY KEY)").await.unwrap();
+        c
+    });
+    rig.pair.primary.pause();
+    let stuck = rig.rt.spawn(async move {
+        let r = c.query_drop("INSERT INTO hung VALUES (1)").await;
+        (r, c)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!stuck.is_finished(), "the paused primary cannot have answered");
+    rig.rt.block_on(async {
+        let mut other = rig.conn().await;
+        let id: Option<i64> = other.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(2), "another session reads from the replica while the primary hangs");
+    });
+    assert!(!stuck.is_finished(), "still waiting: nothing told the session yet");
+
+    // What the monitor publishes once it has promoted the replica.
+    let dropped_at = Instant::now();
+    publisher.send_replace(Routing { primary: Some(replica), replica: None, generation: 2 });
+    let (result, mut c) = rig
+        .rt
+        .block_on(async { tokio::time::timeout(DEADLINE, stuck).await })
+        .expect("the statement ends once the view drops its primary")
+        .unwrap();
+    let waited = dropped_at.elapsed();
+    let err = result.expect_err("the hung primary never answered").to_string();
+    assert!(err.contains("no longer the primary") && err.contains(&primary.to_string()), "{err}");
+    println!("the statement ended {waited:?} after the view dropped its primary: {err}");
+    assert!(rig.metrics.errors_backend.get() >= 1);
+
+    // The same session goes on, on the new primary (a transaction runs there).
+    rig.rt.block_on(async {
+        c.query_drop("START TRANSACTION").await.unwrap();
+        let id: Option<i64> = c.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(2), "the session's primary is now the promoted replica");
+        c.query_drop("ROLLBACK").await.unwrap();
+    });
+    rig.pair.primary.resume();
+}
+
+/// The same with the monitor: it finds the hung primary down (its probes time out), promotes
+/// the replica, and the session whose write waited on the hung primary gets an error as
+/// soon as the monitor takes the primary out, instead of waiting for ever; its next write lands on the new primary, and the
+/// old primary, once it runs again, is fenced.
+#[test]
+fn monitor_failover_from_a_hung_primary_frees_the_sessions_waiting_on_it() {
+    let monitor = MonitorConfig { interval_ms: 100, fail_after: 3, connect_timeout_ms: 300, query_timeout_ms: 300, ..MonitorConfig::default() };
+    let settings = Settings { failover_wait: Duration::from_secs(30), ..no_ryw() };
+    let Some(rig) = rig_with("monitor_failover_from_a_hung_primary_frees_the_sessions_waiting_on_it", settings, Some(monitor)) else { return };
+    let primary = rig.pair.primary.connect_addr();
+    let mut c = rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        c.query_drop("CREATE TABLE hung (id INT PRIMARY KEY)").await.unwrap();
+        c.query_drop("INSERT INTO hung VALUES (0)").await.unwrap();
+        c
+    });
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    let paused_at = Instant::now();
+    rig.pair.primary.pause();
+    let stuck = rig.rt.spawn(async move {
+        let r = c.query_drop("INSERT INTO hung VALUES (1)").await;
+        (r, c)
+    });
+    let (result, mut c) = rig
+        .rt
+        .block_on(async { tokio::time::timeout(DEADLINE, stuck).await })
+        .expect("the statement ends once the monitor replaces the hung primary")
+        .unwrap();
+    let err = result.expect_err("the hung primary never answered").to_string();
+    assert!(err.contains("no longer the primary") && err.contains(&primary.to_string()), "{err}");
+    println!("the write on the hung primary ended {:?} after the pause: {err}", paused_at.elapsed());
+    // The view dropped the hung primary when the monitor found it down (no primary while it
+    // promotes); the session's next write waits for the new one.
+    rig.rt.block_on(async { c.query_drop("INSERT INTO hung VALUES (2)").await }).expect("the next write goes to the new primary");
+    assert_eq!(rig.pair.replica.value("SELECT @@read_only").unwrap(), "0", "the replica was promoted");
+    assert_eq!(rig.pair.replica.value("SELECT COUNT(*) FROM app.hung WHERE id = 2").unwrap(), "1");
+    rig.pair.primary.resume();
+    poll("the resumed old primary fenced", || (rig.pair.primary.value("SELECT @@read_only").ok()? == "1").then_some(()));
+}
+
 /// Polls a blocking check until it returns `Some` (bounded by a generous deadline).
 fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
