@@ -247,6 +247,47 @@ pub fn native_token(nonce: &[u8], sha1_password: &[u8; 20]) -> [u8; 20] {
     out
 }
 
+/// A `COM_CHANGE_USER` packet's fields. Parsed here because mysql_common's `ComChangeUser`
+/// can be built and parsed but has no accessors for what it parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChangeUser<'a> {
+    pub user: &'a [u8],
+    /// The auth response (`CLIENT_SECURE_CONNECTION` form: a length byte, then the bytes).
+    pub auth: &'a [u8],
+    pub db: &'a [u8],
+    /// The new connection collation, when the client sent one.
+    pub collation: Option<u16>,
+    /// The auth plugin the response is for (`CLIENT_PLUGIN_AUTH`), when sent.
+    pub plugin: Option<&'a [u8]>,
+}
+
+/// Parses a `COM_CHANGE_USER` payload (command byte included); `None` if it is malformed.
+/// Connection attributes after the plugin name are not read (the router keeps none).
+pub fn parse_change_user(payload: &[u8], caps: CapabilityFlags) -> Option<ChangeUser<'_>> {
+    fn nul_str<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let end = b.iter().position(|&c| c == 0)?;
+        let (s, rest) = b.split_at(end);
+        *b = &rest[1..];
+        Some(s)
+    }
+    let mut b = payload.strip_prefix(&[0x11])?;
+    let user = nul_str(&mut b)?;
+    let (&len, rest) = b.split_first()?;
+    let auth = rest.get(..usize::from(len))?;
+    b = &rest[usize::from(len)..];
+    let db = nul_str(&mut b)?;
+    let mut collation = None;
+    let mut plugin = None;
+    if b.len() >= 2 {
+        collation = Some(u16::from_le_bytes([b[0], b[1]]));
+        b = &b[2..];
+        if caps.contains(CapabilityFlags::CLIENT_PLUGIN_AUTH) && !b.is_empty() {
+            plugin = Some(nul_str(&mut b)?);
+        }
+    }
+    Some(ChangeUser { user, auth, db, collation, plugin })
+}
+
 /// A 20-byte scramble of printable characters, as servers send.
 pub fn new_scramble() -> [u8; 20] {
     use rand::Rng;
@@ -268,6 +309,46 @@ pub fn put_lenenc_str(out: &mut Vec<u8>, s: &[u8]) {
 mod tests {
     use super::*;
     use mysql_common::scramble::scramble_native;
+
+    #[test]
+    fn change_user_packets_parse_as_mysql_common_writes_them() {
+        use mysql_common::packets::{AuthPlugin, ComChangeUser, ComChangeUserMoreData};
+        let caps = CapabilityFlags::CLIENT_PROTOCOL_41 | CapabilityFlags::CLIENT_PLUGIN_AUTH;
+        let mut p = Vec::new();
+        ComChangeUser::new()
+            .with_user(Some(&b"sbtest"[..]))
+            .with_database(Some(&b"sbtest"[..]))
+            .with_auth_plugin_data(Some(&[7u8; 20][..]))
+            .with_more_data(Some(ComChangeUserMoreData::new(45).with_auth_plugin(Some(AuthPlugin::MysqlNativePassword))))
+            .serialize(&mut p);
+        let got = parse_change_user(&p, caps).expect("parses");
+        assert_eq!(
+            got,
+            ChangeUser { user: b"sbtest", auth: &[7; 20], db: b"sbtest", collation: Some(45), plugin: Some(b"mysql_native_password") }
+        );
+        // Without the optional part, and with an empty password and database.
+        let mut p = Vec::new();
+        ComChangeUser::new().with_user(Some(&b"app"[..])).serialize(&mut p);
+        assert_eq!(parse_change_user(&p, caps), Some(ChangeUser { user: b"app", auth: b"", db: b"", collation: None, plugin: None }));
+        // Truncated anywhere: refused, never a panic.
+        let mut full = Vec::new();
+        ComChangeUser::new()
+            .with_user(Some(&b"u"[..]))
+            .with_auth_plugin_data(Some(&[1u8; 20][..]))
+            .with_database(Some(&b"d"[..]))
+            .with_more_data(Some(ComChangeUserMoreData::new(45).with_auth_plugin(Some(AuthPlugin::MysqlNativePassword))))
+            .serialize(&mut full);
+        // 0x11 "u" NUL (3), length and 20 bytes (24), "d" NUL (26): complete; a lone byte
+        // after it is no collation (27); the collation (28); the plugin's name up to its NUL
+        // (50); the empty attributes (51).
+        assert_eq!(full.len(), 51);
+        for cut in 0..full.len() {
+            let parsed = parse_change_user(&full[..cut], caps);
+            let complete_enough = (26..=28).contains(&cut) || cut >= 50;
+            assert_eq!(parsed.is_some(), complete_enough, "cut at {cut}: {parsed:?}");
+        }
+        assert_eq!(parse_change_user(b"\x03app\0", caps), None, "another command");
+    }
 
     #[test]
     fn native_auth_round_trip() {

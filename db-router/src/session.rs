@@ -44,6 +44,7 @@ const COM_STMT_CLOSE: u8 = 0x19;
 const COM_STMT_RESET: u8 = 0x1a;
 const COM_SET_OPTION: u8 = 0x1b;
 const COM_STMT_FETCH: u8 = 0x1c;
+const COM_CHANGE_USER: u8 = 0x11;
 const COM_RESET_CONNECTION: u8 = 0x1f;
 
 /// Session commands kept for replay before the session gives up replaying and stays on the
@@ -96,6 +97,8 @@ struct Session {
     collation: u8,
     user: Vec<u8>,
     sha1_password: Option<[u8; 20]>,
+    /// The scramble of the handshake: `COM_CHANGE_USER` answers it too.
+    scramble: [u8; 20],
     db: Option<Vec<u8>>,
     routing: crate::topology::Subscriber,
     primary: Option<Backend>,
@@ -146,6 +149,7 @@ pub async fn run(stream: Stream, peer: String, shared: Arc<Shared>) {
         collation: 45,
         user: Vec::new(),
         sha1_password: None,
+        scramble: [0; 20],
         db: None,
         primary: None,
         primary_generation: 0,
@@ -301,9 +305,23 @@ impl Session {
         self.collation = resp.collation();
         self.user = resp.user().to_vec();
         self.db = resp.db_name().filter(|d| !d.is_empty()).map(<[u8]>::to_vec);
+        self.scramble = scramble;
         let native = matches!(resp.auth_plugin(), None | Some(AuthPlugin::MysqlNativePassword));
-        let mut token = resp.scramble_buf().to_vec();
-        let mut next = seq.wrapping_add(1);
+        let token = resp.scramble_buf().to_vec();
+        let user = self.user.clone();
+        let (sha1, next) = self.authenticate(&user, token, native, seq.wrapping_add(1)).await?;
+        self.sha1_password = sha1;
+        self.send_ok(next).await
+    }
+
+    /// Checks `token`, the client's answer to the handshake's scramble, as `user`'s
+    /// `mysql_native_password` token, after switching the client to that plugin if it
+    /// answered for another (`native` false); `next` is the sequence id of the router's next
+    /// packet. Verified: `SHA1(password)` (`None` for an account without a password) and the
+    /// sequence id for the OK. Refused: the client gets MariaDB's access-denied ERR and the
+    /// session ends.
+    async fn authenticate(&mut self, user: &[u8], mut token: Vec<u8>, native: bool, mut next: u8) -> Result<(Option<[u8; 20]>, u8), End> {
+        let scramble = self.scramble;
         if !native {
             let mut data = scramble.to_vec();
             data.push(0);
@@ -314,8 +332,8 @@ impl Session {
             token = t;
             next = seq.wrapping_add(1);
         }
-        let user = self.shared.users.get(&*String::from_utf8_lossy(&self.user)).cloned();
-        let verified = match user {
+        let account = self.shared.users.get(&*String::from_utf8_lossy(user)).cloned();
+        let verified = match account {
             Some(u) => match u.stored {
                 None => token.is_empty().then_some(None),
                 Some(stored) => protocol::verify_native(&scramble, &token, &stored).map(Some),
@@ -323,15 +341,12 @@ impl Session {
             None => None,
         };
         match verified {
-            Some(sha1) => {
-                self.sha1_password = sha1;
-                self.send_ok(next).await
-            }
+            Some(sha1) => Ok((sha1, next)),
             None => {
                 self.shared.metrics.auth_failures.inc();
                 let msg = format!(
                     "Access denied for user '{}'@'{}' (using password: {})",
-                    String::from_utf8_lossy(&self.user),
+                    String::from_utf8_lossy(user),
                     self.peer,
                     if token.is_empty() { "NO" } else { "YES" }
                 );
@@ -372,6 +387,7 @@ impl Session {
                 }
                 COM_STATISTICS => self.execute(Target::Primary, &payload, Expect::Single, Class::Write).await?,
                 COM_RESET_CONNECTION => self.reset_connection(&payload).await?,
+                COM_CHANGE_USER => self.change_user(&payload).await?,
                 COM_STMT_PREPARE => self.prepare(&payload).await?,
                 COM_STMT_EXECUTE => self.stmt_execute(&payload, true).await?,
                 COM_STMT_SEND_LONG_DATA => self.stmt_long_data(std::mem::take(&mut payload)),
@@ -1058,7 +1074,9 @@ impl Session {
         Ok(())
     }
 
-    async fn reset_connection(&mut self, payload: &[u8]) -> Result<(), End> {
+    /// Forgets the session state a server forgets on `COM_RESET_CONNECTION` or
+    /// `COM_CHANGE_USER` (replayed commands, pins, transaction, prepared statements).
+    fn forget_session_state(&mut self) {
         self.history.clear();
         self.history_overflow = false;
         self.temp_tables = false;
@@ -1069,6 +1087,42 @@ impl Session {
         if let Some(f) = self.fast.as_mut() {
             f.unregister_all();
         }
+    }
+
+    /// `COM_CHANGE_USER`: the new user is authenticated as at login (the handshake's
+    /// scramble), then the session starts over as that user, as on a server: session state
+    /// gone (variables, temporary tables, transaction, prepared statements) and both backend
+    /// connections closed, so the next statement opens them as the new user on the new
+    /// database. A refused change ends the connection with the access-denied ERR, as MySQL
+    /// does; a malformed packet too (what the client meant is unknown).
+    async fn change_user(&mut self, payload: &[u8]) -> Result<(), End> {
+        let Some(cu) = protocol::parse_change_user(payload, self.caps) else {
+            self.shared.metrics.errors_client.inc();
+            let _ = self.send_err(1, codes::MALFORMED, "db-router: malformed COM_CHANGE_USER packet").await;
+            return Err(End);
+        };
+        let user = cu.user.to_vec();
+        let db = (!cu.db.is_empty()).then(|| cu.db.to_vec());
+        let collation = cu.collation.and_then(|c| u8::try_from(c).ok());
+        let native = matches!(cu.plugin, None | Some(b"mysql_native_password"));
+        let token = cu.auth.to_vec();
+        let (sha1, next) = self.authenticate(&user, token, native, 1).await?;
+        self.forget_session_state();
+        self.drop_primary();
+        self.replica = None;
+        self.pending_gtid = None;
+        self.ryw_timed_out = false;
+        self.user = user;
+        self.sha1_password = sha1;
+        self.db = db;
+        if let Some(c) = collation {
+            self.collation = c;
+        }
+        self.send_ok(next).await
+    }
+
+    async fn reset_connection(&mut self, payload: &[u8]) -> Result<(), End> {
+        self.forget_session_state();
         // The replica connection is simply dropped (reopened clean when needed); the primary
         // is reset and its session tracking set up again.
         self.replica = None;

@@ -17,7 +17,7 @@ use db_router::{
     tier::{self, Instance, Pair, APP, SYSBENCH},
     topology::{self, Publisher, Routing},
 };
-use mysql_async::{prelude::*, Conn, Opts};
+use mysql_async::{prelude::*, ChangeUserOpts, Conn, Opts};
 use prometheus_client::registry::Registry;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -277,6 +277,64 @@ fn session_state_behaves_as_on_a_direct_connection() {
         assert_eq!(g, Some(Some("0".into())));
         assert_eq!(delta(before, counts(pair)).r_select, 1);
         c.disconnect().await.unwrap();
+    });
+}
+
+/// `COM_CHANGE_USER` (what connection pools send to reuse a connection as another account):
+/// the session starts over as the new user, on both servers, with none of the old session's
+/// state; a wrong password is refused with MariaDB's error and ends that connection only.
+#[test]
+fn change_user_starts_a_clean_session_as_the_new_user() {
+    let Some(rig) = rig("change_user_starts_a_clean_session_as_the_new_user", no_ryw()) else { return };
+    let pair = &rig.pair;
+    let account = |a: &tier::Account| {
+        ChangeUserOpts::default()
+            .with_user(Some(a.user.into()))
+            .with_pass(Some(a.password.into()))
+            .with_db_name(a.database.map(Into::into))
+    };
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        c.query_drop("SET @greeting = 'hi'").await.unwrap();
+        c.query_drop("CREATE TEMPORARY TABLE scratch (x INT)").await.unwrap();
+        let user: Option<String> = c.query_first("SELECT CURRENT_USER()").await.unwrap();
+        assert!(user.as_deref().is_some_and(|u| u.starts_with("app@")), "{user:?}");
+
+        c.change_user(account(&SYSBENCH)).await.expect("change to sbtest");
+        // A read runs on the replica again (the temporary table's pin went with the old
+        // session), as the new user, on the new database.
+        let before = counts(pair);
+        let row: Option<(String, String, i64)> = c.query_first("SELECT CURRENT_USER(), DATABASE(), @@server_id").await.unwrap();
+        let (user, db, server) = row.unwrap();
+        assert!(user.starts_with("sbtest@"), "{user}");
+        assert_eq!((db.as_str(), server), ("sbtest", 2));
+        assert_eq!(delta(before, counts(pair)).r_select, 1);
+        // The primary connection is the new user's too.
+        c.query_drop("START TRANSACTION").await.unwrap();
+        let row: Option<(String, i64)> = c.query_first("SELECT CURRENT_USER(), @@server_id").await.unwrap();
+        let (user, server) = row.unwrap();
+        assert!(user.starts_with("sbtest@") && server == 1, "{user} on {server}");
+        c.query_drop("ROLLBACK").await.unwrap();
+        let greeting: Option<Option<String>> = c.query_first("SELECT @greeting").await.unwrap();
+        assert_eq!(greeting, Some(None), "user variables went with the old session");
+
+        // Back to app: its temporary table is gone with the old session.
+        c.change_user(account(&APP)).await.expect("change back to app");
+        c.query_drop("START TRANSACTION").await.unwrap();
+        let gone = c.query_drop("SELECT * FROM scratch").await.unwrap_err().to_string();
+        assert!(gone.contains("1146"), "{gone}");
+        c.query_drop("ROLLBACK").await.unwrap();
+
+        // A wrong password: refused as MariaDB refuses it, and that connection ends.
+        let failures = rig.metrics.auth_failures.get();
+        let wrong = ChangeUserOpts::default().with_user(Some("app".into())).with_pass(Some("wrong".into()));
+        let err = c.change_user(wrong).await.unwrap_err().to_string();
+        assert!(err.contains("1045") && err.contains("Access denied for user 'app'"), "{err}");
+        assert_eq!(rig.metrics.auth_failures.get(), failures + 1);
+        assert!(c.query_drop("SELECT 1").await.is_err(), "the refused connection ended");
+        let mut other = rig.conn().await;
+        let one: Option<i64> = other.query_first("SELECT 1").await.unwrap();
+        assert_eq!(one, Some(1), "other sessions go on");
     });
 }
 
