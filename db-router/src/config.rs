@@ -18,6 +18,9 @@
 //! kernel_fast_path = true            # true: prepared reads of clients on this host go to a
 //!                                    # replica on this host and back through the kernel,
 //!                                    # past the router (BPF sockmap, needs root, cgroup v2)
+//! tls_cert = "/etc/db-router/cert.pem"   # optional: TLS for clients that ask (PEM chain,
+//! tls_key = "/etc/db-router/key.pem"     # the router's certificate first; PEM key)
+//! require_tls = false                # true: refuse clients without TLS
 //!
 //! [sockets]                          # optional: servers on this host, reached over their
 //! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)
@@ -104,6 +107,12 @@ struct File {
     kernel_relay: Option<bool>,
     #[serde(default)]
     kernel_fast_path: Option<bool>,
+    #[serde(default)]
+    tls_cert: Option<Spanned<String>>,
+    #[serde(default)]
+    tls_key: Option<Spanned<String>>,
+    #[serde(default)]
+    require_tls: Option<Spanned<bool>>,
     #[serde(default)]
     sockets: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
@@ -211,6 +220,23 @@ impl Config {
             }
             sockets.insert(a, cx.path(path, "socket")?);
         }
+        let tls = match (&f.tls_cert, &f.tls_key) {
+            (None, None) => None,
+            (Some(c), None) => return cx.err(c.span(), "tls_cert without tls_key: both or neither"),
+            (None, Some(k)) => return cx.err(k.span(), "tls_key without tls_cert: both or neither"),
+            (Some(c), Some(k)) => {
+                let (cert, key) = (cx.path(c, "tls_cert")?, cx.path(k, "tls_key")?);
+                match crate::tls::Tls::load(&cert, &key) {
+                    Ok(t) => Some(t),
+                    Err(e) => return cx.err(c.span(), e),
+                }
+            }
+        };
+        let require_tls = match &f.require_tls {
+            Some(r) if *r.get_ref() && tls.is_none() => return cx.err(r.span(), "require_tls = true needs tls_cert and tls_key"),
+            Some(r) => *r.get_ref(),
+            None => false,
+        };
         let defaults = Settings::default();
         let settings = Settings {
             read_your_writes: f.read_your_writes.unwrap_or(defaults.read_your_writes),
@@ -221,6 +247,8 @@ impl Config {
             sockets,
             kernel_relay: f.kernel_relay.unwrap_or(defaults.kernel_relay),
             kernel_fast_path: f.kernel_fast_path.unwrap_or(defaults.kernel_fast_path),
+            tls,
+            require_tls,
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
@@ -323,5 +351,35 @@ mod tests {
         let c = Config::parse("t.toml", &format!("{base}listen_socket = \"/r.sock\"\n{users}[sockets]\n\"127.0.0.1:1\" = \"/p.sock\"\n")).unwrap();
         assert_eq!(c.listen_socket, Some(PathBuf::from("/r.sock")));
         assert_eq!(c.settings.sockets, [("127.0.0.1:1".parse().unwrap(), PathBuf::from("/p.sock"))].into());
+    }
+
+    #[test]
+    fn tls_settings_are_checked_with_their_line() {
+        let base = "listen = \"127.0.0.1:3307\"\nprimary = \"127.0.0.1:1\"\n";
+        let users = "[[user]]\nname = \"a\"\npassword = \"b\"\n";
+        let (line, msg) = err_line(&format!("{base}tls_cert = \"/c.pem\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("both or neither"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}require_tls = true\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("needs tls_cert"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}tls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("/nonexistent/c.pem"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}tls_cert = \"c.pem\"\ntls_key = \"/k.pem\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("absolute"), "{msg}");
+
+        let dir = std::env::temp_dir().join(format!("dbr-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let text = format!("{base}tls_cert = {:?}\ntls_key = {:?}\nrequire_tls = true\n{users}", cert.display().to_string(), key.display().to_string());
+        let c = Config::parse("t.toml", &text).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.settings.tls.as_ref().map(|t| t.cert.clone()), Some(cert));
+        assert!(c.settings.require_tls);
     }
 }

@@ -4,7 +4,7 @@
 //! - [`classify`]: which backend a statement may run on (tokenizer plus rules).
 //! - [`protocol`], [`backend`], [`session`], [`router`]: the MySQL-protocol relay: client
 //!   login, per-session backend connections, response relay, routing and session state;
-//!   [`stream`]: TCP or Unix-socket connections on either side.
+//!   [`stream`]: TCP or Unix-socket connections on either side; [`tls`]: TLS for clients.
 //! - [`kernel_relay`], [`fast_path`]: the in-kernel answer relay and the in-kernel fast path
 //!   for prepared reads (BPF sockmap programs in lb-ebpf); [`mapped`]: their mmapped state.
 //! - [`config`]: the `db-router` TOML configuration.
@@ -25,4 +25,5 @@ pub mod router;
 pub mod session;
 pub mod stream;
 pub mod tier;
+pub mod tls;
 pub mod topology;

@@ -189,6 +189,8 @@ pub mod codes {
     /// CR_SERVER_LOST-like: a backend went away or could not be reached (2013 is a client code;
     /// servers use 1927 ER_CONNECTION_KILLED for "connection was killed").
     pub const BACKEND_LOST: (u16, &[u8; 5]) = (1927, b"70100");
+    /// ER_SECURE_TRANSPORT_REQUIRED: a plain connection where TLS is required.
+    pub const INSECURE_TRANSPORT: (u16, &[u8; 5]) = (3159, b"HY000");
     /// ER_OPTION_PREVENTS_STATEMENT-like: no writable primary right now.
     pub const NO_PRIMARY: (u16, &[u8; 5]) = (1290, b"HY000");
 }

@@ -52,6 +52,10 @@ pub struct Settings {
     /// the kernel, past the router ([`crate::fast_path`]), when the kernel allows it (root
     /// or CAP_BPF + CAP_NET_ADMIN, cgroup v2).
     pub kernel_fast_path: bool,
+    /// TLS for clients that ask for it (`tls_cert`, `tls_key`).
+    pub tls: Option<crate::tls::Tls>,
+    /// Refuse clients that do not use TLS (`require_tls`; needs `tls`).
+    pub require_tls: bool,
 }
 
 impl Default for Settings {
@@ -65,6 +69,8 @@ impl Default for Settings {
             sockets: HashMap::new(),
             kernel_relay: false,
             kernel_fast_path: true,
+            tls: None,
+            require_tls: false,
         }
     }
 }
@@ -87,6 +93,7 @@ pub struct Metrics {
     pub errors_client: Counter,
     pub errors_backend: Counter,
     pub auth_failures: Counter,
+    pub tls_sessions: Counter,
 }
 
 impl Metrics {
@@ -105,6 +112,7 @@ impl Metrics {
         registry.register("db_router_client_errors", "Sessions ended or statements refused because of the client (malformed packets, unknown commands)", m.errors_client.clone());
         registry.register("db_router_backend_errors", "Backend connections that failed or were lost", m.errors_backend.clone());
         registry.register("db_router_auth_failures", "Client logins refused", m.auth_failures.clone());
+        registry.register("db_router_tls_sessions", "Client sessions that logged in over TLS", m.tls_sessions.clone());
         m
     }
 }

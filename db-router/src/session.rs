@@ -271,13 +271,18 @@ impl Session {
         let mut part2 = scramble[8..].to_vec();
         part2.push(0);
         let version = self.shared.server_version.read().map(|v| v.clone()).unwrap_or_default();
+        let tls = self.shared.settings.tls.clone();
+        let offered = match tls {
+            Some(_) => protocol::server_capabilities() | CapabilityFlags::CLIENT_SSL,
+            None => protocol::server_capabilities(),
+        };
         let hs = HandshakePacket::new(
             10,
             version.as_bytes(),
             conn_id,
             scramble[..8].try_into().expect("8 bytes"),
             Some(part2),
-            protocol::server_capabilities(),
+            offered,
             45, // utf8mb4_general_ci
             StatusFlags::SERVER_STATUS_AUTOCOMMIT,
             Some(&b"mysql_native_password"[..]),
@@ -286,13 +291,40 @@ impl Session {
         hs.serialize(&mut payload);
         self.send_packet(0, &payload).await?;
 
-        let Some((seq, reply)) = self.read_client().await? else { return Err(End) };
+        let Some((mut seq, mut reply)) = self.read_client().await? else { return Err(End) };
+        match &tls {
+            Some(tls) if crate::tls::is_ssl_request(&reply) => {
+                // The in-kernel paths read the MySQL protocol on the socket: not for this one.
+                self.fast = None;
+                let plain = std::mem::replace(&mut self.client, Stream::Gone);
+                // The client did not wait: the start of its TLS handshake may be read already.
+                let early = self.cbuf.split();
+                match tls.accept(plain, early).await {
+                    Ok(s) => self.client = s,
+                    Err(e) => {
+                        tracing::info!(peer = %self.peer, error = %e, "TLS handshake failed");
+                        self.shared.metrics.errors_client.inc();
+                        return Err(End);
+                    }
+                }
+                self.shared.metrics.tls_sessions.inc();
+                let Some(next) = self.read_client().await? else { return Err(End) };
+                (seq, reply) = next;
+            }
+            _ if self.shared.settings.require_tls => {
+                self.shared.metrics.errors_client.inc();
+                let msg = "Connections using insecure transport are prohibited: this db-router requires TLS (require_tls)";
+                let _ = self.send_err(seq.wrapping_add(1), codes::INSECURE_TRANSPORT, msg).await;
+                return Err(End);
+            }
+            _ => {}
+        }
         let resp = match ParseBuf(&reply).parse::<HandshakeResponse>(()) {
             Ok(r) => r,
             Err(_) => {
                 self.shared.metrics.errors_client.inc();
                 let tls = reply.len() >= 4 && u32::from_le_bytes(reply[..4].try_into().expect("4")) & CapabilityFlags::CLIENT_SSL.bits() != 0;
-                let msg = if tls { "db-router: TLS is not supported; connect without TLS" } else { "db-router: bad handshake" };
+                let msg = if tls { "db-router: TLS is not configured here (tls_cert, tls_key); connect without TLS" } else { "db-router: bad handshake" };
                 let _ = self.send_err(seq.wrapping_add(1), codes::BAD_HANDSHAKE, msg).await;
                 return Err(End);
             }

@@ -4,6 +4,8 @@
 //! loopback TCP send runs the whole TCP/IP path for both ends in the sender's system call; a
 //! Unix-socket send is a copy and a wakeup (db-bench measures the difference).
 //!
+//! A client may also have asked for TLS ([`crate::tls`]).
+//!
 //! tokio has no either-stream for its own socket types (tokio-util's `Either` would be a new
 //! dependency for the same ten delegating lines), hence this enum.
 
@@ -21,6 +23,15 @@ use tokio::{
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A client connection after its TLS handshake (over TCP or the Unix socket).
+    Tls(Box<tokio_rustls::server::TlsStream<crate::tls::Prefixed>>),
+    /// Taken apart for a moment (while the TLS handshake owns the connection); every
+    /// operation fails.
+    Gone,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection handed over")
 }
 
 impl From<TcpStream> for Stream {
@@ -37,15 +48,24 @@ impl From<UnixStream> for Stream {
 }
 
 impl Stream {
+    /// Plain TCP: what the in-kernel paths can work with (TLS bytes mean nothing to them).
     pub fn is_tcp(&self) -> bool {
         matches!(self, Stream::Tcp(_))
     }
 
-    /// Waits until the socket has something to read (data, end of stream or an error).
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Waits until the socket has something to read (data, end of stream or an error). For
+    /// TLS, the socket under it (used only by the in-kernel paths, which TLS sessions do not
+    /// take).
     pub async fn readable(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.readable().await,
             Stream::Unix(s) => s.readable().await,
+            Stream::Tls(s) => Box::pin(s.get_ref().0.inner().readable()).await,
+            Stream::Gone => Err(gone()),
         }
     }
 
@@ -53,7 +73,7 @@ impl Stream {
     pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
         match self {
             Stream::Tcp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
-            Stream::Unix(_) => None,
+            Stream::Unix(_) | Stream::Tls(_) | Stream::Gone => None,
         }
     }
 
@@ -61,6 +81,9 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_read(buf),
             Stream::Unix(s) => s.try_read(buf),
+            // Only the in-kernel paths read this way; TLS sessions do not take them.
+            Stream::Tls(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "raw read of a TLS connection")),
+            Stream::Gone => Err(gone()),
         }
     }
 }
@@ -70,6 +93,8 @@ impl std::os::fd::AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.get_ref().0.inner().as_raw_fd(),
+            Stream::Gone => -1,
         }
     }
 }
@@ -79,6 +104,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
 }
@@ -88,18 +115,24 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
 }

@@ -280,6 +280,52 @@ fn session_state_behaves_as_on_a_direct_connection() {
     });
 }
 
+/// TLS for clients: the `mariadb` CLI checks the router's certificate against the CA that
+/// signed it and runs statements over TLS (its `\s` status shows the cipher; reads still go to
+/// the replica); with `require_tls` a plain client is refused with the error for it, and a
+/// client that trusts another CA refuses the router's certificate.
+#[test]
+fn mariadb_cli_over_tls_and_require_tls() {
+    let dir = std::env::temp_dir().join(format!("dbr-tls-test-{}", std::process::id()));
+    let certs = web_app::devcert::generate(&dir.join("router"), &["127.0.0.1"]).unwrap();
+    let other_ca = web_app::devcert::generate(&dir.join("other"), &["127.0.0.1"]).unwrap().ca_cert;
+    let tls = db_router::tls::Tls::load(&certs.cert, &certs.key).unwrap();
+    let settings = Settings { tls: Some(tls), require_tls: true, ..no_ryw() };
+    let Some(rig) = rig("mariadb_cli_over_tls_and_require_tls", settings) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    let cli = |tls: &[String], sql: &str| {
+        std::process::Command::new("mariadb")
+            .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1"])
+            .arg(format!("-P{}", rig.addr.port()))
+            .args(tls)
+            .args(["-uapp", "-papppw", "app", "--batch", "-e", sql])
+            .output()
+            .expect("run mariadb")
+    };
+    let trusting = |ca: &std::path::Path| vec!["--ssl".to_string(), format!("--ssl-ca={}", ca.display()), "--ssl-verify-server-cert".to_string()];
+
+    let before = counts(&rig.pair);
+    let out = cli(&trusting(&certs.ca_cert), "SELECT @@server_id; \\s");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("@@server_id\n2\n"), "{stdout}");
+    assert!(stdout.contains("Cipher in use is TLS"), "{stdout}");
+    assert!(delta(before, counts(&rig.pair)).r_select >= 1);
+    assert!(rig.metrics.tls_sessions.get() >= 1);
+
+    let out = cli(&["--skip-ssl".to_string()], "SELECT 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("3159") && stderr.contains("requires TLS"), "{stderr}");
+
+    let out = cli(&trusting(&other_ca), "SELECT 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("2026"), "a CA that did not sign the router's certificate: {stderr}");
+    drop(rig);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `COM_CHANGE_USER` (what connection pools send to reuse a connection as another account):
 /// the session starts over as the new user, on both servers, with none of the old session's
 /// state; a wrong password is refused with MariaDB's error and ends that connection only.
@@ -449,7 +495,7 @@ fn garbage_and_truncated_packets_affect_only_their_session() {
     // Unknown commands and malformed packets after login, with a hand-made client.
     let addr = rig.addr;
     let mut s = login_raw(addr);
-    for (payload, what) in [(vec![0x11u8], "unknown command"), (vec![0x17, 1, 0], "short execute"), (vec![0x17, 9, 9, 9, 9, 0, 1, 0, 0, 0], "unknown statement")] {
+    for (payload, what) in [(vec![0x12u8, 0, 0], "unsupported command"), (vec![0xEEu8], "unknown command"), (vec![0x17, 1, 0], "short execute"), (vec![0x17, 9, 9, 9, 9, 0, 1, 0, 0, 0], "unknown statement")] {
         write_packet(&mut s, 0, &payload);
         let (_, reply) = read_packet(&mut s).unwrap();
         assert_eq!(reply[0], 0xFF, "{what}: ERR packet, got {reply:?}");
@@ -468,6 +514,17 @@ fn garbage_and_truncated_packets_affect_only_their_session() {
         }
     }
     assert!(got_row, "the session answers queries after the bad packets");
+
+    // A malformed COM_CHANGE_USER: what the client meant is unknown, so after the ERR the
+    // connection ends (as after a refused change); other sessions are not touched.
+    let mut bad = login_raw(addr);
+    write_packet(&mut bad, 0, &[0x11, b'a', b'p', b'p']);
+    let (_, reply) = read_packet(&mut bad).unwrap();
+    assert_eq!(reply[0], 0xFF, "{reply:?}");
+    assert!(String::from_utf8_lossy(&reply).contains("malformed COM_CHANGE_USER"), "{:?}", String::from_utf8_lossy(&reply));
+    assert!(read_packet(&mut bad).is_err(), "the connection ended");
+    write_packet(&mut s, 0, b"\x0e");
+    assert_eq!(read_packet(&mut s).unwrap().1[0], 0x00, "the other session answers a ping");
 }
 
 fn write_packet(s: &mut TcpStream, seq: u8, payload: &[u8]) {
