@@ -22,6 +22,7 @@ use tokio::{
 
 use crate::{
     protocol::{self, frame_header, MAX_FRAME},
+    topology::ConnRole,
     stream::Stream,
 };
 
@@ -40,9 +41,9 @@ pub enum BackendError {
     Protocol { addr: SocketAddr, what: String },
     #[error("timed out after {0:?} connecting to {1}")]
     Timeout(Duration, SocketAddr),
-    /// The routing view no longer has this server as the primary (the monitor found it down,
-    /// or a failover replaced it) while the session waited for its answer.
-    #[error("{0} is no longer the primary (taken out by the monitor) and did not answer")]
+    /// The routing view took this server out of its role (see `Routing::takes_out`) while
+    /// the session waited for its answer.
+    #[error("{0} was taken out by the monitor (down, not answering, or replaced by a failover) before it answered")]
     TakenOut(SocketAddr),
 }
 
@@ -103,9 +104,9 @@ pub struct Backend {
     /// The last relay passed bytes to the client (after a failure: the client saw part of
     /// an answer, so the statement cannot be retried elsewhere).
     pub relayed: bool,
-    /// For a connection to the primary: the routing view, so that a wait for the server's
-    /// answer ends once the view no longer names it the primary (see [`Backend::watch_primary`]).
-    primary_watch: Option<crate::topology::Subscriber>,
+    /// The routing view and this connection's role in it, so that a wait for the server's
+    /// answer ends once the view takes the server out (see [`Backend::watch_routing`]).
+    routing_watch: Option<(crate::topology::Subscriber, ConnRole)>,
 }
 
 /// What the relay saw of one response.
@@ -203,7 +204,7 @@ impl Backend {
         let mut be = Backend {
             addr,
             kernel: None,
-            primary_watch: None,
+            routing_watch: None,
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(4096),
@@ -281,27 +282,28 @@ impl Backend {
         BackendError::Io { addr: self.addr, source }
     }
 
-    /// Marks this connection as the session's connection to the primary: from now on, a
-    /// read that waits for the server gives up with [`BackendError::TakenOut`] as soon as
-    /// `routing` no longer names this server the primary. A server that hangs (stopped,
-    /// frozen disk, lost network without a reset) never closes its connections, so without
-    /// this every session with a statement in flight on it would wait forever, also after the
-    /// monitor has promoted the replica; with it they get an error at the failover, as
-    /// MaxScale's sessions do, and their next statement goes to the new primary. Only reads
-    /// wait on the server: a write goes to the socket buffer.
-    pub fn watch_primary(&mut self, routing: crate::topology::Subscriber) {
-        self.primary_watch = Some(routing);
+    /// Ties this connection to its `role` in the routing view: from now on, a read that waits
+    /// for the server gives up with [`BackendError::TakenOut`] as soon as the view takes the
+    /// server out of that role (`Routing::takes_out`). A server that hangs (stopped, frozen
+    /// disk, lost network without a reset) never closes its connections, so without this
+    /// every session with a statement in flight on it would wait for ever, also after the
+    /// monitor has promoted the replica; with it they get an error when the monitor takes the
+    /// server out, as MaxScale's sessions do, and their next statement goes elsewhere (a read
+    /// that got no byte of its answer yet runs on the primary at once). Only reads wait on
+    /// the server: a write goes to the socket buffer.
+    pub fn watch_routing(&mut self, routing: crate::topology::Subscriber, role: ConnRole) {
+        self.routing_watch = Some((routing, role));
     }
 
     async fn fill(&mut self) -> Result<(), BackendError> {
         self.rbuf.reserve(64 * 1024);
-        let Backend { stream, rbuf, primary_watch, addr, .. } = self;
+        let Backend { stream, rbuf, routing_watch, addr, .. } = self;
         let read = stream.read_buf(rbuf);
-        let result = match primary_watch {
+        let result = match routing_watch {
             None => read.await,
-            Some(routing) => tokio::select! {
+            Some((routing, role)) => tokio::select! {
                 r = read => r,
-                () = taken_out(routing, *addr) => return Err(BackendError::TakenOut(*addr)),
+                () = taken_out(routing, *addr, *role) => return Err(BackendError::TakenOut(*addr)),
             },
         };
         match result {
@@ -652,10 +654,10 @@ impl Backend {
 }
 
 /// (code, SQL state, message) of an ERR packet; lenient with odd ones.
-/// Resolves once the routing view no longer names `addr` the primary; never if the view's
-/// publisher is gone (the router is shutting down: nothing will change any more).
-async fn taken_out(routing: &mut crate::topology::Subscriber, addr: SocketAddr) {
-    if routing.wait_for(|r| r.primary != Some(addr)).await.is_err() {
+/// Resolves once the routing view takes `addr` out of `role`; never if the view's publisher
+/// is gone (the router is shutting down: nothing will change any more).
+async fn taken_out(routing: &mut crate::topology::Subscriber, addr: SocketAddr, role: ConnRole) {
+    if routing.wait_for(|r| r.takes_out(addr, role)).await.is_err() {
         std::future::pending::<()>().await;
     }
 }

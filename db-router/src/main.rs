@@ -82,7 +82,7 @@ fn run(path: &std::path::Path) -> Result<()> {
     rt.block_on(async move {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let (publisher, subscriber) = topology::channel(Routing { primary: Some(cfg.primary), replica: cfg.replica, generation: 1 });
+        let (publisher, subscriber) = topology::channel(Routing { primary: Some(cfg.primary), replica: cfg.replica, generation: 1, down: Vec::new() });
         let backends: Vec<_> = std::iter::once(cfg.primary).chain(cfg.replica).collect();
         let monitor = Monitor::spawn(cfg.monitor.clone(), backends, publisher, &mut registry);
         let shared = Shared::new(cfg.users.clone(), cfg.settings.clone(), metrics, subscriber);

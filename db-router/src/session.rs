@@ -775,17 +775,16 @@ impl Session {
             login.fast = self.shared.fast.get().map(|f| &**f);
         }
         match Backend::connect(addr, &login).await {
-            Ok(mut be) => match self.prepare_connection(&mut be, false).await {
-                Ok(()) => {
-                    self.replica = Some(be);
-                    Ok(())
-                }
-                Err(e) => {
+            Ok(mut be) => {
+                be.watch_routing(self.routing.clone(), crate::topology::ConnRole::Replica);
+                if let Err(e) = self.prepare_connection(&mut be, false).await {
                     tracing::warn!(replica = %addr, error = %e, "cannot restore the session on the replica; reading from the primary");
                     self.shared.metrics.errors_backend.inc();
-                    Err(e)
+                    return Err(e);
                 }
-            },
+                self.replica = Some(be);
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(replica = %addr, error = %e, "replica unreachable; reading from the primary");
                 self.shared.metrics.errors_backend.inc();
@@ -811,7 +810,7 @@ impl Session {
                 let login = self.login_params(addr, self.shared.settings.read_your_writes);
                 match Backend::connect(addr, &login).await {
                     Ok(mut be) => {
-                        be.watch_primary(self.routing.clone());
+                        be.watch_routing(self.routing.clone(), crate::topology::ConnRole::Primary);
                         if let Err(e) = self.prepare_connection(&mut be, true).await {
                             return Err(format!("cannot set up the session on primary {addr}: {e}"));
                         }

@@ -16,6 +16,29 @@ pub struct Routing {
     pub replica: Option<SocketAddr>,
     /// Bumped on every change of `primary`, so sessions know to reconnect their writers.
     pub generation: u64,
+    /// Backends that failed the monitor's last `fail_after` checks in a row (dead, or hung:
+    /// the checks time out). A session stops waiting for an answer from one of them.
+    pub down: Vec<SocketAddr>,
+}
+
+/// Which role a session's backend connection plays, for [`Routing::takes_out`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRole {
+    Primary,
+    Replica,
+}
+
+impl Routing {
+    /// Whether this view takes `addr` out of `role`: a primary the view no longer names (the
+    /// monitor declared it down, or a failover replaced it), or a replica the monitor finds
+    /// down. A replica that only left the view for reads (lag, replication stopped) is not
+    /// taken out: a read that runs there may finish.
+    pub fn takes_out(&self, addr: SocketAddr, role: ConnRole) -> bool {
+        match role {
+            ConnRole::Primary => self.primary != Some(addr),
+            ConnRole::Replica => self.down.contains(&addr),
+        }
+    }
 }
 
 pub type Publisher = watch::Sender<Routing>;

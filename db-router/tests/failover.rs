@@ -37,7 +37,7 @@ async fn monitor(cfg: MonitorConfig, backends: Vec<SocketAddr>) -> Monitored {
     // The monitor's log lines appear in a failing test's output.
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("db_router=info").try_init();
     let (publisher, routing) =
-        topology::channel(Routing { primary: Some(backends[0]), replica: None, generation: 0 });
+        topology::channel(Routing { primary: Some(backends[0]), replica: None, generation: 0, down: Vec::new() });
     let mut registry = Registry::default();
     let handle = Monitor::spawn(cfg, backends, publisher, &mut registry);
     let admin = Admin { registry: std::sync::Arc::new(registry), monitor: Some(handle.clone()) };
@@ -350,7 +350,7 @@ async fn unreachable_backends_are_reported_down_and_no_primary_is_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_outlives_its_handles_while_the_routing_is_read() {
     let (publisher, mut routing) =
-        topology::channel(Routing { primary: Some(free_port()), replica: None, generation: 0 });
+        topology::channel(Routing { primary: Some(free_port()), replica: None, generation: 0, down: Vec::new() });
     let backends = vec![publisher.borrow().primary.unwrap(), free_port()];
     drop(Monitor::spawn(test_config(), backends, publisher, &mut Registry::default()));
     let r = wait_routing(&mut routing, "the primary to be declared down", |x| x.primary.is_none()).await;

@@ -62,6 +62,7 @@ fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> O
         primary: Some(pair.primary.connect_addr()),
         replica: Some(pair.replica.connect_addr()),
         generation: 1,
+        down: Vec::new(),
     });
     let shared = Shared::new(users(), settings, metrics.clone(), subscriber);
     let kernel = shared.kernel.get().is_some();
@@ -731,7 +732,7 @@ fn a_statement_waiting_on_a_hung_primary_ends_when_the_routing_view_drops_it() {
 
     // What the monitor publishes once it has promoted the replica.
     let dropped_at = Instant::now();
-    publisher.send_replace(Routing { primary: Some(replica), replica: None, generation: 2 });
+    publisher.send_replace(Routing { primary: Some(replica), replica: None, generation: 2, down: Vec::new() });
     let (result, mut c) = rig
         .rt
         .block_on(async { tokio::time::timeout(DEADLINE, stuck).await })
@@ -739,7 +740,7 @@ fn a_statement_waiting_on_a_hung_primary_ends_when_the_routing_view_drops_it() {
         .unwrap();
     let waited = dropped_at.elapsed();
     let err = result.expect_err("the hung primary never answered").to_string();
-    assert!(err.contains("no longer the primary") && err.contains(&primary.to_string()), "{err}");
+    assert!(err.contains("taken out by the monitor") && err.contains(&primary.to_string()), "{err}");
     println!("the statement ended {waited:?} after the view dropped its primary: {err}");
     assert!(rig.metrics.errors_backend.get() >= 1);
 
@@ -751,6 +752,46 @@ fn a_statement_waiting_on_a_hung_primary_ends_when_the_routing_view_drops_it() {
         c.query_drop("ROLLBACK").await.unwrap();
     });
     rig.pair.primary.resume();
+}
+
+/// A replica that hangs: a read waiting on it is not cut off when the view only stops
+/// sending reads there (as for lag), but once the view lists the replica as down the read
+/// runs on the primary instead, and the client gets its answer, not an error (it had no
+/// byte of it yet).
+#[test]
+fn a_read_waiting_on_a_hung_replica_runs_on_the_primary_once_the_view_marks_it_down() {
+    let Some(rig) = rig("a_read_waiting_on_a_hung_replica_runs_on_the_primary_once_the_view_marks_it_down", no_ryw()) else { return };
+    let Ok(publisher) = &rig._publisher else { unreachable!("no monitor: the test publishes the view") };
+    let (primary, replica) = (rig.pair.primary.connect_addr(), rig.pair.replica.connect_addr());
+    let mut c = rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let id: Option<i64> = c.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(2), "reads go to the replica");
+        c
+    });
+    rig.pair.replica.pause();
+    let stuck = rig.rt.spawn(async move {
+        let r: Result<Option<i64>, _> = c.query_first("SELECT @@server_id").await;
+        (r, c)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!stuck.is_finished(), "the paused replica cannot have answered");
+    publisher.send_replace(Routing { primary: Some(primary), replica: None, generation: 1, down: Vec::new() });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!stuck.is_finished(), "out of the view for reads only: the read may still finish there");
+
+    publisher.send_replace(Routing { primary: Some(primary), replica: None, generation: 1, down: vec![replica] });
+    let (result, mut c) = rig
+        .rt
+        .block_on(async { tokio::time::timeout(DEADLINE, stuck).await })
+        .expect("the read ends once the view marks its replica down")
+        .unwrap();
+    assert_eq!(result.expect("answered by the primary"), Some(1));
+    rig.rt.block_on(async {
+        let id: Option<i64> = c.query_first("SELECT @@server_id").await.unwrap();
+        assert_eq!(id, Some(1), "the session reads from the primary while there is no replica");
+    });
+    rig.pair.replica.resume();
 }
 
 /// The same with the monitor: it finds the hung primary down (its probes time out), promotes
@@ -782,7 +823,7 @@ fn monitor_failover_from_a_hung_primary_frees_the_sessions_waiting_on_it() {
         .expect("the statement ends once the monitor replaces the hung primary")
         .unwrap();
     let err = result.expect_err("the hung primary never answered").to_string();
-    assert!(err.contains("no longer the primary") && err.contains(&primary.to_string()), "{err}");
+    assert!(err.contains("taken out by the monitor") && err.contains(&primary.to_string()), "{err}");
     println!("the write on the hung primary ended {:?} after the pause: {err}", paused_at.elapsed());
     // The view dropped the hung primary when the monitor found it down (no primary while it
     // promotes); the session's next write waits for the new one.
@@ -944,7 +985,7 @@ fn unix_sockets_on_both_sides() {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let metrics = Metrics::register(&mut Registry::default());
-    let (_publisher, subscriber) = topology::channel(Routing { primary: Some(p), replica: Some(r), generation: 1 });
+    let (_publisher, subscriber) = topology::channel(Routing { primary: Some(p), replica: Some(r), generation: 1, down: Vec::new() });
     let shared = Shared::new(users(), settings, metrics, subscriber);
     let path = std::env::temp_dir().join(format!("dbr-router-{}-{}.sock", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let socket = router::UnixSocket::bind(&path).expect("bind the router's socket");

@@ -312,7 +312,9 @@ impl Decider {
             .filter(|(i, c)| self.read_eligible(*i, c))
             .min_by_key(|(_, c)| c.replication.as_ref().and_then(|r| r.seconds_behind_master))
             .map(|(i, _)| self.addrs[i]);
-        Routing { primary, replica, generation: self.generation }
+        let fail_after = self.policy.fail_after.max(1);
+        let down = (0..self.addrs.len()).filter(|&i| self.failures[i] >= fail_after).map(|i| self.addrs[i]).collect();
+        Routing { primary, replica, generation: self.generation, down }
     }
 
     /// Which backends a rejoin applies to (`target` given, or every stale one), and the
@@ -415,7 +417,7 @@ mod tests {
     fn run(policy: Policy, rounds: &[[Check; 2]]) -> (Decider, Tick, Routing) {
         let t0 = Instant::now();
         let mut d = Decider::new(policy, addrs());
-        let mut last = (Tick::default(), Routing { primary: None, replica: None, generation: 0 });
+        let mut last = (Tick::default(), Routing { primary: None, replica: None, generation: 0, down: Vec::new() });
         for (n, checks) in rounds.iter().enumerate() {
             let now = t0 + Duration::from_secs(n as u64);
             let tick = d.tick(now, checks);
@@ -566,6 +568,25 @@ mod tests {
         d.promoted(R, t0);
         let g3 = d.routing(&checks);
         assert_eq!((g3.primary, g3.generation), (a(R), g2.generation + 1));
+    }
+
+    #[test]
+    fn backends_failing_fail_after_checks_in_a_row_are_listed_down() {
+        let t0 = Instant::now();
+        let mut d = Decider::new(policy(), addrs());
+        let checks = [primary(), down()];
+        for n in 1..=3 {
+            d.tick(t0 + Duration::from_secs(n), &checks);
+            let r = d.routing(&checks);
+            assert_eq!(r.replica, None, "no reads on an unreachable replica, from the first failed check");
+            let expect = if n >= u64::from(policy().fail_after) { vec![addrs()[R]] } else { vec![] };
+            assert_eq!(r.down, expect, "after {n} failed checks");
+            assert_eq!(r.takes_out(addrs()[R], crate::topology::ConnRole::Replica), !expect.is_empty());
+            assert!(!r.takes_out(addrs()[P], crate::topology::ConnRole::Primary));
+        }
+        let checks = [primary(), healthy()];
+        d.tick(t0 + Duration::from_secs(4), &checks);
+        assert_eq!(d.routing(&checks).down, vec![], "back on its first good check");
     }
 
     #[test]

@@ -266,7 +266,7 @@ fn main() {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let (publisher, subscriber) =
-        topology::channel(Routing { primary: Some(primary), replica: Some(pair.replica.connect_addr()), generation: 1 });
+        topology::channel(Routing { primary: Some(primary), replica: Some(pair.replica.connect_addr()), generation: 1, down: Vec::new() });
     let shared = Shared::new(users_for_bench(), Settings::default(), Arc::clone(&metrics), subscriber);
     // The router runs on its own threads, as `db-router run` does.
     // As many as `db-router run` uses by default; DB_BENCH_ROUTER_THREADS overrides.
