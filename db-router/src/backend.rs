@@ -39,6 +39,8 @@ pub enum BackendError {
     Login { addr: SocketAddr, code: u16, state: [u8; 5], message: String },
     #[error("{addr} sent a packet the router does not understand: {what}")]
     Protocol { addr: SocketAddr, what: String },
+    #[error("TLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
     #[error("timed out after {0:?} connecting to {1}")]
     Timeout(Duration, SocketAddr),
     /// The routing view took this server out of its role (see `Routing::takes_out`) while
@@ -75,6 +77,8 @@ pub struct Login<'a> {
     /// Open the connection for the in-kernel fast path: from a port bound first and
     /// reserved there, so that the server's end of it goes into the fast path's sockmap.
     pub fast: Option<&'a crate::fast_path::FastPath>,
+    /// Log in over TLS (TCP connections only).
+    pub tls: Option<&'a crate::tls::BackendTls>,
 }
 
 /// A port reserved with the fast path while its connection opens.
@@ -229,6 +233,23 @@ impl Backend {
         caps.remove(CapabilityFlags::CLIENT_CONNECT_ATTRS);
         if login.session_track && server_caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK) {
             caps |= CapabilityFlags::CLIENT_SESSION_TRACK;
+        }
+        let mut seq = seq;
+        if let (Some(tls), true) = (login.tls, login.unix_socket.is_none()) {
+            if !server_caps.contains(CapabilityFlags::CLIENT_SSL) {
+                return Err(BackendError::Protocol { addr, what: "the server offers no TLS, and backend_tls_ca asks for it".into() });
+            }
+            caps |= CapabilityFlags::CLIENT_SSL;
+            // SSLRequest: the fixed part of a handshake response, then TLS.
+            let mut req = Vec::with_capacity(32);
+            req.extend_from_slice(&caps.bits().to_le_bytes());
+            req.extend_from_slice(&(16u32 * 1024 * 1024).to_le_bytes());
+            req.push(login.collation);
+            req.extend_from_slice(&[0; 23]);
+            seq = seq.wrapping_add(1);
+            be.send_packet(seq, &req).await?;
+            let plain = std::mem::replace(&mut be.stream, Stream::Gone);
+            be.stream = tls.connect(plain, addr).await.map_err(|source| BackendError::Tls { addr, source })?;
         }
         let nonce = handshake.nonce();
         let token = login.sha1_password.map(|p| protocol::native_token(&nonce, p).to_vec()).unwrap_or_default();

@@ -21,6 +21,9 @@
 //! tls_cert = "/etc/db-router/cert.pem"   # optional: TLS for clients that ask (PEM chain,
 //! tls_key = "/etc/db-router/key.pem"     # the router's certificate first; PEM key)
 //! require_tls = false                # true: refuse clients without TLS
+//! backend_tls_ca = "/etc/db-router/db-ca.pem"  # optional: reach the servers over TLS,
+//!                                    # their certificates signed by this CA and naming
+//! backend_tls_server_name = "db.internal"      # this name (default: the server's IP)
 //!
 //! [sockets]                          # optional: servers on this host, reached over their
 //! "127.0.0.1:33061" = "/run/mysqld/a.sock"   # Unix socket (the monitor still uses TCP)
@@ -113,6 +116,10 @@ struct File {
     tls_key: Option<Spanned<String>>,
     #[serde(default)]
     require_tls: Option<Spanned<bool>>,
+    #[serde(default)]
+    backend_tls_ca: Option<Spanned<String>>,
+    #[serde(default)]
+    backend_tls_server_name: Option<Spanned<String>>,
     #[serde(default)]
     sockets: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
@@ -237,6 +244,17 @@ impl Config {
             Some(r) => *r.get_ref(),
             None => false,
         };
+        let backend_tls = match (&f.backend_tls_ca, &f.backend_tls_server_name) {
+            (None, None) => None,
+            (None, Some(n)) => return cx.err(n.span(), "backend_tls_server_name without backend_tls_ca"),
+            (Some(ca), name) => {
+                let path = cx.path(ca, "backend_tls_ca")?;
+                match crate::tls::BackendTls::load(&path, name.as_ref().map(|n| n.get_ref().as_str())) {
+                    Ok(t) => Some(t),
+                    Err(e) => return cx.err(if e.starts_with("backend_tls_server_name") { name.as_ref().expect("named").span() } else { ca.span() }, e),
+                }
+            }
+        };
         let defaults = Settings::default();
         let settings = Settings {
             read_your_writes: f.read_your_writes.unwrap_or(defaults.read_your_writes),
@@ -249,6 +267,7 @@ impl Config {
             kernel_fast_path: f.kernel_fast_path.unwrap_or(defaults.kernel_fast_path),
             tls,
             require_tls,
+            backend_tls,
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
@@ -379,7 +398,24 @@ mod tests {
         let text = format!("{base}tls_cert = {:?}\ntls_key = {:?}\nrequire_tls = true\n{users}", cert.display().to_string(), key.display().to_string());
         let c = Config::parse("t.toml", &text).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(c.settings.tls.as_ref().map(|t| t.cert.clone()), Some(cert));
+        assert_eq!(c.settings.tls.as_ref().map(|t| t.cert.clone()), Some(cert.clone()));
         assert!(c.settings.require_tls);
+
+        // To the servers: a CA file, and optionally the name their certificates carry.
+        let (line, msg) = err_line(&format!("{base}backend_tls_server_name = \"db\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("without backend_tls_ca"), "{msg}");
+        let (line, msg) = err_line(&format!("{base}backend_tls_ca = \"/nonexistent/ca.pem\"\n{users}"));
+        assert_eq!(line, Some(3), "{msg}");
+        assert!(msg.contains("/nonexistent/ca.pem"), "{msg}");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        let ca = format!("backend_tls_ca = {:?}\n", cert.display().to_string());
+        let (line, msg) = err_line(&format!("{base}{ca}backend_tls_server_name = \"not a name!\"\n{users}"));
+        assert_eq!(line, Some(4), "{msg}");
+        let c = Config::parse("t.toml", &format!("{base}{ca}{users}")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let b = c.settings.backend_tls.expect("backend TLS");
+        assert_eq!((b.ca, b.server_name), (cert, None));
     }
 }

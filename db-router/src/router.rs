@@ -56,6 +56,10 @@ pub struct Settings {
     pub tls: Option<crate::tls::Tls>,
     /// Refuse clients that do not use TLS (`require_tls`; needs `tls`).
     pub require_tls: bool,
+    /// Connect to the servers over TLS, checking their certificates (`backend_tls_ca`,
+    /// `backend_tls_server_name`); the in-kernel paths are then off. Unix-socket
+    /// connections to a server on this host stay plain.
+    pub backend_tls: Option<crate::tls::BackendTls>,
 }
 
 impl Default for Settings {
@@ -71,6 +75,7 @@ impl Default for Settings {
             kernel_fast_path: true,
             tls: None,
             require_tls: false,
+            backend_tls: None,
         }
     }
 }
@@ -143,12 +148,15 @@ impl Shared {
             fast: std::sync::OnceLock::new(),
             conn_ids: AtomicU32::new(1),
         });
-        if s.settings.kernel_relay {
+        // The in-kernel paths read the MySQL protocol on the server sockets: not over TLS.
+        if s.settings.backend_tls.is_some() && (s.settings.kernel_relay || s.settings.kernel_fast_path) {
+            tracing::info!("backend_tls_ca is set: the in-kernel relay and fast path stay off");
+        } else if s.settings.kernel_relay {
             if let Some(k) = crate::kernel_relay::KernelRelay::load_or_log() {
                 let _ = s.kernel.set(k);
             }
         }
-        if s.settings.kernel_fast_path {
+        if s.settings.kernel_fast_path && s.settings.backend_tls.is_none() {
             if let Some(f) = crate::fast_path::FastPath::load_or_log() {
                 let _ = s.fast.set(f);
             }
@@ -376,6 +384,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             unix_socket: Some(path),
             fast: None,
+            tls: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let err = rt.block_on(crate::backend::Backend::connect("127.0.0.1:1".parse().unwrap(), &login)).err().expect("no socket there");

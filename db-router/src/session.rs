@@ -716,6 +716,7 @@ impl Session {
             timeout: self.shared.settings.connect_timeout,
             unix_socket: self.shared.settings.sockets.get(&addr).map(|p| p.as_path()),
             fast: None,
+            tls: self.shared.settings.backend_tls.as_ref(),
         }
     }
 

@@ -4,7 +4,7 @@
 //! loopback TCP send runs the whole TCP/IP path for both ends in the sender's system call; a
 //! Unix-socket send is a copy and a wakeup (db-bench measures the difference).
 //!
-//! A client may also have asked for TLS ([`crate::tls`]).
+//! Clients may ask for TLS, and the router may reach the servers over TLS ([`crate::tls`]).
 //!
 //! tokio has no either-stream for its own socket types (tokio-util's `Either` would be a new
 //! dependency for the same ten delegating lines), hence this enum.
@@ -25,6 +25,8 @@ pub enum Stream {
     Unix(UnixStream),
     /// A client connection after its TLS handshake (over TCP or the Unix socket).
     Tls(Box<tokio_rustls::server::TlsStream<crate::tls::Prefixed>>),
+    /// A connection to a server over TLS (`backend_tls_ca`).
+    TlsClient(Box<tokio_rustls::client::TlsStream<Stream>>),
     /// Taken apart for a moment (while the TLS handshake owns the connection); every
     /// operation fails.
     Gone,
@@ -54,7 +56,7 @@ impl Stream {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        matches!(self, Stream::Tls(_) | Stream::TlsClient(_))
     }
 
     /// Waits until the socket has something to read (data, end of stream or an error). For
@@ -65,6 +67,7 @@ impl Stream {
             Stream::Tcp(s) => s.readable().await,
             Stream::Unix(s) => s.readable().await,
             Stream::Tls(s) => Box::pin(s.get_ref().0.inner().readable()).await,
+            Stream::TlsClient(s) => Box::pin(s.get_ref().0.readable()).await,
             Stream::Gone => Err(gone()),
         }
     }
@@ -73,7 +76,7 @@ impl Stream {
     pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
         match self {
             Stream::Tcp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
-            Stream::Unix(_) | Stream::Tls(_) | Stream::Gone => None,
+            Stream::Unix(_) | Stream::Tls(_) | Stream::TlsClient(_) | Stream::Gone => None,
         }
     }
 
@@ -82,7 +85,7 @@ impl Stream {
             Stream::Tcp(s) => s.try_read(buf),
             Stream::Unix(s) => s.try_read(buf),
             // Only the in-kernel paths read this way; TLS sessions do not take them.
-            Stream::Tls(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "raw read of a TLS connection")),
+            Stream::Tls(_) | Stream::TlsClient(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "raw read of a TLS connection")),
             Stream::Gone => Err(gone()),
         }
     }
@@ -94,6 +97,7 @@ impl std::os::fd::AsRawFd for Stream {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tls(s) => s.get_ref().0.inner().as_raw_fd(),
+            Stream::TlsClient(s) => s.get_ref().0.as_raw_fd(),
             Stream::Gone => -1,
         }
     }
@@ -105,6 +109,7 @@ impl AsyncRead for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -116,6 +121,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -124,6 +130,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -132,6 +139,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Gone => Poll::Ready(Err(gone())),
         }
     }

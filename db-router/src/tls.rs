@@ -7,9 +7,10 @@
 //! start of the TLS handshake in its read buffer when it sees the request: [`Prefixed`]
 //! hands those bytes to rustls before the socket's.
 //!
-//! Connections to the servers stay plain (the router and the servers sit on one host or a
-//! private network); the in-kernel paths, which read the MySQL protocol on the socket, are
-//! off for TLS sessions.
+//! [`BackendTls`] is the other direction: the router connecting to the servers over TLS
+//! (`backend_tls_ca`), checking their certificates against a CA; MySQL's handshake is the
+//! same with the roles swapped. The in-kernel paths, which read the MySQL protocol on the
+//! socket, are off for TLS sessions, and entirely with TLS to the servers.
 
 use std::{
     io,
@@ -22,8 +23,8 @@ use std::{
 
 use bytes::{Buf, BytesMut};
 use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    ServerConfig,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    ClientConfig, RootCertStore, ServerConfig,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -85,6 +86,65 @@ impl Tls {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))),
         }
+    }
+}
+
+/// How the router checks the servers when it connects to them over TLS: against the CA
+/// certificates in `ca`, for the name `server_name`, or else for the server's IP address
+/// (the certificate must then carry it as a subject alternative name).
+#[derive(Clone)]
+pub struct BackendTls {
+    pub ca: PathBuf,
+    pub server_name: Option<String>,
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTls").field("ca", &self.ca).field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for BackendTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.ca, &self.server_name) == (&other.ca, &other.server_name)
+    }
+}
+impl Eq for BackendTls {}
+
+impl BackendTls {
+    pub fn load(ca: &Path, server_name: Option<&str>) -> Result<BackendTls, String> {
+        let mut roots = RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("cannot read {}: {e}", ca.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: not PEM certificates: {e}", ca.display()))?;
+        for c in certs {
+            roots.add(c).map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no PEM certificate in it", ca.display()));
+        }
+        if let Some(n) = server_name {
+            ServerName::try_from(n.to_string()).map_err(|e| format!("backend_tls_server_name {n:?}: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS protocol versions: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(BackendTls { ca: ca.into(), server_name: server_name.map(str::to_string), config: Arc::new(config) })
+    }
+
+    /// Runs the TLS handshake with the server at `addr` on `stream`, checking its certificate.
+    pub async fn connect(&self, stream: Stream, addr: std::net::SocketAddr) -> io::Result<Stream> {
+        let name = match &self.server_name {
+            Some(n) => ServerName::try_from(n.clone()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            None => ServerName::IpAddress(addr.ip().into()),
+        };
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.config)).connect(name, stream).await?;
+        Ok(Stream::TlsClient(Box::new(tls)))
     }
 }
 

@@ -14,7 +14,7 @@ use db_router::{
     monitor::{Monitor, MonitorConfig, MonitorHandle},
     protocol,
     router::{self, Metrics, Settings, Shared, User},
-    tier::{self, Instance, Pair, APP, SYSBENCH},
+    tier::{self, Instance, Pair, PairConfig, APP, SYSBENCH},
     topology::{self, Publisher, Routing},
 };
 use mysql_async::{prelude::*, ChangeUserOpts, Conn, Opts};
@@ -50,11 +50,15 @@ fn rig(test: &str, settings: Settings) -> Option<Rig> {
 
 /// With `monitor`, the tier's monitor watches the pair and publishes the routing view.
 fn rig_with(test: &str, settings: Settings, monitor: Option<MonitorConfig>) -> Option<Rig> {
+    rig_pair(test, settings, monitor, PairConfig::default())
+}
+
+fn rig_pair(test: &str, settings: Settings, monitor: Option<MonitorConfig>, pair: PairConfig) -> Option<Rig> {
     if !tier::available_or_skip(test) {
         return None;
     }
     let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).try_init();
-    let pair = Pair::start_default().expect("start a primary/replica pair");
+    let pair = Pair::new(pair).expect("start a primary/replica pair");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -323,6 +327,62 @@ fn mariadb_cli_over_tls_and_require_tls() {
     let out = cli(&trusting(&other_ca), "SELECT 1");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("2026"), "a CA that did not sign the router's certificate: {stderr}");
+    drop(rig);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// TLS from the router to the servers (`backend_tls_ca`): both servers offer TLS with a
+/// certificate for 127.0.0.1 from a test CA; every backend connection of a session (the
+/// replica's for reads, the primary's for a transaction) runs TLS 1.3, which each server
+/// reports for the connection itself. A router that trusts another CA refuses the servers.
+#[test]
+fn the_router_reaches_the_servers_over_tls() {
+    let dir = std::env::temp_dir().join(format!("dbr-backend-tls-{}", std::process::id()));
+    let certs = web_app::devcert::generate(&dir.join("db"), &["127.0.0.1"]).unwrap();
+    let other_ca = web_app::devcert::generate(&dir.join("other"), &["127.0.0.1"]).unwrap().ca_cert;
+    let mut pair = PairConfig::default();
+    let ssl = vec![
+        format!("ssl-cert={}", certs.cert.display()),
+        format!("ssl-key={}", certs.key.display()),
+        format!("ssl-ca={}", certs.ca_cert.display()),
+    ];
+    pair.primary.extra.extend(ssl.iter().cloned());
+    pair.replica.extra.extend(ssl);
+    let backend_tls = Some(db_router::tls::BackendTls::load(&certs.ca_cert, None).unwrap());
+    let settings = Settings { backend_tls, ..no_ryw() };
+    let Some(rig) = rig_pair("the_router_reaches_the_servers_over_tls", settings, None, pair) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
+    let tls_of_this_connection = "SELECT @@server_id, VARIABLE_VALUE FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'Ssl_version'";
+    rig.rt.block_on(async {
+        let mut c = rig.conn().await;
+        let read: Option<(i64, String)> = c.query_first(tls_of_this_connection).await.unwrap();
+        assert_eq!(read, Some((2, "TLSv1.3".to_string())), "the read ran on the replica, over TLS");
+        c.query_drop("START TRANSACTION").await.unwrap();
+        let in_trx: Option<(i64, String)> = c.query_first(tls_of_this_connection).await.unwrap();
+        assert_eq!(in_trx, Some((1, "TLSv1.3".to_string())), "the transaction ran on the primary, over TLS");
+        c.query_drop("ROLLBACK").await.unwrap();
+    });
+
+    // A router that trusts another CA: the servers' certificates are refused.
+    let distrust = Settings { backend_tls: Some(db_router::tls::BackendTls::load(&other_ca, None).unwrap()), ..no_ryw() };
+    let (_publisher, subscriber) = topology::channel(Routing {
+        primary: Some(rig.pair.primary.connect_addr()),
+        replica: Some(rig.pair.replica.connect_addr()),
+        generation: 1,
+        down: Vec::new(),
+    });
+    let shared = Shared::new(users(), distrust, Metrics::register(&mut Registry::default()), subscriber);
+    let addr = rig.rt.block_on(router::spawn("127.0.0.1:0".parse().unwrap(), shared)).unwrap();
+    let err = rig.rt.block_on(async {
+        // mysql_async reads settings on connect: that read already needs a server.
+        match Conn::new(Opts::from_url(&format!("{}?prefer_socket=false", APP.url(addr))).unwrap()).await {
+            Err(e) => e.to_string(),
+            Ok(mut c) => c.query_drop("SELECT 1").await.unwrap_err().to_string(),
+        }
+    });
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
     drop(rig);
     std::fs::remove_dir_all(&dir).unwrap();
 }
