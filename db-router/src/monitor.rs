@@ -51,6 +51,10 @@ pub struct MonitorConfig {
     /// The account a rejoined backend replicates with (`REPLICATION SLAVE`).
     pub replication_user: String,
     pub replication_password: String,
+    /// Check the servers over TLS: the top-level `backend_tls_ca` (and server name), copied
+    /// here by the configuration loader, so that servers may require TLS of the monitor.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::BackendTls>,
 }
 
 impl Default for MonitorConfig {
@@ -68,6 +72,7 @@ impl Default for MonitorConfig {
             password: crate::tier::MONITOR.password.into(),
             replication_user: crate::tier::REPL.user.into(),
             replication_password: crate::tier::REPL.password.into(),
+            tls: None,
         }
     }
 }
@@ -257,7 +262,7 @@ impl Monitor {
         let metrics = Metrics::register(registry);
         let connect = Duration::from_millis(cfg.connect_timeout_ms);
         let query = Duration::from_millis(cfg.query_timeout_ms);
-        let probers = backends.iter().map(|&a| Some(Prober::new(a, &cfg.user, &cfg.password, connect, query))).collect();
+        let probers = backends.iter().map(|&a| Some(Prober::new(a, &cfg.user, &cfg.password, connect, query, cfg.tls.as_ref()))).collect();
         let mut decider = Decider::new(cfg.policy(), backends.clone());
         decider.resume_from(&publisher.borrow());
         let status = Arc::new(Mutex::new(Status::default()));

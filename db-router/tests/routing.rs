@@ -332,9 +332,11 @@ fn mariadb_cli_over_tls_and_require_tls() {
 }
 
 /// TLS from the router to the servers (`backend_tls_ca`): both servers offer TLS with a
-/// certificate for 127.0.0.1 from a test CA; every backend connection of a session (the
-/// replica's for reads, the primary's for a transaction) runs TLS 1.3, which each server
-/// reports for the connection itself. A router that trusts another CA refuses the servers.
+/// certificate for 127.0.0.1 from a test CA; the monitor checks them over TLS (before any
+/// client came, the replica counts accepted TLS connections), and every backend connection
+/// of a session (the replica's for reads, the primary's for a transaction) runs TLS 1.3,
+/// which each server reports for the connection itself. A router that trusts another CA
+/// refuses the servers.
 #[test]
 fn the_router_reaches_the_servers_over_tls() {
     let dir = std::env::temp_dir().join(format!("dbr-backend-tls-{}", std::process::id()));
@@ -349,11 +351,32 @@ fn the_router_reaches_the_servers_over_tls() {
     pair.primary.extra.extend(ssl.iter().cloned());
     pair.replica.extra.extend(ssl);
     let backend_tls = Some(db_router::tls::BackendTls::load(&certs.ca_cert, None).unwrap());
+    let monitor = MonitorConfig { interval_ms: 100, tls: backend_tls.clone(), ..MonitorConfig::default() };
     let settings = Settings { backend_tls, ..no_ryw() };
-    let Some(rig) = rig_pair("the_router_reaches_the_servers_over_tls", settings, None, pair) else {
+    let Some(rig) = rig_pair("the_router_reaches_the_servers_over_tls", settings, Some(monitor), pair) else {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     };
+    // The monitor account may only log in over TLS from now on; its connections are cut,
+    // and it must come back (over TLS) to both servers.
+    rig.pair.primary.sql("ALTER USER 'monitor'@'%' REQUIRE SSL").unwrap();
+    rig.pair.wait_caught_up(DEADLINE).unwrap();
+    let monitor_ids = |inst: &Instance| -> Vec<String> {
+        inst.sql("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'monitor'").unwrap().lines().map(str::to_string).collect()
+    };
+    for inst in [&rig.pair.primary, &rig.pair.replica] {
+        for id in monitor_ids(inst) {
+            let _ = inst.sql(&format!("KILL {id}"));
+        }
+    }
+    let Err(handle) = &rig._publisher else { unreachable!("with a monitor") };
+    let rounds = handle.status().rounds;
+    poll("the monitor back on both servers over TLS", || {
+        let back = [&rig.pair.primary, &rig.pair.replica].iter().all(|i| !monitor_ids(i).is_empty());
+        (back && handle.status().rounds > rounds + 3 && rig.pair.replica.status("Ssl_accepts").ok()? != "0").then_some(())
+    });
+    let routing = handle.status();
+    assert!(routing.primary.is_some() && routing.replica.is_some(), "both servers checked and serving: {routing:?}");
     let tls_of_this_connection = "SELECT @@server_id, VARIABLE_VALUE FROM information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'Ssl_version'";
     rig.rt.block_on(async {
         let mut c = rig.conn().await;

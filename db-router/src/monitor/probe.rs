@@ -35,14 +35,24 @@ fn text(row: &Row, col: &str) -> String {
 }
 
 impl Prober {
-    pub fn new(addr: SocketAddr, user: &str, password: &str, connect_timeout: Duration, query_timeout: Duration) -> Self {
+    /// With `tls`, the checks run over TLS and the server's certificate is checked as the
+    /// router's own connections check it (`crate::tls::BackendTls`).
+    pub fn new(addr: SocketAddr, user: &str, password: &str, connect_timeout: Duration, query_timeout: Duration, tls: Option<&crate::tls::BackendTls>) -> Self {
+        let ssl = tls.map(|t| {
+            let opts = mysql_async::SslOpts::default().with_root_certs(vec![t.ca.clone().into()]).with_disable_built_in_roots(true);
+            match &t.server_name {
+                Some(name) => opts.with_danger_tls_hostname_override(Some(name.clone())),
+                None => opts,
+            }
+        });
         let opts = OptsBuilder::default()
             .ip_or_hostname(addr.ip().to_string())
             .tcp_port(addr.port())
             .user(Some(user))
             .pass(Some(password))
             .prefer_socket(false)
-            .stmt_cache_size(0);
+            .stmt_cache_size(0)
+            .ssl_opts(ssl);
         Prober { addr, opts, conn: None, connect_timeout, query_timeout }
     }
 
