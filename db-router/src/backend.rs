@@ -108,9 +108,9 @@ pub struct Backend {
     /// The last relay passed bytes to the client (after a failure: the client saw part of
     /// an answer, so the statement cannot be retried elsewhere).
     pub relayed: bool,
-    /// The routing view and this connection's role in it, so that a wait for the server's
+    /// This connection on the routing view's watchlist, so that a wait for the server's
     /// answer ends once the view takes the server out (see [`Backend::watch_routing`]).
-    routing_watch: Option<(crate::topology::Subscriber, ConnRole)>,
+    routing_watch: Option<std::sync::Arc<crate::topology::Watched>>,
 }
 
 /// What the relay saw of one response.
@@ -312,8 +312,8 @@ impl Backend {
     /// server out, as MaxScale's sessions do, and their next statement goes elsewhere (a read
     /// that got no byte of its answer yet runs on the primary at once). Only reads wait on
     /// the server: a write goes to the socket buffer.
-    pub fn watch_routing(&mut self, routing: crate::topology::Subscriber, role: ConnRole) {
-        self.routing_watch = Some((routing, role));
+    pub fn watch_routing(&mut self, list: &std::sync::Arc<crate::topology::Watchlist>, role: ConnRole) {
+        self.routing_watch = Some(list.watch(self.addr, role));
     }
 
     async fn fill(&mut self) -> Result<(), BackendError> {
@@ -322,9 +322,10 @@ impl Backend {
         let read = stream.read_buf(rbuf);
         let result = match routing_watch {
             None => read.await,
-            Some((routing, role)) => tokio::select! {
+            Some(watched) => tokio::select! {
+                biased;
                 r = read => r,
-                () = taken_out(routing, *addr, *role) => return Err(BackendError::TakenOut(*addr)),
+                () = watched.taken_out() => return Err(BackendError::TakenOut(*addr)),
             },
         };
         match result {
@@ -675,14 +676,6 @@ impl Backend {
 }
 
 /// (code, SQL state, message) of an ERR packet; lenient with odd ones.
-/// Resolves once the routing view takes `addr` out of `role`; never if the view's publisher
-/// is gone (the router is shutting down: nothing will change any more).
-async fn taken_out(routing: &mut crate::topology::Subscriber, addr: SocketAddr, role: ConnRole) {
-    if routing.wait_for(|r| r.takes_out(addr, role)).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 pub fn parse_err(payload: &[u8]) -> (u16, [u8; 5], String) {
     use mysql_common::packets::ErrPacket;
     match ParseBuf(payload).parse::<ErrPacket>(CapabilityFlags::CLIENT_PROTOCOL_41) {

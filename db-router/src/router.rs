@@ -127,6 +127,8 @@ pub struct Shared {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub routing: Subscriber,
+    /// The backend connections sessions wait on, flagged when the view takes their server out.
+    pub watchlist: Arc<crate::topology::Watchlist>,
     /// The version string clients see: the last one a backend announced.
     pub server_version: RwLock<String>,
     /// The in-kernel read relay, when loaded ([`crate::kernel_relay`]).
@@ -142,6 +144,7 @@ impl Shared {
             users,
             settings,
             metrics,
+            watchlist: crate::topology::Watchlist::new(routing.clone()),
             routing,
             server_version: RwLock::new("5.5.5-10.11.0-MariaDB-db-router".into()),
             kernel: std::sync::OnceLock::new(),

@@ -777,7 +777,7 @@ impl Session {
         }
         match Backend::connect(addr, &login).await {
             Ok(mut be) => {
-                be.watch_routing(self.routing.clone(), crate::topology::ConnRole::Replica);
+                be.watch_routing(&self.shared.watchlist, crate::topology::ConnRole::Replica);
                 if let Err(e) = self.prepare_connection(&mut be, false).await {
                     tracing::warn!(replica = %addr, error = %e, "cannot restore the session on the replica; reading from the primary");
                     self.shared.metrics.errors_backend.inc();
@@ -811,7 +811,7 @@ impl Session {
                 let login = self.login_params(addr, self.shared.settings.read_your_writes);
                 match Backend::connect(addr, &login).await {
                     Ok(mut be) => {
-                        be.watch_routing(self.routing.clone(), crate::topology::ConnRole::Primary);
+                        be.watch_routing(&self.shared.watchlist, crate::topology::ConnRole::Primary);
                         if let Err(e) = self.prepare_connection(&mut be, true).await {
                             return Err(format!("cannot set up the session on primary {addr}: {e}"));
                         }
