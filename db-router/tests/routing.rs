@@ -285,21 +285,34 @@ fn session_state_behaves_as_on_a_direct_connection() {
     });
 }
 
+/// A directory of test files (certificates), removed when the test ends, also when it fails.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        TempDir(std::env::temp_dir().join(format!("{name}-{}", std::process::id())))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// TLS for clients: the `mariadb` CLI checks the router's certificate against the CA that
 /// signed it and runs statements over TLS (its `\s` status shows the cipher; reads still go to
 /// the replica); with `require_tls` a plain client is refused with the error for it, and a
 /// client that trusts another CA refuses the router's certificate.
 #[test]
 fn mariadb_cli_over_tls_and_require_tls() {
-    let dir = std::env::temp_dir().join(format!("dbr-tls-test-{}", std::process::id()));
+    let tmp = TempDir::new("dbr-tls-test");
+    let dir = &tmp.0;
     let certs = web_app::devcert::generate(&dir.join("router"), &["127.0.0.1"]).unwrap();
     let other_ca = web_app::devcert::generate(&dir.join("other"), &["127.0.0.1"]).unwrap().ca_cert;
     let tls = db_router::tls::Tls::load(&certs.cert, &certs.key).unwrap();
     let settings = Settings { tls: Some(tls), require_tls: true, ..no_ryw() };
-    let Some(rig) = rig("mariadb_cli_over_tls_and_require_tls", settings) else {
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    };
+    let Some(rig) = rig("mariadb_cli_over_tls_and_require_tls", settings) else { return };
     let cli = |tls: &[String], sql: &str| {
         std::process::Command::new("mariadb")
             .args(["--no-defaults", "--protocol=tcp", "-h127.0.0.1"])
@@ -327,8 +340,8 @@ fn mariadb_cli_over_tls_and_require_tls() {
     let out = cli(&trusting(&other_ca), "SELECT 1");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("2026"), "a CA that did not sign the router's certificate: {stderr}");
+    // The servers stop (the rig) before their certificate files go (`tmp`).
     drop(rig);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// TLS from the router to the servers (`backend_tls_ca`): both servers offer TLS with a
@@ -339,7 +352,8 @@ fn mariadb_cli_over_tls_and_require_tls() {
 /// refuses the servers.
 #[test]
 fn the_router_reaches_the_servers_over_tls() {
-    let dir = std::env::temp_dir().join(format!("dbr-backend-tls-{}", std::process::id()));
+    let tmp = TempDir::new("dbr-backend-tls");
+    let dir = &tmp.0;
     let certs = web_app::devcert::generate(&dir.join("db"), &["127.0.0.1"]).unwrap();
     let other_ca = web_app::devcert::generate(&dir.join("other"), &["127.0.0.1"]).unwrap().ca_cert;
     let mut pair = PairConfig::default();
@@ -353,10 +367,7 @@ fn the_router_reaches_the_servers_over_tls() {
     let backend_tls = Some(db_router::tls::BackendTls::load(&certs.ca_cert, None).unwrap());
     let monitor = MonitorConfig { interval_ms: 100, tls: backend_tls.clone(), ..MonitorConfig::default() };
     let settings = Settings { backend_tls, ..no_ryw() };
-    let Some(rig) = rig_pair("the_router_reaches_the_servers_over_tls", settings, Some(monitor), pair) else {
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    };
+    let Some(rig) = rig_pair("the_router_reaches_the_servers_over_tls", settings, Some(monitor), pair) else { return };
     // The monitor account may only log in over TLS from now on; its connections are cut,
     // and it must come back (over TLS) to both servers.
     rig.pair.primary.sql("ALTER USER 'monitor'@'%' REQUIRE SSL").unwrap();
@@ -407,7 +418,6 @@ fn the_router_reaches_the_servers_over_tls() {
     });
     assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
     drop(rig);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `COM_CHANGE_USER` (what connection pools send to reuse a connection as another account):
