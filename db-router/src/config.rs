@@ -267,7 +267,7 @@ impl Config {
             kernel_fast_path: f.kernel_fast_path.unwrap_or(defaults.kernel_fast_path),
             tls,
             require_tls,
-            backend_tls: backend_tls.clone(),
+            backend_tls,
         };
         let threads = cx.int(&f.threads, "threads", 1..257, crate::router::default_threads() as i64)? as usize;
         let max_replication_lag = Duration::from_secs(cx.int(&f.max_replication_lag_s, "max_replication_lag_s", 0..86_401, 10)?);
@@ -280,7 +280,7 @@ impl Config {
                 return cx.err(m.span(), "set max_replication_lag_s at the top level or in [monitor], not both");
             }
         }
-        monitor.tls = backend_tls.clone();
+        monitor.tls = settings.backend_tls.clone();
         if f.max_replication_lag_s.is_some() || f.monitor.is_none() {
             monitor.max_replication_lag_s = Some(max_replication_lag.as_secs());
         }

@@ -55,9 +55,6 @@ impl Stream {
         matches!(self, Stream::Tcp(_))
     }
 
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_) | Stream::TlsClient(_))
-    }
 
     /// Waits until the socket has something to read (data, end of stream or an error). For
     /// TLS, the socket under it (used only by the in-kernel paths, which TLS sessions do not
