@@ -229,3 +229,38 @@ pub fn ipip(frame: &[u8], l2_len: usize, src: [u8; 4], dst: [u8; 4], macs: Optio
     out.extend_from_slice(inner);
     out
 }
+
+/// The ICMP "fragmentation needed" the balancer answers `frame` (Ethernet header of
+/// `l2_len` bytes) with, advertising `mtu`: MACs swapped, the VLAN tag kept, a new IPv4
+/// header from the packet's destination to its source, the ICMP header, and the packet's
+/// IPv4 header and first 8 bytes after it. Built byte by byte: the expected output of a
+/// fixture.
+pub fn icmp_too_big(frame: &[u8], l2_len: usize, mtu: u16) -> Vec<u8> {
+    let inner = &frame[l2_len..];
+    let quote = &inner[..usize::from(inner[0] & 0x0f) * 4 + 8];
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..l2_len]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[1] = 0xc0;
+    ip[2..4].copy_from_slice(&((20 + 8 + quote.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&inner[16..20]);
+    ip[16..20].copy_from_slice(&inner[12..16]);
+    let c = csum::ipv4_header(&ip).to_be_bytes();
+    ip[10..12].copy_from_slice(&c);
+    let mut icmp = alloc::vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let mut sum = 0u32;
+    for c in icmp.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    icmp[2..4].copy_from_slice(&csum::fold(sum).to_be_bytes());
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&icmp);
+    out
+}

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod csum;
 pub mod encap;
 pub mod flow;
+pub mod icmp;
 pub mod packet;
 pub mod stats;
 pub mod vip;

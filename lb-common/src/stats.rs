@@ -36,7 +36,11 @@ pub enum Counter {
     NoBackend,
     /// Neighbour of the next hop not resolved: encapsulated and passed to the kernel.
     FibNoNeigh,
-    /// Encapsulated packet would exceed the egress MTU: passed untouched.
+    /// Encapsulated packet would exceed the egress MTU and may not be fragmented (DF):
+    /// answered with ICMP "fragmentation needed" (`XDP_TX`), see `icmp`.
+    IcmpTooBig,
+    /// Encapsulated packet would exceed the egress MTU, without DF (or past 64 KiB): passed
+    /// untouched.
     TooBig,
     /// No route, forwarding disabled or another FIB failure: passed untouched.
     FibError,
@@ -72,6 +76,7 @@ impl Counter {
         Counter::Malformed,
         Counter::NoBackend,
         Counter::FibNoNeigh,
+        Counter::IcmpTooBig,
         Counter::TooBig,
         Counter::FibError,
         Counter::EncapError,
@@ -88,7 +93,7 @@ impl Counter {
     /// count packets (not `FlowHit`, `NewFlow`, `HashFallback`, which count placements).
     pub const fn action(self) -> Option<&'static str> {
         match self {
-            Counter::Tx => Some("tx"),
+            Counter::Tx | Counter::IcmpTooBig => Some("tx"),
             Counter::Redirect => Some("redirect"),
             Counter::NoBackend => Some("drop"),
             Counter::NotVip
@@ -122,6 +127,7 @@ impl Counter {
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
             Counter::FibNoNeigh => "fib_no_neigh",
+            Counter::IcmpTooBig => "icmp_too_big",
             Counter::TooBig => "too_big",
             Counter::FibError => "fib_error",
             Counter::EncapError => "encap_error",
@@ -193,10 +199,11 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 17);
+        assert_eq!(Counter::BALANCER.len(), 18);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));
+        assert_eq!(Counter::IcmpTooBig.action(), Some("tx"));
         assert_eq!(Counter::NoBackend.action(), Some("drop"));
         assert_eq!(Counter::FlowHit.action(), None);
         // Every packet is counted under exactly one action: the action counters of the

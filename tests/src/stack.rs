@@ -11,7 +11,8 @@
 //!  web2   10.77.0.12 ─┘
 //! ```
 //! The balancer and web nodes get MTU 1600 so that full-size client packets fit once
-//! encapsulated (+20 bytes); the client keeps 1500.
+//! encapsulated (+20 bytes); the client keeps 1500. With `Options::mtu` at 1500 they do not
+//! fit, and the balancer's ICMP "fragmentation needed" makes the client send smaller ones.
 
 use std::{
     fs,
@@ -97,6 +98,10 @@ pub struct Options {
     /// A MariaDB primary and replica (namespaces db1, db2) behind db-router (namespace db);
     /// the web nodes' notes app stores through the router.
     pub database: bool,
+    /// MTU of the balancer's and the web nodes' links (the client's is 1500): 1600 by
+    /// default, room for the IPIP header; 1500 makes full-size client packets too big once
+    /// encapsulated.
+    pub mtu: u16,
 }
 
 /// The demo's checks: fast, yet with room for a loaded machine (HAProxy's defaults are
@@ -105,7 +110,7 @@ pub const DEMO_HEALTH: (u32, u32, u32, u32, u32) = (300, 100, 200, 2, 2);
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false, mtu: 1600 }
     }
 }
 
@@ -279,7 +284,8 @@ impl Stack {
 
     fn build_network(&mut self) {
         let mut roles = vec!["sw", "client", "lb", "web1", "web2"];
-        let mut hosts = vec![("client", CLIENT, 1500), ("lb", LB, 1600), ("web1", WEB[0], 1600), ("web2", WEB[1], 1600)];
+        let mtu = self.opts.mtu;
+        let mut hosts = vec![("client", CLIENT, 1500), ("lb", LB, mtu), ("web1", WEB[0], mtu), ("web2", WEB[1], mtu)];
         if self.opts.database {
             roles.extend(["db", "db1", "db2"]);
             hosts.extend([("db", DB_ROUTER, 1500), ("db1", DB_PRIMARY, 1500), ("db2", DB_REPLICA, 1500)]);
@@ -290,7 +296,7 @@ impl Stack {
             self.namespaces.push(ns);
             self.exec(role, "ip link set lo up");
         }
-        self.exec("sw", "ip link add br0 type bridge && ip link set br0 mtu 1600 up");
+        self.exec("sw", &format!("ip link add br0 type bridge && ip link set br0 mtu {} up", mtu.max(1500)));
         for &(role, addr, mtu) in &hosts {
             sh(&format!("ip link add eth0 netns {} type veth peer name p-{role} netns {}", self.ns(role), self.ns("sw")));
             self.exec("sw", &format!("ip link set p-{role} mtu {mtu} master br0 up"));

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    builder::{arp_request, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
+    builder::{arp_request, icmp_too_big, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
     flow::FlowKey,
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::Counter,
@@ -28,6 +28,8 @@ enum Expect {
     IpipToKernel(usize),
     /// Only the MACs changed, to backend `i`'s, XDP_TX.
     L2(usize),
+    /// ICMP "fragmentation needed" back to the sender, advertising this MTU, XDP_TX.
+    TooBig(u16),
 }
 
 struct Fixture {
@@ -61,6 +63,7 @@ impl Fixture {
                 out[6..12].copy_from_slice(&LB_MAC);
                 (XDP_TX, out, Some(i))
             }
+            Expect::TooBig(mtu) => (XDP_TX, icmp_too_big(&self.input, l2, mtu), None),
         }
     }
 }
@@ -101,7 +104,11 @@ fn fixtures() -> Vec<Fixture> {
         fx("VIP whose backend's neighbour is unresolved: encapsulated, to the kernel", Pkt::tcp(CLIENT, 40010, VIP_NO_NEIGH, 80, TCP_SYN).build(), IpipToKernel(4)),
         fx("l2-mode VIP: only the MACs change", Pkt::tcp(CLIENT, 40011, VIP_L2, 80, TCP_SYN).payload(b"GET /").build(), L2(5)),
         fx("l2-mode VIP, VLAN-tagged", Pkt::tcp(CLIENT, 40011, VIP_L2, 80, TCP_ACK).vlan(9).build(), L2(5)),
-        fx("too big once encapsulated (1481 + 20 > MTU 1500): passed untouched", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).payload(&[0; 1441]).build(), Untouched),
+        fx("too big once encapsulated (1481 + 20 > MTU 1500), DF: ICMP fragmentation needed, MTU 1480", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).payload(&[0; 1441]).build(), TooBig(1480)),
+        fx("the same without DF: passed untouched", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).frag(0).payload(&[0; 1441]).build(), Untouched),
+        fx("too big, VLAN-tagged, IPv4 options: the reply keeps the tag, quotes the options", Pkt::tcp(CLIENT, 40002, VIP, 80, TCP_ACK).vlan(42).ip_options(&[1, 1, 1, 0]).payload(&[9; 1500]).build(), TooBig(1480)),
+        fx("too big from a multicast source: no ICMP, passed untouched", Pkt::tcp([224, 0, 0, 5], 40001, VIP, 80, TCP_ACK).payload(&[0; 1441]).build(), Untouched),
+        fx("too big UDP, DF: ICMP", Pkt::udp(CLIENT, 5000, VIP, 53).payload(&[5; 1473]).build(), TooBig(1480)),
         fx("largest that fits (1480 + 20): encapsulated (A)", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_ACK).payload(&[0; 1440]).build(), Ipip(0, XDP_TX)),
         fx("FIN of the first flow: A", Pkt::tcp(CLIENT, 40001, VIP, 80, TCP_FIN | TCP_ACK).build(), Ipip(0, XDP_TX)),
     ];
@@ -158,7 +165,8 @@ fn balancer_fixtures() {
     assert_eq!(g.get(Counter::NewFlow), 12);
     assert_eq!(dp.backend_stats(0).unwrap().new_flows + dp.backend_stats(1).unwrap().new_flows, 8);
     assert_eq!(g.get(Counter::Fragment), 2);
-    assert_eq!(g.get(Counter::TooBig), 1);
+    assert_eq!(g.get(Counter::TooBig), 2);
+    assert_eq!(g.get(Counter::IcmpTooBig), 3);
     assert_eq!(g.get(Counter::Redirect), 1);
     assert_eq!(g.get(Counter::FibNoNeigh), 1);
     assert_eq!(g.get(Counter::Ipv6), 1);

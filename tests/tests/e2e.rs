@@ -75,14 +75,14 @@ fn sha256(data: &[u8]) -> String {
 /// 1 MiB down and 1 MiB up through the VIP, byte-exact (full-size packets both ways).
 fn check_big_transfers(stack: &Stack) {
     let file = stack.work.join("down.bin");
-    stack.exec("client", &format!("curl -sf -o {} http://{VIP}/big.bin", file.display()));
+    stack.exec("client", &format!("curl -sf --max-time 60 -o {} http://{VIP}/big.bin", file.display()));
     let got = std::fs::read(&file).unwrap();
     assert_eq!(got.len(), big_file().len(), "download size");
     assert!(got == big_file(), "download differs from the node's file");
     let up = stack.work.join("up.bin");
     let data: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&up, &data).unwrap();
-    let reply = stack.exec("client", &format!("curl -sf --data-binary @{} http://{VIP}/upload", up.display()));
+    let reply = stack.exec("client", &format!("curl -sf --max-time 60 --data-binary @{} http://{VIP}/upload", up.display()));
     let v: serde_json::Value = serde_json::from_str(&reply).expect("upload reply JSON");
     assert_eq!(v["bytes"], 1_048_576);
     assert_eq!(v["sha256"], sha256(&data), "upload arrived changed");
@@ -138,6 +138,27 @@ fn driver_mode_ipip_whole_path() {
     assert_eq!(node_of(body.as_bytes()), "lb-local");
 
     check_big_transfers(&stack);
+}
+
+/// The balancer's path to the nodes has the client's MTU (1500), so a full-size client
+/// packet does not fit once encapsulated: the balancer answers it with ICMP "fragmentation
+/// needed" (MTU 1480), the client's TCP sends smaller segments, and a 1 MiB upload arrives
+/// whole. (With the packet passed or dropped instead, the upload would hang: a path-MTU
+/// black hole.)
+#[test]
+fn one_mtu_everywhere_clients_learn_the_path_mtu() {
+    if !privileged("one_mtu_everywhere_clients_learn_the_path_mtu") {
+        return;
+    }
+    let stack = Stack::up(Options { mtu: 1500, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    let before = stack.status()["counters"]["icmp_too_big"].as_u64().unwrap();
+    check_big_transfers(&stack);
+    let counters = &stack.status()["counters"];
+    let sent = counters["icmp_too_big"].as_u64().unwrap() - before;
+    eprintln!("ICMP fragmentation needed sent: {sent}, too big passed: {}", counters["too_big"]);
+    assert!(sent >= 1, "the balancer told the client the path MTU");
+    let route = stack.exec("client", &format!("ip route get {VIP}"));
+    assert!(route.contains("mtu 1480"), "the client learnt the path MTU: {route}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! LB_FUZZ_SEED to vary, LB_FUZZ_FRAMES to change the count.
 
 use lb_common::{
-    builder::{arp_request, ipv6_tcp_syn, Pkt},
+    builder::{arp_request, icmp_too_big, ipv6_tcp_syn, Pkt},
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     vip::VipKey,
 };
@@ -116,6 +116,7 @@ fn random_and_mutated_frames() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut by_action = [0u64; 5];
     let mut to_vip = 0u64;
+    let mut icmp = 0u64;
     for n in 0..count {
         let input = frame(&mut rng);
         let got = testrun::run(dp.program(), &input, Some(ingress)).expect("test run");
@@ -142,12 +143,21 @@ fn random_and_mutated_frames() {
                 assert_eq!(got.frame[inner], input[ip.clone()], "inner packet intact: {}", ctx());
                 assert_eq!(got.frame[12..p.l3_off], input[12..p.l3_off], "ethertype/VLAN kept: {}", ctx());
             }
+            XDP_TX if got.frame.len() < input.len() && got.frame.get(p.l3_off + 9) == Some(&1) => {
+                // ICMP "fragmentation needed" back to the sender: the packet (with DF) would
+                // not fit once encapsulated.
+                let mtu = u16::from_be_bytes([got.frame[p.l3_off + 26], got.frame[p.l3_off + 27]]);
+                assert_eq!(got.frame, icmp_too_big(&input, p.l3_off, mtu), "ICMP reply: {}", ctx());
+                assert!(p.df && ip.len() > usize::from(mtu), "only a too big packet with DF is answered: {}", ctx());
+                assert!(lb_common::icmp::answerable(p.tuple.src), "not to a source that names no host: {}", ctx());
+                icmp += 1;
+            }
             XDP_PASS | XDP_DROP => assert_eq!(got.frame, input, "passed or dropped untouched: {}", ctx()),
             _ => panic!("unexpected outcome: {}", ctx()),
         }
     }
     eprintln!(
-        "{count} frames (seed {seed}): {to_vip} for a VIP; drop {} pass {} tx {} redirect {}",
+        "{count} frames (seed {seed}): {to_vip} for a VIP; drop {} pass {} tx {} (of which ICMP too big {icmp}) redirect {}",
         by_action[1], by_action[2], by_action[3], by_action[4]
     );
     assert!(to_vip > count as u64 / 10, "the generator must reach the VIP path often");

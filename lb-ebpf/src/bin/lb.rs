@@ -10,7 +10,7 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     macros::{map, xdp},
     maps::{Array, DevMapHash, PerCpuArray},
     programs::XdpContext,
@@ -20,6 +20,7 @@ use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
+    icmp::{answerable, halves, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, TOO_BIG_OVERHEAD},
     packet::{parse_l3, parse_l4, Frame, Parsed, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
@@ -355,6 +356,9 @@ fn forward_ipip(
     };
     if let Some(nh) = &nh {
         if total > nh.mtu {
+            if p.df && answerable(p.tuple.src) {
+                return (icmp_too_big(ctx, frame, p, nh.mtu.saturating_sub(IPIP_OVERHEAD as u16), stats), false);
+            }
             bump(stats, Counter::TooBig);
             return (xdp_action::XDP_PASS, false);
         }
@@ -398,4 +402,55 @@ fn forward_ipip(
     write_eth(&frame, l3_off, &macs, &tail);
     bump(stats, counter);
     (action, true)
+}
+
+/// A packet with DF that would not fit the path to the backend once encapsulated: the frame
+/// becomes an ICMP "fragmentation needed" to its sender, advertising `mtu` (the largest
+/// packet that fits), and goes back out (`XDP_TX`); see `lb_common::icmp`. Anything that
+/// keeps the reply from being built passes the packet untouched (counted `TooBig`).
+#[inline(always)]
+fn icmp_too_big(ctx: &XdpContext, frame: &XdpFrame, p: &Parsed, mtu: u16, stats: &mut GlobalStats) -> u32 {
+    let l3_off = p.l3_off;
+    let (Some(macs), Some(tail), Some([vihl])) = (frame.macs(), frame.eth_tail(), frame.load::<1>(l3_off)) else {
+        bump(stats, Counter::TooBig);
+        return xdp_action::XDP_PASS;
+    };
+    let quote = quote_len(usize::from(vihl & 0x0f) * 4);
+    if quote > usize::from(p.ip_len) {
+        bump(stats, Counter::TooBig);
+        return xdp_action::XDP_PASS;
+    }
+    // The ICMP checksum covers the quote: summed here, where it lies now.
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < MAX_QUOTE_WORDS && 4 * i < quote {
+        let Some([w]) = frame.load_words::<1>(l3_off + 4 * i) else {
+            bump(stats, Counter::TooBig);
+            return xdp_action::XDP_PASS;
+        };
+        sum += halves(w);
+        i += 1;
+    }
+    let headers = too_big_words(p.tuple.dst, p.tuple.src, mtu, quote as u16, sum);
+    if !adjust_head(ctx, -(TOO_BIG_OVERHEAD as i32)) {
+        bump(stats, Counter::TooBig);
+        return xdp_action::XDP_PASS;
+    }
+    let frame = XdpFrame::new(ctx);
+    if !frame.store_words(l3_off, &headers) {
+        // Cannot happen (the frame just grew by 28 bytes); undo to leave it as it came.
+        adjust_head(ctx, TOO_BIG_OVERHEAD as i32);
+        bump(stats, Counter::TooBig);
+        return xdp_action::XDP_PASS;
+    }
+    write_eth(&frame, l3_off, &swap_macs(macs), &tail);
+    // Cut after the quote. Should the kernel refuse, the bytes after it go too, and the
+    // receiver ignores them (the IPv4 total length ends before them).
+    let keep = (l3_off + TOO_BIG_OVERHEAD + quote) as i32;
+    // SAFETY: plain helper calls on our own context.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as i32;
+    // SAFETY: as above.
+    let _ = unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - len) };
+    bump(stats, Counter::IcmpTooBig);
+    xdp_action::XDP_TX
 }
