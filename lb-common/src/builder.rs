@@ -252,15 +252,57 @@ pub fn icmp_too_big(frame: &[u8], l2_len: usize, mtu: u16) -> Vec<u8> {
     ip[16..20].copy_from_slice(&inner[12..16]);
     let c = csum::ipv4_header(&ip).to_be_bytes();
     ip[10..12].copy_from_slice(&c);
-    let mut icmp = alloc::vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&mtu.to_be_bytes());
-    icmp.extend_from_slice(quote);
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&frag_needed_message(quote, mtu));
+    out
+}
+
+/// RFC 1071 over bytes (an odd last byte padded with zero).
+fn checksum(bytes: &[u8]) -> u16 {
     let mut sum = 0u32;
-    for c in icmp.chunks(2) {
+    for c in bytes.chunks(2) {
         sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
     }
-    icmp[2..4].copy_from_slice(&csum::fold(sum).to_be_bytes());
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&icmp);
+    csum::fold(sum)
+}
+
+/// An ICMP "fragmentation needed" message advertising `mtu`, quoting `quote` whole.
+fn frag_needed_message(quote: &[u8], mtu: u16) -> Vec<u8> {
+    let mut m = alloc::vec![3, 4, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quote);
+    let c = checksum(&m).to_be_bytes();
+    m[2..4].copy_from_slice(&c);
+    m
+}
+
+/// An ICMP "fragmentation needed" from `router` to `to` advertising `mtu`, about the IPv4
+/// packet `quoted` (its header and the 8 bytes after it are quoted). With DF, as every
+/// `Pkt`; routers (Linux among them) send theirs without: `.frag(0)`.
+pub fn frag_needed(router: [u8; 4], to: [u8; 4], quoted: &[u8], mtu: u16) -> Pkt {
+    let len = (usize::from(quoted[0] & 0x0f) * 4 + 8).min(quoted.len());
+    Pkt::proto(router, to, 1).payload(&frag_needed_message(&quoted[..len], mtu))
+}
+
+/// The echo reply the balancer answers the echo request `frame` (Ethernet header of
+/// `l2_len` bytes) with: MACs and addresses swapped, TTL 64, type 0, both checksums
+/// recomputed, everything else as it came. Built byte by byte: a fixture's expected output.
+pub fn echo_reply(frame: &[u8], l2_len: usize) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&frame[6..12]);
+    out[6..12].copy_from_slice(&frame[0..6]);
+    let ip = &mut out[l2_len..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    ip[8] = 64;
+    ip[12..16].copy_from_slice(&frame[l2_len + 16..l2_len + 20]);
+    ip[16..20].copy_from_slice(&frame[l2_len + 12..l2_len + 16]);
+    ip[10..12].fill(0);
+    let c = checksum(&ip[..ihl]).to_be_bytes();
+    ip[10..12].copy_from_slice(&c);
+    ip[ihl] = 0;
+    ip[ihl + 2..ihl + 4].fill(0);
+    let c = checksum(&ip[ihl..tot]).to_be_bytes();
+    ip[ihl + 2..ihl + 4].copy_from_slice(&c);
     out
 }

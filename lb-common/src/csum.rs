@@ -8,6 +8,13 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The checksum `check` after one 16-bit field it covers changed from `old` to `new`
+/// (RFC 1624, eqn. 3). Any byte order, as long as all three are read the same way.
+#[inline(always)]
+pub fn replace(check: u16, old: u16, new: u16) -> u16 {
+    fold(u32::from(!check) + u32::from(!old) + u32::from(new))
+}
+
 /// Checksum of a 20-byte IPv4 header (without options). The checksum field itself
 /// (bytes 10..12) is included as it is: zero it first to compute, keep it to verify
 /// (a correct header then sums to 0).
@@ -46,6 +53,26 @@ mod tests {
         // A header whose sum needs two folds.
         check([0xff; 20], 0x0000);
         check([0x45, 0, 0, 0x28, 0, 0, 0x40, 0, 0x40, 0x04, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2], 0x26d0);
+    }
+
+    #[test]
+    fn replace_matches_a_full_computation() {
+        let mut h = [0x45, 0, 0, 0x54, 0x12, 0x34, 0x40, 0, 0x3f, 1, 0, 0, 192, 168, 7, 10, 10, 100, 0, 1];
+        for (ttl, new_ttl) in [(0x3f, 64), (1, 255), (255, 0), (64, 64)] {
+            h[8] = ttl;
+            h[10..12].fill(0);
+            let c = ipv4_header(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let proto = h[9];
+            let field = |t: u8| u16::from_be_bytes([t, proto]);
+            let got = replace(c, field(ttl), field(new_ttl));
+            h[8] = new_ttl;
+            h[10..12].fill(0);
+            assert_eq!(got, ipv4_header(&h), "TTL {ttl} -> {new_ttl}");
+            // Read natively instead: the same bytes.
+            let ne = |x: u16| u16::from_ne_bytes(x.to_be_bytes());
+            assert_eq!(replace(ne(c), ne(field(ttl)), ne(field(new_ttl))), ne(got));
+        }
     }
 
     #[test]

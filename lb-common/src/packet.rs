@@ -14,6 +14,9 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPV4_HLEN: usize = 20;
 pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_ICMP: u8 = 1;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO: u8 = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -218,6 +221,64 @@ pub fn parse_l4<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<Pa
 
 /// What the decapsulation program does with a frame: strip `outer_len` bytes of outer IPv4
 /// header that follow the `l3_off` bytes of Ethernet header, or pass for the given reason.
+/// An ICMP message to a VIP address that the balancer takes (see [`parse_icmp`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpToVip {
+    /// Echo request (type 8): answered in place, if the address is a VIP's.
+    Echo,
+    /// "Fragmentation needed" (type 3, code 4) about a TCP or UDP packet that the VIP sent: a
+    /// backend's reply, which leaves the backend with the VIP as its source, so a router on
+    /// the way to the client sends its ICMP to the VIP, which is routed to the balancer. The
+    /// flow as the client's packets carry it (client to VIP, the quoted addresses and ports
+    /// reversed): the message goes to that flow's backend, whose TCP must learn the path MTU
+    /// (else its full-size segments are lost for good).
+    TooBig(Tuple),
+}
+
+/// The ICMP message of an IPv4 packet (`ip`, at `l3_off`) that the balancer takes, or why
+/// not: [`Counter::OtherL4`] for other types and for quotes of anything else than a TCP or UDP
+/// packet with ports from the packet's destination, [`Counter::Malformed`] when headers are
+/// truncated or inconsistent.
+#[inline(always)]
+pub fn parse_icmp<F: Frame + ?Sized>(f: &F, l3_off: usize, ip: &Ipv4) -> Result<IcmpToVip, Counter> {
+    let off = l3_off + ip.ihl;
+    let len = usize::from(ip.tot_len) - ip.ihl;
+    let [head]: [u32; 1] = f.load_words(off).ok_or(Counter::Malformed)?;
+    if len < 8 {
+        return Err(Counter::Malformed);
+    }
+    match (byte(head, 0), byte(head, 1)) {
+        (ICMP_ECHO, 0) => Ok(IcmpToVip::Echo),
+        (3, 4) => {
+            // The quote: the packet's IPv4 header (its length field is the original
+            // packet's, not the quote's) and at least the ports after it.
+            let q = off + 8;
+            let quoted: [u32; 5] = f.load_words(q).ok_or(Counter::Malformed)?;
+            let b0 = byte(quoted[0], 0);
+            let qihl = usize::from(b0 & 0x0f) * 4;
+            if b0 >> 4 != 4 || qihl < IPV4_HLEN {
+                return Err(Counter::Malformed);
+            }
+            // Loaded (checked against the frame's end) before the check against the packet's
+            // length: in the kernel, LLVM would drop the frame check the other way round,
+            // as implied by the two, and the verifier refuses an unchecked packet read.
+            let [ports]: [u32; 1] = f.load_words(q + qihl).ok_or(Counter::Malformed)?;
+            if 8 + qihl + 4 > len {
+                return Err(Counter::Malformed);
+            }
+            let frag = u16::from_be_bytes([byte(quoted[1], 2), byte(quoted[1], 3)]) & 0x1fff;
+            let proto = byte(quoted[2], 1);
+            if frag != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) || quoted[3] != ip.words[4] {
+                return Err(Counter::OtherL4);
+            }
+            // Source and destination port swap places: the two 16-bit halves as they lie in
+            // memory, the same in either byte order.
+            Ok(IcmpToVip::TooBig(Tuple { src: quoted[4], dst: quoted[3], ports: ports.rotate_left(16), proto }))
+        }
+        _ => Err(Counter::OtherL4),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decap {
     pub l3_off: usize,
@@ -296,6 +357,52 @@ mod tests {
         assert_eq!(p.tos, 0x10);
         assert!(p.df);
         assert_eq!(p.tcp_flags, TCP_SYN);
+    }
+
+    fn icmp(frame: &[u8]) -> Result<IcmpToVip, Counter> {
+        let (l3_off, ip) = parse_l3(frame)?;
+        assert_eq!(ip.proto(), PROTO_ICMP);
+        parse_icmp(frame, l3_off, &ip)
+    }
+
+    #[test]
+    fn icmp_to_a_vip() {
+        const R: [u8; 4] = [172, 16, 0, 1];
+        assert_eq!(icmp(&Pkt::icmp_echo(C, V).build()), Ok(IcmpToVip::Echo));
+        assert_eq!(icmp(&Pkt::icmp_echo(C, V).vlan(5).ip_options(&[1, 1, 1, 0]).build()), Ok(IcmpToVip::Echo));
+        // A backend's reply from the VIP, too big for a router on the way to the client.
+        let reply = Pkt::tcp(V, 443, C, 40000, TCP_ACK).payload(&[0; 1400]).ip_packet();
+        let want = Pkt::tcp(C, 40000, V, 443, TCP_ACK).build();
+        let want = parse_frame(&want[..]).unwrap().tuple;
+        assert_eq!(icmp(&frag_needed(R, V, &reply, 1400).build()), Ok(IcmpToVip::TooBig(want)));
+        assert_eq!(icmp(&frag_needed(R, V, &reply, 1400).vlan(3).build()), Ok(IcmpToVip::TooBig(want)));
+        let with_options = Pkt::tcp(V, 443, C, 40000, TCP_ACK).ip_options(&[1; 8]).ip_packet();
+        assert_eq!(icmp(&frag_needed(R, V, &with_options, 1400).build()), Ok(IcmpToVip::TooBig(want)));
+        let udp = Pkt::udp(V, 53, C, 5000).payload(&[1; 1400]).ip_packet();
+        let want = parse_frame(&Pkt::udp(C, 5000, V, 53).build()[..]).unwrap().tuple;
+        assert_eq!(icmp(&frag_needed(R, V, &udp, 1400).build()), Ok(IcmpToVip::TooBig(want)));
+        // Not taken: other types, quotes of other protocols, of fragments, of packets that
+        // the destination did not send.
+        assert_eq!(icmp(&Pkt::proto(R, V, 1).payload(&[11, 0, 0, 0, 0, 0, 0, 0]).build()), Err(Counter::OtherL4));
+        let echo_quote = Pkt::icmp_echo(V, C).ip_packet();
+        assert_eq!(icmp(&frag_needed(R, V, &echo_quote, 1400).build()), Err(Counter::OtherL4));
+        let later_fragment = Pkt::tcp(V, 443, C, 40000, TCP_ACK).frag(0x0010).ip_packet();
+        assert_eq!(icmp(&frag_needed(R, V, &later_fragment, 1400).build()), Err(Counter::OtherL4));
+        let other = Pkt::tcp([10, 100, 0, 9], 443, C, 40000, TCP_ACK).ip_packet();
+        assert_eq!(icmp(&frag_needed(R, V, &other, 1400).build()), Err(Counter::OtherL4));
+        // Messages cut short: no ICMP header, a quote without the ports, a quoted header
+        // that is not IPv4 or shorter than 20 bytes.
+        assert_eq!(icmp(&Pkt::proto(R, V, 1).payload(&[8, 0, 0]).build()), Err(Counter::Malformed));
+        for keep in [0, 8, 19, 20, 23] {
+            let mut m = frag_needed(R, V, &reply, 1400);
+            m.payload.truncate(8 + keep);
+            assert_eq!(icmp(&m.build()), Err(Counter::Malformed), "quote of {keep} bytes");
+        }
+        let mut bad = reply.clone();
+        bad[0] = 0x65;
+        assert_eq!(icmp(&frag_needed(R, V, &bad, 1400).build()), Err(Counter::Malformed));
+        bad[0] = 0x44;
+        assert_eq!(icmp(&frag_needed(R, V, &bad, 1400).build()), Err(Counter::Malformed));
     }
 
     #[test]

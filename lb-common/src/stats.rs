@@ -26,7 +26,7 @@ pub enum Counter {
     NotIp,
     /// IPv6 (recognised; IPv6 VIPs come later): passed untouched.
     Ipv6,
-    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    /// IPv4 but neither TCP nor UDP (nor ICMP the balancer takes): passed untouched.
     OtherL4,
     /// IPv4 fragment (first or later): passed untouched.
     Fragment,
@@ -36,6 +36,11 @@ pub enum Counter {
     NoBackend,
     /// Neighbour of the next hop not resolved: encapsulated and passed to the kernel.
     FibNoNeigh,
+    /// ICMP echo request to a VIP address: answered (`XDP_TX`).
+    IcmpEcho,
+    /// ICMP "fragmentation needed" about a VIP's packet (a backend's reply): sent to the
+    /// backend of that flow, as its packets are (counted besides the action).
+    IcmpToBackend,
     /// Encapsulated packet would exceed the egress MTU and may not be fragmented (DF):
     /// answered with ICMP "fragmentation needed" (`XDP_TX`), see `icmp`.
     IcmpTooBig,
@@ -76,6 +81,8 @@ impl Counter {
         Counter::Malformed,
         Counter::NoBackend,
         Counter::FibNoNeigh,
+        Counter::IcmpEcho,
+        Counter::IcmpToBackend,
         Counter::IcmpTooBig,
         Counter::TooBig,
         Counter::FibError,
@@ -93,7 +100,7 @@ impl Counter {
     /// count packets (not `FlowHit`, `NewFlow`, `HashFallback`, which count placements).
     pub const fn action(self) -> Option<&'static str> {
         match self {
-            Counter::Tx | Counter::IcmpTooBig => Some("tx"),
+            Counter::Tx | Counter::IcmpTooBig | Counter::IcmpEcho => Some("tx"),
             Counter::Redirect => Some("redirect"),
             Counter::NoBackend => Some("drop"),
             Counter::NotVip
@@ -127,6 +134,8 @@ impl Counter {
             Counter::Tx => "tx",
             Counter::Redirect => "redirect",
             Counter::FibNoNeigh => "fib_no_neigh",
+            Counter::IcmpEcho => "icmp_echo",
+            Counter::IcmpToBackend => "icmp_to_backend",
             Counter::IcmpTooBig => "icmp_too_big",
             Counter::TooBig => "too_big",
             Counter::FibError => "fib_error",
@@ -199,7 +208,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 18);
+        assert_eq!(Counter::BALANCER.len(), 20);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));
@@ -208,7 +217,7 @@ mod tests {
         assert_eq!(Counter::FlowHit.action(), None);
         // Every packet is counted under exactly one action: the action counters of the
         // balancer partition its packets (placements are counted besides).
-        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer];
+        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer, Counter::IcmpToBackend];
         for c in Counter::BALANCER {
             assert_eq!(c.action().is_none(), placements.contains(c), "{c:?}");
         }

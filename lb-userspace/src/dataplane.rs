@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{Array, DevMapHash, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -59,8 +59,8 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 11] =
-    ["VIPS", "VIP_ADDRS", "RINGS", "BACKENDS", "FLOWS", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
+pub const MAPS: [&str; 12] =
+    ["VIPS", "VIP_ADDRS", "VIP_ADDR_SET", "RINGS", "BACKENDS", "FLOWS", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -68,6 +68,10 @@ pub struct Dataplane {
     vip_addrs: Array<MapData, u64>,
     /// What `VIP_ADDRS` holds, once written.
     vip_addrs_written: Option<[u64; lb_common::vip::VIP_ADDR_FILTER_WORDS as usize]>,
+    /// The VIP addresses exactly (read natively), which echo requests are answered.
+    vip_addr_set: HashMap<MapData, u32, u32>,
+    /// What `vip_addr_set` holds, once written.
+    vip_addr_set_written: Option<std::collections::BTreeSet<u32>>,
     /// Where each VIP sits in `vips`.
     vip_table: VipTable,
     rings: Array<MapData, u32>,
@@ -148,6 +152,8 @@ impl Dataplane {
             vips: take(&mut ebpf, "VIPS")?,
             vip_addrs: take(&mut ebpf, "VIP_ADDRS")?,
             vip_addrs_written: None,
+            vip_addr_set: take(&mut ebpf, "VIP_ADDR_SET")?,
+            vip_addr_set_written: None,
             vip_table: VipTable::default(),
             rings: take(&mut ebpf, "RINGS")?,
             backends: take(&mut ebpf, "BACKENDS")?,
@@ -277,20 +283,36 @@ impl Dataplane {
     /// `lb_common::vip::VIP_ADDR_FILTER_WORDS`): the words that changed, and every word the
     /// first time (which clears bits that a previous run left in a pinned map).
     fn write_addr_filter(&mut self) -> Result<(), DataplaneError> {
-        let addrs = (0..lb_common::vip::VIP_TABLE_SIZE)
+        let addrs: std::collections::BTreeSet<[u8; 4]> = (0..lb_common::vip::VIP_TABLE_SIZE)
             .map(|slot| self.vip_table.key_at(slot))
             .filter(|&k| k != SLOT_EMPTY && k != SLOT_TOMBSTONE)
             .map(|k| {
                 let b = k.to_ne_bytes();
                 [b[0], b[1], b[2], b[3]]
-            });
-        let words = addr_filter(addrs);
+            })
+            .collect();
+        let words = addr_filter(addrs.iter().copied());
+        // New addresses into the exact set before the filter lets their packets through, gone
+        // ones out of it after.
+        let set: std::collections::BTreeSet<u32> = addrs.iter().map(|&a| u32::from_ne_bytes(a)).collect();
+        let old = match self.vip_addr_set_written.take() {
+            Some(old) => old,
+            // The first time: whatever a previous run left in a pinned map.
+            None => self.vip_addr_set.keys().collect::<Result<_, _>>().map_err(map_err("VIP_ADDR_SET"))?,
+        };
+        for &a in set.difference(&old) {
+            self.vip_addr_set.insert(a, 1, 0).map_err(map_err("VIP_ADDR_SET"))?;
+        }
         for (i, &w) in words.iter().enumerate() {
             if self.vip_addrs_written.is_none_or(|old| old[i] != w) {
                 self.vip_addrs.set(i as u32, w, 0).map_err(map_err("VIP_ADDRS"))?;
             }
         }
         self.vip_addrs_written = Some(words);
+        for a in old.difference(&set) {
+            self.vip_addr_set.remove(a).map_err(map_err("VIP_ADDR_SET"))?;
+        }
+        self.vip_addr_set_written = Some(set);
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    builder::{arp_request, icmp_too_big, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
+    builder::{arp_request, echo_reply, frag_needed, icmp_too_big, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
     flow::FlowKey,
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::Counter,
@@ -30,6 +30,11 @@ enum Expect {
     L2(usize),
     /// ICMP "fragmentation needed" back to the sender, advertising this MTU, XDP_TX.
     TooBig(u16),
+    /// ICMP echo reply, XDP_TX.
+    Echo,
+    /// An ICMP message for a VIP's flow, IPIP to backend `i` (not counted as the backend's
+    /// traffic), XDP_TX.
+    IcmpTo(usize),
 }
 
 struct Fixture {
@@ -64,6 +69,8 @@ impl Fixture {
                 (XDP_TX, out, Some(i))
             }
             Expect::TooBig(mtu) => (XDP_TX, icmp_too_big(&self.input, l2, mtu), None),
+            Expect::Echo => (XDP_TX, echo_reply(&self.input, l2), None),
+            Expect::IcmpTo(i) => (XDP_TX, ipip(&self.input, l2, LB_ADDR, REALS[i].addr, Some((LB_MAC, REALS[i].next_hop_mac))), None),
         }
     }
 }
@@ -89,7 +96,14 @@ fn fixtures() -> Vec<Fixture> {
         fx("VIP address and port, other protocol (UDP 80)", Pkt::udp(CLIENT, 40001, VIP, 80).build(), Untouched),
         fx("non-VIP TCP", Pkt::tcp(CLIENT, 40001, LB_ADDR, 22, TCP_SYN).build(), Untouched),
         fx("non-VIP UDP", Pkt::udp(CLIENT, 40001, LB_ADDR, 53).build(), Untouched),
-        fx("ICMP echo to the VIP", Pkt::icmp_echo(CLIENT, VIP).build(), Untouched),
+        fx("ICMP echo to the VIP: answered", Pkt::icmp_echo(CLIENT, VIP).payload(b"ping data").build(), Echo),
+        fx("ICMP echo to the VIP, VLAN-tagged, IPv4 options: answered", Pkt::icmp_echo(CLIENT, VIP).vlan(7).ip_options(&[1, 1, 1, 0]).build(), Echo),
+        fx("ICMP echo to another address with the VIP's filter bit: untouched", Pkt::icmp_echo(CLIENT, filter_twin(VIP)).build(), Untouched),
+        fx("ICMP echo to the balancer: untouched", Pkt::icmp_echo(CLIENT, LB_ADDR).build(), Untouched),
+        fx("ICMP fragmentation needed about flow 40002's reply: to its backend (B)", frag_needed(ROUTER, VIP, &reply(40002), 1400).frag(0).build(), IcmpTo(1)),
+        fx("... about a reply of a flow without an entry: where its hash places it", frag_needed(ROUTER, VIP, &reply(40999), 1400).frag(0).build(), IcmpTo(hash_backend(40999))),
+        fx("... about a reply from a port without a VIP: untouched", frag_needed(ROUTER, VIP, &Pkt::tcp(VIP, 81, CLIENT, 40002, TCP_ACK).ip_packet(), 1400).build(), Untouched),
+        fx("ICMP time exceeded to the VIP: untouched", frag_needed(ROUTER, VIP, &reply(40002), 1400).payload(&[11, 0, 0xf4, 0xff, 0, 0, 0, 0]).build(), Untouched),
         fx("ARP", arp_request(CLIENT, VIP), Untouched),
         fx("IPv6", ipv6_tcp_syn(), Untouched),
         fx("GRE to the VIP", Pkt::proto(CLIENT, VIP, 47).payload(&[0; 8]).build(), Untouched),
@@ -120,6 +134,29 @@ fn fixtures() -> Vec<Fixture> {
         f.push(fx(&format!("VIP SYN truncated to {len} bytes"), full[..len].to_vec(), Untouched));
     }
     f
+}
+
+/// A router on the way from the backends to the clients.
+const ROUTER: [u8; 4] = [172, 16, 9, 1];
+
+/// A backend's reply on flow `sport` of the VIP (from the VIP to the client), as a router
+/// quotes it.
+fn reply(sport: u16) -> Vec<u8> {
+    Pkt::tcp(VIP, 80, CLIENT, sport, TCP_ACK).payload(&[3; 1400]).ip_packet()
+}
+
+/// The backend (A or B) the hash places the client's flow `sport` on.
+fn hash_backend(sport: u16) -> usize {
+    (flow_key(sport).hash() % 2) as usize
+}
+
+/// An address that is not a VIP's but has `vip`'s bit in the VIP address filter.
+fn filter_twin(vip: [u8; 4]) -> [u8; 4] {
+    let bit = lb_common::vip::addr_filter_bit(vip);
+    (1..=u32::MAX)
+        .map(|i| (u32::from_be_bytes([10, 200, 0, 0]) + i).to_be_bytes())
+        .find(|&a| lb_common::vip::addr_filter_bit(a) == bit)
+        .unwrap()
 }
 
 fn flow_key(sport: u16) -> FlowKey {
@@ -167,6 +204,8 @@ fn balancer_fixtures() {
     assert_eq!(g.get(Counter::Fragment), 2);
     assert_eq!(g.get(Counter::TooBig), 2);
     assert_eq!(g.get(Counter::IcmpTooBig), 3);
+    assert_eq!(g.get(Counter::IcmpEcho), 2);
+    assert_eq!(g.get(Counter::IcmpToBackend), 2);
     assert_eq!(g.get(Counter::Redirect), 1);
     assert_eq!(g.get(Counter::FibNoNeigh), 1);
     assert_eq!(g.get(Counter::Ipv6), 1);

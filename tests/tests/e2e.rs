@@ -8,11 +8,12 @@ use std::{
     time::Duration,
 };
 
+use lb_common::builder::{frag_needed, Pkt};
 use sha2::{Digest, Sha256};
 use tests::{
     http::{node_of, Conn},
     privileged,
-    stack::{big_file, sh, Forward, Options, Stack, XdpMode, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP},
+    stack::{big_file, sh, Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP},
 };
 
 fn cpus() -> u64 {
@@ -159,6 +160,68 @@ fn one_mtu_everywhere_clients_learn_the_path_mtu() {
     assert!(sent >= 1, "the balancer told the client the path MTU");
     let route = stack.exec("client", &format!("ip route get {VIP}"));
     assert!(route.contains("mtu 1480"), "the client learnt the path MTU: {route}");
+}
+
+/// `Icmp: ... InDestUnreachs` of a namespace (/proc/net/snmp).
+fn dest_unreachs_received(stack: &Stack, role: &str) -> u64 {
+    let snmp = stack.exec(role, "cat /proc/net/snmp");
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == "InDestUnreachs").unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// ICMP to the VIP: `ping` gets its answers from the balancer; a router's "fragmentation
+/// needed" about a node's reply (sent to the VIP, since the reply's source is the VIP) goes
+/// to the node that holds the flow, whose kernel takes the path MTU from it.
+#[test]
+fn icmp_to_the_vip() {
+    if !privileged("icmp_to_the_vip") {
+        return;
+    }
+    let stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let echo_before = stack.status()["counters"]["icmp_echo"].as_u64().unwrap();
+    stack.exec("client", &format!("ping -c 3 -i 0.2 -W 2 {VIP}"));
+    let echo = stack.status()["counters"]["icmp_echo"].as_u64().unwrap() - echo_before;
+    assert!(echo >= 3, "the balancer answered the pings ({echo})");
+
+    // A UDP flow through the VIP, and the node that answers it.
+    let (node, client_port) = stack.in_ns("client", || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"hello", (VIP, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = s.recv_from(&mut buf).expect("UDP reply");
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        (reply.split_once(' ').expect("<node> <payload>").0.to_string(), s.local_addr().unwrap().port())
+    });
+    let other = if node == "web1" { "web2" } else { "web1" };
+    let before = (dest_unreachs_received(&stack, &node), dest_unreachs_received(&stack, other));
+    // What a router between the node and the client sends about a reply too big for its next
+    // link: to the VIP, quoting the reply (VIP:port to the client). Sent from the client's
+    // namespace, the only "router" this network has.
+    let reply = Pkt::udp(VIP.octets(), UDP_PORT, CLIENT.octets(), client_port).payload(&[0; 1400]).ip_packet();
+    let message = frag_needed(CLIENT.octets(), VIP.octets(), &reply, 1300).frag(0).ip_packet()[20..].to_vec();
+    stack.in_ns("client", move || {
+        // SAFETY: plain system calls on a socket of our own, closed at the end; the address
+        // is a properly initialised sockaddr_in.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let mut to: libc::sockaddr_in = std::mem::zeroed();
+            to.sin_family = libc::AF_INET as libc::sa_family_t;
+            to.sin_addr.s_addr = u32::from_ne_bytes(VIP.octets());
+            let n = libc::sendto(fd, message.as_ptr().cast(), message.len(), 0, (&raw const to).cast(), std::mem::size_of_val(&to) as libc::socklen_t);
+            assert_eq!(n, message.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        }
+    });
+    stack.wait_for(&node, &format!("ip route get {CLIENT} | grep -q \"mtu 1300\""), Duration::from_secs(5), "the node to learn the path MTU");
+    let route = stack.exec(&node, &format!("ip route get {CLIENT}"));
+    let after = (dest_unreachs_received(&stack, &node), dest_unreachs_received(&stack, other));
+    eprintln!("{node}: {route}");
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "the flow's node got the message, the other did not");
+    assert_eq!(stack.status()["counters"]["icmp_to_backend"], 1);
 }
 
 #[test]

@@ -1,11 +1,14 @@
 //! 100,000 random and mutated frames through the balancer: never XDP_ABORTED, and every frame
 //! that is not addressed to a VIP comes out byte-identical with XDP_PASS. Frames for a VIP
-//! keep their IPv4 packet intact inside whatever the program built. Seeded; set
+//! keep their IPv4 packet intact inside whatever the program built (ICMP to a VIP's address
+//! too: echo requests come back as their replies, "fragmentation needed" about a VIP's
+//! packet goes to a backend like the flow's packets). Seeded; set
 //! LB_FUZZ_SEED to vary, LB_FUZZ_FRAMES to change the count.
 
 use lb_common::{
-    builder::{arp_request, icmp_too_big, ipv6_tcp_syn, Pkt},
-    packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    builder::{arp_request, echo_reply, frag_needed, icmp_too_big, ipv6_tcp_syn, Pkt},
+    csum,
+    packet::{parse_frame, parse_icmp, parse_l3, IcmpToVip, Parsed, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     vip::VipKey,
 };
 use lb_userspace::{
@@ -26,6 +29,58 @@ fn vip_keys() -> Vec<(VipKey, bool)> {
     ]
 }
 
+/// Whether the balancer takes `frame` as a VIP's: the packet as the balancer places it (for
+/// ICMP about a VIP's flow, the client's side of that flow), whether the VIP is in `l2`
+/// mode, and the ICMP message if it is one. Parsed with the kernel's own parser.
+fn for_a_vip(frame: &[u8], vips: &[(VipKey, bool)]) -> Option<(Parsed, bool, Option<IcmpToVip>)> {
+    let vip_of = |k: lb_common::flow::FlowKey| {
+        let key = VipKey { addr: k.dst, port: k.dport, proto: k.proto, _pad: 0 };
+        vips.iter().find(|(k, _)| *k == key).map(|&(_, l2)| l2)
+    };
+    if let Ok(p) = parse_frame(frame) {
+        return vip_of(p.key()).map(|l2| (p, l2, None));
+    }
+    let (l3_off, ip) = parse_l3(frame).ok()?;
+    if ip.proto() != PROTO_ICMP {
+        return None;
+    }
+    let kind = parse_icmp(frame, l3_off, &ip).ok()?;
+    let (tuple, l2) = match kind {
+        // Answered if the address is a VIP's, whatever the port.
+        IcmpToVip::Echo => {
+            vips.iter().find(|(k, _)| k.addr == ip.dst())?;
+            (lb_common::flow::Tuple { src: ip.words[3], dst: ip.words[4], ports: 0, proto: PROTO_ICMP }, false)
+        }
+        IcmpToVip::TooBig(t) => (t, vip_of(t.key())?),
+    };
+    let p = Parsed { l3_off, ip_len: ip.tot_len, tos: ip.tos(), df: false, tcp_flags: 0, tuple };
+    Some((p, l2, Some(kind)))
+}
+
+/// `got` is the echo reply to `input`: as `echo_reply` builds it, except that checksums are
+/// updated rather than recomputed, so a wrong one stays wrong (by the same amount).
+fn check_echo_reply(input: &[u8], l3_off: usize, got: &[u8], ctx: &dyn Fn() -> String) {
+    let mut want = echo_reply(input, l3_off);
+    let ihl = usize::from(input[l3_off] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([input[l3_off + 2], input[l3_off + 3]]));
+    let sums = |f: &[u8]| {
+        let ip = &f[l3_off..l3_off + tot];
+        let mut sum = |b: &[u8]| b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum::<u32>();
+        (csum::fold(sum(&ip[..ihl])), csum::fold(sum(&ip[ihl..])))
+    };
+    let valid = sums(input) == (0, 0);
+    if !valid {
+        // Take the checksums as they came out; the rest must match.
+        for at in [l3_off + 10, l3_off + 11, l3_off + ihl + 2, l3_off + ihl + 3] {
+            want[at] = got[at];
+        }
+    }
+    assert!(got == want, "echo reply ({} checksums): {}", if valid { "valid" } else { "invalid" }, ctx());
+    if valid {
+        assert_eq!(sums(got), (0, 0), "checksums of the reply verify: {}", ctx());
+    }
+}
+
 fn base_frame(rng: &mut StdRng) -> Vec<u8> {
     let src = [rng.gen(), rng.gen(), rng.gen(), rng.gen()];
     let vips = [VIP, VIP_ROUTED, VIP_REDIRECT, VIP_NO_NEIGH, VIP_L2, LB_ADDR, [rng.gen(), rng.gen(), rng.gen(), rng.gen()]];
@@ -33,6 +88,7 @@ fn base_frame(rng: &mut StdRng) -> Vec<u8> {
     let dport = [80, 53, 81, 22, rng.gen()][rng.gen_range(0..5)];
     let flags = [TCP_SYN, TCP_ACK, TCP_SYN | TCP_ACK, TCP_RST, TCP_FIN | TCP_ACK, rng.gen()][rng.gen_range(0..6)];
     let payload: Vec<u8> = (0..rng.gen_range(0..1500)).map(|_| rng.gen()).collect();
+    let mut message = false;
     let mut p = if rng.gen_bool(0.6) {
         // Aimed at a configured VIP.
         let vips = vip_keys();
@@ -44,13 +100,30 @@ fn base_frame(rng: &mut StdRng) -> Vec<u8> {
             Pkt::tcp(src, rng.gen(), k.addr, port, flags)
         }
     } else {
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..12) {
             0..=5 => Pkt::tcp(src, rng.gen(), dst, dport, flags),
             6..=8 => Pkt::udp(src, rng.gen(), dst, dport),
-            _ => Pkt::icmp_echo(src, dst),
+            9 => Pkt::icmp_echo(src, dst),
+            // A router's "fragmentation needed" about a reply from a VIP (or from another
+            // port or address).
+            _ => {
+                let vips = vip_keys();
+                let (k, _) = vips[rng.gen_range(0..vips.len())];
+                let (from, port) = if rng.gen_bool(0.8) { (k.addr, u16::from_be_bytes(k.port)) } else { (dst, dport) };
+                let reply = if k.proto == lb_common::vip::PROTO_UDP {
+                    Pkt::udp(from, port, src, rng.gen())
+                } else {
+                    Pkt::tcp(from, port, src, rng.gen(), TCP_ACK)
+                };
+                let router = [rng.gen(), rng.gen(), rng.gen(), rng.gen()];
+                message = true;
+                frag_needed(router, from, &reply.payload(&[0; 1000]).ip_packet(), rng.gen())
+            }
         }
+    };
+    if !message {
+        p = p.payload(&payload);
     }
-    .payload(&payload);
     if rng.gen_bool(0.2) {
         p = p.vlan(rng.gen_range(0..4096));
     }
@@ -117,21 +190,26 @@ fn random_and_mutated_frames() {
     let mut by_action = [0u64; 5];
     let mut to_vip = 0u64;
     let mut icmp = 0u64;
+    let mut echo = 0u64;
+    let mut icmp_forwarded = 0u64;
     for n in 0..count {
         let input = frame(&mut rng);
         let got = testrun::run(dp.program(), &input, Some(ingress)).expect("test run");
         let ctx = || format!("frame {n} (seed {seed}): action {}\n  in:\n{}\n  out:\n{}", action_name(got.action), hex(&input), hex(&got.frame));
         assert_ne!(got.action, XDP_ABORTED, "{}", ctx());
         by_action[got.action.min(4) as usize] += 1;
-        let vip = parse_frame(&input[..]).ok().and_then(|p| {
-            let k = p.key();
-            let key = VipKey { addr: k.dst, port: k.dport, proto: k.proto, _pad: 0 };
-            vips.iter().find(|(k, _)| *k == key).map(|&(_, l2)| (p, l2))
-        });
-        let Some((p, l2_mode)) = vip else {
+        let vip = for_a_vip(&input, &vips);
+        let Some((p, l2_mode, icmp_kind)) = vip else {
             assert!(got.action == XDP_PASS && got.frame == input, "not for a VIP, must pass untouched: {}", ctx());
             continue;
         };
+        if icmp_kind == Some(IcmpToVip::Echo) {
+            assert_eq!(got.action, XDP_TX, "echo request to a VIP's address answered: {}", ctx());
+            check_echo_reply(&input, p.l3_off, &got.frame, &ctx);
+            echo += 1;
+            to_vip += 1;
+            continue;
+        }
         to_vip += 1;
         let ip = p.l3_off..p.l3_off + usize::from(p.ip_len);
         match got.action {
@@ -142,6 +220,9 @@ fn random_and_mutated_frames() {
                 let inner = p.l3_off + 20..p.l3_off + 20 + ip.len();
                 assert_eq!(got.frame[inner], input[ip.clone()], "inner packet intact: {}", ctx());
                 assert_eq!(got.frame[12..p.l3_off], input[12..p.l3_off], "ethertype/VLAN kept: {}", ctx());
+                if icmp_kind.is_some() {
+                    icmp_forwarded += 1;
+                }
             }
             XDP_TX if got.frame.len() < input.len() && got.frame.get(p.l3_off + 9) == Some(&1) => {
                 // ICMP "fragmentation needed" back to the sender: the packet (with DF) would
@@ -157,7 +238,7 @@ fn random_and_mutated_frames() {
         }
     }
     eprintln!(
-        "{count} frames (seed {seed}): {to_vip} for a VIP; drop {} pass {} tx {} (of which ICMP too big {icmp}) redirect {}",
+        "{count} frames (seed {seed}): {to_vip} for a VIP; drop {} pass {} tx {} (of which ICMP too big {icmp}, echo replies {echo}) redirect {}; ICMP to a flow's backend {icmp_forwarded}",
         by_action[1], by_action[2], by_action[3], by_action[4]
     );
     assert!(to_vip > count as u64 / 10, "the generator must reach the VIP path often");

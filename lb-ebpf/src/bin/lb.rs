@@ -12,16 +12,17 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
-    flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
-    icmp::{answerable, halves, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, TOO_BIG_OVERHEAD},
-    packet::{parse_l3, parse_l4, Frame, Parsed, TCP_RST},
+    csum,
+    flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
+    icmp::{answerable, halves, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
+    packet::{parse_icmp, parse_l3, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
@@ -33,6 +34,10 @@ static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
 /// Bitmap of the hashes of VIP addresses (see `lb_common::vip::addr_filter_bit`).
 #[map]
 static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
+/// The VIP addresses, exactly (the filter above has false positives): which echo requests
+/// are answered.
+#[map]
+static VIP_ADDR_SET: HashMap<u32, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 /// Two rings of `RING_SIZE` backend indexes per VIP (active and next), flat.
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * RING_SIZE, 0);
@@ -110,6 +115,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     }
     let p = match parse_l4(&frame, l3_off, &ip) {
         Ok(p) => p,
+        Err(Counter::OtherL4) if ip.proto() == PROTO_ICMP => return icmp(ctx, &frame, l3_off, &ip, stats),
         Err(c) => {
             bump(stats, c);
             return xdp_action::XDP_PASS;
@@ -453,4 +459,105 @@ fn icmp_too_big(ctx: &XdpContext, frame: &XdpFrame, p: &Parsed, mtu: u16, stats:
     let _ = unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep - len) };
     bump(stats, Counter::IcmpTooBig);
     xdp_action::XDP_TX
+}
+
+/// ICMP to a VIP address: echo requests are answered, "fragmentation needed" about a VIP's
+/// packet goes to the backend of its flow (see `lb_common::packet::IcmpToVip`); anything
+/// else passes untouched.
+#[inline(always)]
+fn icmp(ctx: &XdpContext, frame: &XdpFrame, l3_off: usize, ip: &Ipv4, stats: &mut GlobalStats) -> u32 {
+    match parse_icmp(frame, l3_off, ip) {
+        Ok(IcmpToVip::Echo) => echo_reply(ctx, l3_off, ip, stats),
+        Ok(IcmpToVip::TooBig(tuple)) => icmp_to_backend(ctx, frame, l3_off, ip, tuple, stats),
+        Err(c) => {
+            bump(stats, c);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// An echo request to a VIP address becomes its reply in place: MACs and addresses swapped,
+/// TTL 64, type 0, both checksums updated for the two fields that changed (RFC 1624).
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, l3_off: usize, ip: &Ipv4, stats: &mut GlobalStats) -> u32 {
+    // SAFETY: a hash map lookup; the value is not used.
+    if unsafe { VIP_ADDR_SET.get(&ip.words[4]) }.is_none() {
+        // Another address whose filter bit a VIP's address shares.
+        bump(stats, Counter::OtherL4);
+        return xdp_action::XDP_PASS;
+    }
+    // Bounds read anew after the helper call, and offsets LLVM cannot see through
+    // (volatile): it would otherwise drop checks it can prove from others, for pointers
+    // whose range the verifier does not know.
+    let frame = XdpFrame::new(ctx);
+    // SAFETY: reads of two locals.
+    let (l3_off, icmp_off) = unsafe { (core::ptr::read_volatile(&l3_off), core::ptr::read_volatile(&(l3_off + ip.ihl))) };
+    let [ttl, proto, c0, c1] = ip.words[2].to_ne_bytes();
+    let check = csum::replace(u16::from_ne_bytes([c0, c1]), u16::from_ne_bytes([ttl, proto]), u16::from_ne_bytes([REPLY_TTL, proto]));
+    let [c0, c1] = check.to_ne_bytes();
+    // Swapping the addresses leaves the IPv4 checksum as it is.
+    let words = [u32::from_ne_bytes([REPLY_TTL, proto, c0, c1]), ip.words[4], ip.words[3]];
+    let (Some(macs), Some([head])) = (frame.macs(), frame.load_words::<1>(icmp_off)) else {
+        bump(stats, Counter::Malformed);
+        return xdp_action::XDP_PASS;
+    };
+    let [kind, code, i0, i1] = head.to_ne_bytes();
+    let check = csum::replace(u16::from_ne_bytes([i0, i1]), u16::from_ne_bytes([kind, code]), u16::from_ne_bytes([ICMP_ECHO_REPLY, code]));
+    let [i0, i1] = check.to_ne_bytes();
+    if !(frame.store_words(l3_off + 8, &words)
+        && frame.store_words(icmp_off, &[u32::from_ne_bytes([ICMP_ECHO_REPLY, code, i0, i1])])
+        && frame.store_words(0, &swap_macs(macs)))
+    {
+        // Cannot happen: every byte written was read before.
+        bump(stats, Counter::Malformed);
+        return xdp_action::XDP_DROP;
+    }
+    bump(stats, Counter::IcmpEcho);
+    xdp_action::XDP_TX
+}
+
+/// "Fragmentation needed" about a VIP's packet: to the backend its flow is pinned to (or
+/// where the flow's hash places it, as its next packet would be), encapsulated whole. No flow
+/// entry is made or refreshed, and it never gets an ICMP error of its own (`df` false: if
+/// too big once encapsulated, it is passed).
+#[inline(always)]
+fn icmp_to_backend(ctx: &XdpContext, frame: &XdpFrame, l3_off: usize, ip: &Ipv4, tuple: Tuple, stats: &mut GlobalStats) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        bump(stats, Counter::FibError);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(vip) = find_packed_vip(pack(tuple.dst, tuple.dport_word(), tuple.proto), |i| VIPS.get(i)).copied() else {
+        bump(stats, Counter::NotVip);
+        return xdp_action::XDP_PASS;
+    };
+    if vip.ring_len() == 0 {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    }
+    let slot = FlowSlot::new(tuple.hash64(cfg.flow_seed), cfg.flow_sets);
+    let pinned = FLOWS.get(slot.set).and_then(|set| set.find(&slot)).map(|(_, e)| entry_backend(e));
+    let by_hash = RINGS.get(ring_index(vip.vip_num, vip.ring_half(), tuple.hash() % vip.ring_len())).copied();
+    let Some(mut idx) = pinned.or(by_hash) else {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    let Some(mut backend) = BACKENDS.get(idx) else {
+        bump(stats, Counter::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    if backend.is_down() {
+        // As the flow's next packet would be re-steered.
+        let Some(b) = by_hash.and_then(|i| BACKENDS.get(i).map(|b| (i, b))) else {
+            bump(stats, Counter::NoBackend);
+            return xdp_action::XDP_DROP;
+        };
+        (idx, backend) = b;
+    }
+    bump(stats, Counter::IcmpToBackend);
+    let p = Parsed { l3_off, ip_len: ip.tot_len, tos: ip.tos(), df: false, tcp_flags: 0, tuple };
+    if vip.is_l2() {
+        forward_l2(frame, backend, stats).0
+    } else {
+        forward_ipip(ctx, frame, &p, cfg, idx, backend, stats).0
+    }
 }
