@@ -12,7 +12,9 @@ pub struct LbConfig {
     pub generation: u32,
     /// Sets of the flow table (`flow::FlowSet`); 0 until userspace set up the table.
     pub flow_sets: u32,
-    pub _pad: u32,
+    /// SYN flood guard: new TCP flows a CPU may pin to a VIP per [`crate::flood`] window;
+    /// those past it are placed by hash, without an entry. 0: off.
+    pub flood_limit: u32,
     /// Seed of the flow table's hash (`flow::Tuple::hash64`).
     pub flow_seed: u64,
 }

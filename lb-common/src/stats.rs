@@ -19,6 +19,8 @@ pub enum Counter {
     Redirect,
     /// Non-SYN TCP without a flow entry, placed by the 5-tuple hash.
     HashFallback,
+    /// SYN past the flood guard's limit: placed by the 5-tuple hash, without an entry.
+    FloodGuard,
     /// A flow pinned to a backend marked down, moved by the 5-tuple hash to a live one (whose
     /// reset tells the client at once, instead of a hang).
     Resteer,
@@ -73,6 +75,7 @@ impl Counter {
         Counter::Tx,
         Counter::Redirect,
         Counter::HashFallback,
+        Counter::FloodGuard,
         Counter::Resteer,
         Counter::NotIp,
         Counter::Ipv6,
@@ -129,6 +132,7 @@ impl Counter {
             Counter::NewFlow => "new_flow",
             Counter::FlowHit => "flow_hit",
             Counter::HashFallback => "hash_fallback",
+            Counter::FloodGuard => "flood_guard",
             Counter::Resteer => "resteer",
             Counter::NoBackend => "no_backend",
             Counter::Tx => "tx",
@@ -181,14 +185,15 @@ impl GlobalStats {
 }
 
 /// Traffic of one VIP or one backend: packets, bytes (of the frame as received) and new flows.
-/// For a VIP, the per-CPU `new_flows` is also its round-robin position on that CPU.
+/// For a VIP, the per-CPU `new_flows` is also its round-robin position on that CPU, and
+/// `flood` the flood guard's count in its current window ([`crate::flood`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TrafficStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    pub _pad: u64,
+    pub flood: u64,
 }
 const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 
@@ -208,7 +213,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 20);
+        assert_eq!(Counter::BALANCER.len(), 21);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));
@@ -217,7 +222,7 @@ mod tests {
         assert_eq!(Counter::FlowHit.action(), None);
         // Every packet is counted under exactly one action: the action counters of the
         // balancer partition its packets (placements are counted besides).
-        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer, Counter::IcmpToBackend];
+        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer, Counter::IcmpToBackend, Counter::FloodGuard];
         for c in Counter::BALANCER {
             assert_eq!(c.action().is_none(), placements.contains(c), "{c:?}");
         }

@@ -171,6 +171,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "ready": shared.ready.load(Ordering::SeqCst),
         "encap_source": topo.encap_source,
         "flow_table_size": topo.flow_table_size,
+        "flood_guard": topo.flood_guard,
         "xdp": topo.xdp,
         "vips": vips,
         "counters": counters,

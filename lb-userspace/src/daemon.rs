@@ -116,6 +116,7 @@ pub struct Topology {
     pub version: &'static str,
     pub encap_source: Ipv4Addr,
     pub flow_table_size: u32,
+    pub flood_guard: u32,
     pub xdp: Vec<Attachment>,
     pub vips: Vec<VipInfo>,
     pub backends: Vec<BackendInfo>,
@@ -514,6 +515,7 @@ fn mode_name(m: XdpMode) -> &'static str {
 /// Fills the maps of a loaded dataplane from the configuration.
 pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> Result<(Vec<VipInfo>, Vec<BackendInfo>)> {
     dp.set_encap_source(encap_source)?;
+    dp.set_flood_limit(config.flood_guard)?;
     let mut backends: Vec<BackendInfo> = Vec::new();
     let mut by_addr: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     let mut vips = Vec::new();
@@ -676,6 +678,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         encap_source,
         flow_table_size: config.flow_table_size,
+        flood_guard: config.flood_guard,
         xdp,
         vips,
         backends,

@@ -202,6 +202,14 @@ impl Dataplane {
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
+    /// The SYN flood guard's limit: new TCP flows a CPU pins to one VIP per window before
+    /// it places them by hash, without an entry (`lb_common::flood`); 0 turns it off.
+    pub fn set_flood_limit(&mut self, limit: u32) -> Result<(), DataplaneError> {
+        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
+        cfg.flood_limit = limit;
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    }
+
     /// Bumps `LbConfig::generation`: the program asks the FIB again for every backend (after
     /// route or neighbour changes; entries also expire after `NEXTHOP_BUDGET` packets) and
     /// re-reads every cached flow from the flow table. The daemon does it every second.

@@ -475,16 +475,22 @@ fn flows_of_a_dead_backend_are_resteered() {
     assert!(placed.contains(&0) && placed.contains(&1), "both in rotation again: {placed:?}");
 }
 
+/// The lab, on CPU 0, with a balancer whose flow table is one set (eight ways).
+fn one_set_table() -> (u32, Dataplane) {
+    pin_to_cpu(0);
+    let ingress = topology();
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4, pin_dir: None }).expect("load balancer");
+    configure(&mut dp);
+    (ingress, dp)
+}
+
 #[test]
 fn a_full_flow_set_replaces_the_flow_seen_longest_ago() {
     if !privileged("full_flow_set") {
         return;
     }
-    pin_to_cpu(0);
-    let ingress = topology();
     // A table of one set: eight flows fit, a ninth replaces the one seen longest ago.
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4, pin_dir: None }).expect("load balancer");
-    configure(&mut dp);
+    let (ingress, dp) = one_set_table();
     let open = |dp: &Dataplane, sport: u16| {
         let got = testrun::run(dp.program(), &syn(sport).build(), Some(ingress)).unwrap();
         assert_eq!(got.action, XDP_TX, "SYN {sport}");
@@ -509,6 +515,62 @@ fn a_full_flow_set_replaces_the_flow_seen_longest_ago() {
     }
     let g = dp.global_stats().unwrap();
     assert_eq!((g.get(Counter::NewFlow), g.get(Counter::FlowHit)), (9, 7));
+}
+
+/// A SYN flood against a table of one set: without the guard it replaces a pinned flow's
+/// entry; with it (3 pinned SYNs per window and CPU), flooded SYNs are placed by their hash
+/// without an entry, the pinned flow keeps its entry, and a flooded flow that goes on (its
+/// ACK) lands where its SYN went and is pinned then.
+#[test]
+fn the_flood_guard_keeps_pinned_flows_through_a_syn_flood() {
+    if !privileged("flood_guard") {
+        return;
+    }
+    let (ingress, mut dp) = one_set_table();
+    let send = |dp: &Dataplane, frame: Vec<u8>| {
+        let got = testrun::run(dp.program(), &frame, Some(ingress)).unwrap();
+        assert_eq!(got.action, XDP_TX);
+        let l2 = l2_len(&got.frame);
+        // The outer destination: which backend it went to.
+        REALS.iter().position(|r| got.frame[l2 + 16..l2 + 20] == r.addr).unwrap()
+    };
+    let flood = 43000..43200u16;
+
+    // No guard: eight SYNs fill the set, the ninth replaces the pinned flow's entry.
+    dp.set_flood_limit(0).unwrap();
+    send(&dp, syn(42000).build());
+    for sport in flood.clone().take(8) {
+        send(&dp, syn(sport).build());
+    }
+    assert_eq!(dp.flow(&flow_key(42000)), None, "without the guard the flood evicts the flow");
+
+    dp.clear_flows().unwrap();
+    dp.set_flood_limit(3).unwrap();
+    let before = dp.global_stats().unwrap();
+    let backend = send(&dp, syn(42000).build());
+    for sport in flood.clone() {
+        let went = send(&dp, syn(sport).build());
+        if dp.flow(&flow_key(sport)).is_none() {
+            assert_eq!(went, hash_backend(sport), "a flooded SYN {sport} goes where its hash says");
+        }
+    }
+    let g = dp.global_stats().unwrap();
+    let (pinned, guarded) = (g.get(Counter::NewFlow) - before.get(Counter::NewFlow), g.get(Counter::FloodGuard) - before.get(Counter::FloodGuard));
+    eprintln!("flood of {}: {pinned} SYNs pinned (with the flow's own), {guarded} by hash", flood.len());
+    assert_eq!(pinned + guarded, flood.len() as u64 + 1);
+    // Three per window; the test takes far less than a window (1.07 s), so at most two.
+    assert!((3..=6).contains(&pinned), "{pinned} pinned");
+    assert_eq!(dp.flow(&flow_key(42000)).map(|v| v.backend), Some(backend as u32), "the pinned flow kept its entry");
+    // A flooded flow's ACK: no entry, so the hash, as its SYN; pinned from then on.
+    let sport = flood.clone().find(|&s| dp.flow(&flow_key(s)).is_none()).unwrap();
+    assert_eq!(send(&dp, Pkt::tcp(CLIENT, sport, VIP, 80, TCP_ACK).build()), hash_backend(sport));
+    assert_eq!(dp.flow(&flow_key(sport)).map(|v| v.backend), Some(hash_backend(sport) as u32));
+    // UDP is not guarded: every new 5-tuple is pinned.
+    let udp_before = dp.global_stats().unwrap().get(Counter::NewFlow);
+    for sport in 6000..6010u16 {
+        send(&dp, Pkt::udp(CLIENT, sport, VIP, 53).build());
+    }
+    assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow) - udp_before, 10);
 }
 
 /// A bpffs of the test's own (unmounted and removed on drop, also on failure).

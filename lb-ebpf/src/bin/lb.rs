@@ -10,7 +10,7 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -20,11 +20,12 @@ use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     csum,
+    flood::admit,
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     icmp::{answerable, halves, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_l3, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
@@ -166,7 +167,8 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
             (way, idx)
         }
         None => {
-            let ring_slot = if p.opens_flow() {
+            let mut pin = p.tcp_flags & TCP_RST == 0;
+            let ring_slot = if p.opens_flow() && !(p.tuple.proto == PROTO_TCP && flooded(cfg, vip_stats)) {
                 // A SYN, or the first UDP packet of a 5-tuple: the next backend in turn.
                 bump(stats, Counter::NewFlow);
                 new_flow = true;
@@ -175,6 +177,13 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 let ring_slot = round_robin_slot(vip_stats.new_flows, cpu, vip.ring_len());
                 vip_stats.new_flows += 1;
                 ring_slot
+            } else if p.opens_flow() {
+                // A SYN past the flood guard's limit: by the hash, as its later packets
+                // will be, and no entry (see `lb_common::flood`).
+                bump(stats, Counter::FloodGuard);
+                new_flow = true;
+                pin = false;
+                p.tuple.hash() % vip.ring_len()
             } else {
                 // Mid-flow without an entry (evicted, or lost in a restart): by the hash,
                 // so every packet of the flow, on any balancer, goes to one backend.
@@ -187,7 +196,7 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
             };
             let way = set.victim(now) & (FLOW_WAYS - 1);
             // A RST ends the flow: place it, but do not create an entry for it.
-            if p.tcp_flags & TCP_RST == 0 {
+            if pin {
                 set.ways[way] = slot.entry(idx, now);
             }
             (way, idx)
@@ -238,6 +247,20 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         }
     }
     action
+}
+
+/// Whether this CPU has pinned as many new TCP flows to the VIP in the current window as
+/// the flood guard allows (counting this one); see `lb_common::flood`.
+#[inline(always)]
+fn flooded(cfg: &LbConfig, vip_stats: &mut TrafficStats) -> bool {
+    if cfg.flood_limit == 0 {
+        return false;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (state, within) = admit(vip_stats.flood, now, cfg.flood_limit);
+    vip_stats.flood = state;
+    !within
 }
 
 /// `l2` mode: the backend is on our segment; point the frame at its MAC and send it back out.
