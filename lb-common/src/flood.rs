@@ -2,8 +2,9 @@
 //! entries no packet ever uses again, and every new entry replaces the one of its set seen
 //! longest ago: the entries of real, idle flows go first, and their next packets are placed
 //! by the hash, which is not where round robin put them (the backend answers with a reset).
-//! So each CPU counts the SYNs it pins per VIP in a window of about a second; past the limit,
-//! a SYN is placed by its 5-tuple's hash and gets no entry. Its flow loses nothing: its
+//! So each CPU counts the SYNs it pins per VIP; when `limit` of them came within about a
+//! second, the next ones are placed by their 5-tuple's hash and get no entry, until a
+//! second has passed since the count began. Its flow loses nothing: its
 //! later packets find no entry either and take the same hash (the hash fallback, which
 //! makes the entry then), so only SYNs that no ACK follows stay out of the table. Katran
 //! does the same above 125,000 new connections a second per CPU (`MAX_CONN_RATE`: its LRU
@@ -13,19 +14,31 @@
 //! later ones apart, so a flow placed by hash during a flood would move to its round-robin
 //! backend once the flood ended.
 
-/// A window is 2^30 ns (1.07 s) of the coarse monotonic clock.
-pub const WINDOW_SHIFT: u32 = 30;
+/// A window is 2^30 ns (1.07 s), counted in units of 2^20 ns (1.05 ms).
+pub const UNIT_SHIFT: u32 = 20;
+pub const WINDOW_UNITS: u32 = 1 << (30 - UNIT_SHIFT);
 /// New TCP flows a CPU pins to one VIP per window unless configured otherwise: Katran's
 /// `MAX_CONN_RATE` (125,000 a second per CPU).
 pub const DEFAULT_FLOOD_LIMIT: u32 = 125_000;
 
-/// One more SYN at `now_ns` with the guard in `state` (the window's number above, the count
-/// below): the new state, and whether the SYN is within `limit` (it gets an entry).
+/// One more SYN with the guard in `state` (when the count began, in units of the clock,
+/// above; the count below): the new state, and whether the SYN is within `limit` (it gets
+/// an entry). `clock` (monotonic ns) is read only for the first SYN and when the count
+/// reaches the limit: once per `limit` SYNs unless there is a flood. Past the limit, a SYN
+/// is within it again once a window has passed since the count began (a new count starts
+/// with it), so at most `limit` SYNs a window get entries, flood or not, and the guard
+/// costs the SYNs below the limit one increment.
 #[inline(always)]
-pub fn admit(state: u64, now_ns: u64, limit: u32) -> (u64, bool) {
-    let window = (now_ns >> WINDOW_SHIFT) as u32;
-    let count = if (state >> 32) as u32 == window { (state as u32).saturating_add(1) } else { 1 };
-    (u64::from(window) << 32 | u64::from(count), count <= limit)
+pub fn admit(state: u64, limit: u32, clock: impl FnOnce() -> u64) -> (u64, bool) {
+    let count = state as u32;
+    if count != 0 && count < limit {
+        return (state + 1, true);
+    }
+    let now = (clock() >> UNIT_SHIFT) as u32;
+    if count == 0 || now.wrapping_sub((state >> 32) as u32) >= WINDOW_UNITS {
+        return (u64::from(now) << 32 | 1, true);
+    }
+    (state, false)
 }
 
 #[cfg(test)]
@@ -34,21 +47,30 @@ mod tests {
     use alloc::vec::Vec;
 
     #[test]
-    fn counts_per_window() {
-        let second = 1u64 << WINDOW_SHIFT;
+    fn limit_per_window() {
+        let unit = 1u64 << UNIT_SHIFT;
+        let window = u64::from(WINDOW_UNITS) * unit;
+        let t0 = 1000 * unit;
         let mut state = 0;
         let mut admitted = Vec::new();
-        // Five SYNs in one window with a limit of 3, then one in the next window.
-        for now in [5 * second, 5 * second + 1, 5 * second + 7, 6 * second - 1, 6 * second - 1, 6 * second] {
-            let (next, ok) = admit(state, now, 3);
+        let mut reads = 0;
+        // A limit of 3: SYNs at t0 (x5), half a window later (x2), then one window after
+        // the count began, then 3 more.
+        for now in [t0, t0, t0, t0, t0, t0 + window / 2, t0 + window / 2, t0 + window, t0 + window, t0 + window, t0 + window] {
+            let (next, ok) = admit(state, 3, || {
+                reads += 1;
+                now
+            });
             state = next;
             admitted.push(ok);
         }
-        assert_eq!(admitted, [true, true, true, false, false, true]);
-        assert_eq!(state, 6 << 32 | 1);
-        // A state from long ago (or never set) starts a new count.
-        assert_eq!(admit(0, 9 * second, 1), (9 << 32 | 1, true));
-        // The count saturates instead of wrapping to "within the limit".
-        assert_eq!(admit(u64::from(u32::MAX), 0, u32::MAX - 1), (u64::from(u32::MAX), false));
+        assert_eq!(admitted, [true, true, true, false, false, false, false, true, true, true, false]);
+        // The clock: the first SYN, each one at the limit (the 4th to 8th and the 11th).
+        assert_eq!(reads, 7);
+        // The clock's units wrap (32 bits of 1.05 ms: every 52 days) without harm.
+        let late = u64::from(u32::MAX) * unit;
+        let (s, _) = admit(0, 1, || late);
+        assert_eq!(admit(s, 1, || late + unit), (s, false));
+        assert!(admit(s, 1, || late + window).1);
     }
 }

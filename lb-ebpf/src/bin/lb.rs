@@ -256,9 +256,8 @@ fn flooded(cfg: &LbConfig, vip_stats: &mut TrafficStats) -> bool {
     if cfg.flood_limit == 0 {
         return false;
     }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (state, within) = admit(vip_stats.flood, now, cfg.flood_limit);
+    // SAFETY: plain helper call (made only at the limit, see `admit`).
+    let (state, within) = admit(vip_stats.flood, cfg.flood_limit, || unsafe { bpf_ktime_get_coarse_ns() });
     vip_stats.flood = state;
     !within
 }
