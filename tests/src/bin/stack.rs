@@ -93,6 +93,7 @@ fn main() {
          \x20 sudo ip netns exec {client} curl http://{VIP}/\n\
          \x20 sudo ip netns exec {client} sh -c 'for i in 1 2 3 4; do curl -s http://{VIP}/whoami; echo; done'\n\
          \x20 echo hi | sudo ip netns exec {client} nc -u -w1 {VIP} {UDP_PORT}\n\
+         \x20 sudo ip netns exec {client} ping -c 3 {VIP}   # answered by the balancer (XDP)\n\
          \x20 sudo ip netns exec {lb} curl http://{ADMIN}/status      # or /metrics\n\
          \x20 sudo ip netns exec {lb} {lbd} status\n\
          \x20 sudo ip netns exec {lb} {lbd} ctl --token-file {work}/admin.token backend drain web1   # then: ready web1\n\
