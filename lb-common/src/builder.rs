@@ -161,11 +161,7 @@ impl Pkt {
         h.extend_from_slice(&self.src);
         h.extend_from_slice(&self.dst);
         h.extend_from_slice(&self.options);
-        let mut sum = 0u32;
-        for c in h.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        let c = csum::fold(sum).to_be_bytes();
+        let c = checksum(&h).to_be_bytes();
         h[10] = c[0];
         h[11] = c[1];
         h.extend_from_slice(&l4);
@@ -257,14 +253,7 @@ pub fn icmp_too_big(frame: &[u8], l2_len: usize, mtu: u16) -> Vec<u8> {
     out
 }
 
-/// RFC 1071 over bytes (an odd last byte padded with zero).
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    csum::fold(sum)
-}
+use csum::bytes as checksum;
 
 /// An ICMP "fragmentation needed" message advertising `mtu`, quoting `quote` whole.
 fn frag_needed_message(quote: &[u8], mtu: u16) -> Vec<u8> {

@@ -8,6 +8,22 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The one's-complement sum of a word's two 16-bit halves as they lie in memory (the sum
+/// does not depend on byte order, RFC 1071 §2(B)); add these up, then [`fold`].
+#[inline(always)]
+pub const fn halves(w: u32) -> u32 {
+    (w & 0xffff) + (w >> 16)
+}
+
+/// RFC 1071 over bytes, an odd last byte padded with zero (host side: fixtures and tests).
+pub fn bytes(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    fold(sum)
+}
+
 /// The checksum `check` after one 16-bit field it covers changed from `old` to `new`
 /// (RFC 1624, eqn. 3). Any byte order, as long as all three are read the same way.
 #[inline(always)]

@@ -57,7 +57,7 @@ pub fn outer_ipv4_words(src: u32, dst: u32, inner_len: u16, tos: u8, df: bool) -
     let w0 = u32::from_ne_bytes([0x45, tos, (len >> 8) as u8, len as u8]);
     let w1 = u32::from_ne_bytes([0, 0, if df { 0x40 } else { 0 }, 0]);
     let w2 = u32::from_ne_bytes([OUTER_TTL, PROTO_IPIP, 0, 0]);
-    let halves = |w: u32| (w & 0xffff) + (w >> 16);
+    let halves = csum::halves;
     let sum = halves(w0) + halves(w1) + halves(w2) + halves(src) + halves(dst);
     // The checksum of the halves as they are read natively: written back the same way.
     let c = csum::fold(sum).to_ne_bytes();

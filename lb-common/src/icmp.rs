@@ -8,7 +8,7 @@
 //! (a new IPv4 header and the ICMP header, [`too_big_words`]), and is cut after the quote
 //! (the packet's IPv4 header and the first 8 bytes after it, [`quote_len`]).
 
-use crate::csum;
+use crate::csum::{self, halves};
 
 /// Bytes the reply puts in front of the quoted packet: an IPv4 header and the ICMP header.
 pub const TOO_BIG_OVERHEAD: usize = 28;
@@ -28,13 +28,6 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 #[inline(always)]
 pub const fn quote_len(ihl_bytes: usize) -> usize {
     ihl_bytes + QUOTED_PAYLOAD
-}
-
-/// The one's-complement sum of a word's two 16-bit halves as they lie in memory (the sum
-/// does not depend on byte order, RFC 1071 §2(B)); add these up, then [`csum::fold`].
-#[inline(always)]
-pub const fn halves(w: u32) -> u32 {
-    (w & 0xffff) + (w >> 16)
 }
 
 /// The reply's IPv4 and ICMP headers as seven 4-byte words in memory order
@@ -87,13 +80,7 @@ mod tests {
     use alloc::vec::Vec;
 
     /// RFC 1071 over bytes, independent of the word trick above.
-    fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum = 0u32;
-        for c in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-        }
-        csum::fold(sum)
-    }
+    use csum::bytes as checksum;
 
     fn bytes(words: &[u32]) -> Vec<u8> {
         words.iter().flat_map(|w| w.to_ne_bytes()).collect()

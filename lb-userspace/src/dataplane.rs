@@ -196,27 +196,30 @@ impl Dataplane {
 
     /// The balancer's own address: the source of outer IPIP headers.
     pub fn set_encap_source(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+        self.update_config(|cfg| {
+            cfg.encap_src = addr.octets();
+            cfg.generation = cfg.generation.wrapping_add(1);
+        })
+    }
+
+    /// Reads `CONFIG`, changes it, writes it back.
+    fn update_config(&mut self, change: impl FnOnce(&mut LbConfig)) -> Result<(), DataplaneError> {
         let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
-        cfg.encap_src = addr.octets();
-        cfg.generation = cfg.generation.wrapping_add(1);
+        change(&mut cfg);
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
     /// The SYN flood guard's limit: new TCP flows a CPU pins to one VIP per window before
     /// it places them by hash, without an entry (`lb_common::flood`); 0 turns it off.
     pub fn set_flood_limit(&mut self, limit: u32) -> Result<(), DataplaneError> {
-        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
-        cfg.flood_limit = limit;
-        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+        self.update_config(|cfg| cfg.flood_limit = limit)
     }
 
     /// Bumps `LbConfig::generation`: the program asks the FIB again for every backend (after
     /// route or neighbour changes; entries also expire after `NEXTHOP_BUDGET` packets) and
     /// re-reads every cached flow from the flow table. The daemon does it every second.
     pub fn invalidate_next_hops(&mut self) -> Result<(), DataplaneError> {
-        let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
-        cfg.generation = cfg.generation.wrapping_add(1);
-        self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+        self.update_config(|cfg| cfg.generation = cfg.generation.wrapping_add(1))
     }
 
     /// Allows XDP_REDIRECT out of `ifindex`.
@@ -291,18 +294,19 @@ impl Dataplane {
     /// `lb_common::vip::VIP_ADDR_FILTER_WORDS`): the words that changed, and every word the
     /// first time (which clears bits that a previous run left in a pinned map).
     fn write_addr_filter(&mut self) -> Result<(), DataplaneError> {
-        let addrs: std::collections::BTreeSet<[u8; 4]> = (0..lb_common::vip::VIP_TABLE_SIZE)
+        // The addresses as the program reads them (native words of the address bytes, which
+        // are a packed key's first four).
+        let set: std::collections::BTreeSet<u32> = (0..lb_common::vip::VIP_TABLE_SIZE)
             .map(|slot| self.vip_table.key_at(slot))
             .filter(|&k| k != SLOT_EMPTY && k != SLOT_TOMBSTONE)
             .map(|k| {
                 let b = k.to_ne_bytes();
-                [b[0], b[1], b[2], b[3]]
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
             })
             .collect();
-        let words = addr_filter(addrs.iter().copied());
+        let words = addr_filter(set.iter().map(|a| a.to_ne_bytes()));
         // New addresses into the exact set before the filter lets their packets through, gone
         // ones out of it after.
-        let set: std::collections::BTreeSet<u32> = addrs.iter().map(|&a| u32::from_ne_bytes(a)).collect();
         let old = match self.vip_addr_set_written.take() {
             Some(old) => old,
             // The first time: whatever a previous run left in a pinned map.

@@ -65,8 +65,7 @@ fn check_echo_reply(input: &[u8], l3_off: usize, got: &[u8], ctx: &dyn Fn() -> S
     let tot = usize::from(u16::from_be_bytes([input[l3_off + 2], input[l3_off + 3]]));
     let sums = |f: &[u8]| {
         let ip = &f[l3_off..l3_off + tot];
-        let mut sum = |b: &[u8]| b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum::<u32>();
-        (csum::fold(sum(&ip[..ihl])), csum::fold(sum(&ip[ihl..])))
+        (csum::bytes(&ip[..ihl]), csum::bytes(&ip[ihl..]))
     };
     let valid = sums(input) == (0, 0);
     if !valid {

@@ -19,10 +19,10 @@ use aya_ebpf::{
 use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
-    csum,
+    csum::{self, halves},
     flood::admit,
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
-    icmp::{answerable, halves, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
+    icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_l3, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
