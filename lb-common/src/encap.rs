@@ -17,8 +17,11 @@ pub struct LbConfig {
     pub flood_limit: u32,
     /// Seed of the flow table's hash (`flow::Tuple::hash64`).
     pub flow_seed: u64,
+    /// Rules in the firewall's trie (`firewall`); 0: the program does not look.
+    pub firewall_rules: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 32);
 user_pod!(LbConfig);
 
 /// Bytes the outer header adds.

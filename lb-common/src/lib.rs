@@ -12,6 +12,7 @@ extern crate alloc;
 pub mod backend;
 pub mod csum;
 pub mod encap;
+pub mod firewall;
 pub mod flood;
 pub mod flow;
 pub mod icmp;

@@ -54,6 +54,8 @@ pub enum Counter {
     /// `bpf_xdp_adjust_head` or the devmap refused: passed (untouched, or encapsulated to
     /// the kernel when only the devmap refused).
     EncapError,
+    /// Source denied by a firewall rule: dropped (see `firewall`).
+    Firewall,
     // --- decapsulation program ---
     /// IPIP packet for this host, outer header removed.
     Decap,
@@ -90,6 +92,7 @@ impl Counter {
         Counter::TooBig,
         Counter::FibError,
         Counter::EncapError,
+        Counter::Firewall,
         Counter::Decap,
         Counter::DecapNotLocal,
         Counter::DecapNotIpip,
@@ -105,7 +108,7 @@ impl Counter {
         match self {
             Counter::Tx | Counter::IcmpTooBig | Counter::IcmpEcho => Some("tx"),
             Counter::Redirect => Some("redirect"),
-            Counter::NoBackend => Some("drop"),
+            Counter::NoBackend | Counter::Firewall => Some("drop"),
             Counter::NotVip
             | Counter::NotIp
             | Counter::Ipv6
@@ -144,6 +147,7 @@ impl Counter {
             Counter::TooBig => "too_big",
             Counter::FibError => "fib_error",
             Counter::EncapError => "encap_error",
+            Counter::Firewall => "firewall",
             Counter::Decap => "decap",
             Counter::DecapNotLocal => "decap_not_local",
             Counter::DecapNotIpip => "decap_not_ipip",
@@ -213,7 +217,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 21);
+        assert_eq!(Counter::BALANCER.len(), 22);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));

@@ -3,13 +3,14 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::{Key, LpmTrie}, Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
     backend::{ring_index, Backend, BACKEND_DOWN, MAX_BACKENDS, RING_SIZE},
     encap::LbConfig,
+    firewall::{rule_index, Prefix, RuleStats, MAX_RULES, VERDICT_ALLOW},
     flow::{entry_backend, flow_sets, FlowKey, FlowSet, FlowSlot, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
     vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
@@ -41,6 +42,34 @@ pub enum DataplaneError {
     Pin(std::path::PathBuf, #[source] std::io::Error),
     #[error("devmap insert for ifindex {0} failed: {1}")]
     TxPort(u32, String),
+    #[error("cannot count the possible CPUs")]
+    Cpus(#[source] std::io::Error),
+    #[error("{0} firewall rules: at most {MAX_RULES}")]
+    FirewallFull(usize),
+    #[error("firewall prefix {0} given twice")]
+    FirewallDuplicate(Prefix),
+}
+
+/// A firewall rule: packets whose source the prefix holds (and no longer prefix of another
+/// rule) are dropped, or let through when `allow` (see `lb_common::firewall`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub prefix: Prefix,
+    pub allow: bool,
+}
+
+impl Rule {
+    pub fn verdict(&self) -> &'static str {
+        if self.allow { "allow" } else { "deny" }
+    }
+}
+
+fn trie_key(p: &Prefix) -> Key<u32> {
+    Key::new(u32::from(p.len), u32::from_ne_bytes(p.addr))
+}
+
+fn key_prefix(k: &Key<u32>) -> Prefix {
+    Prefix { addr: k.data().to_ne_bytes(), len: k.prefix_len() as u8 }
 }
 
 #[derive(Debug, Clone)]
@@ -59,8 +88,22 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 12] =
-    ["VIPS", "VIP_ADDRS", "VIP_ADDR_SET", "RINGS", "BACKENDS", "FLOWS", "NEXTHOPS", "CONFIG", "TX_PORTS", "STATS", "VIP_STATS", "BACKEND_STATS"];
+pub const MAPS: [&str; 14] = [
+    "VIPS",
+    "VIP_ADDRS",
+    "VIP_ADDR_SET",
+    "RINGS",
+    "BACKENDS",
+    "FLOWS",
+    "NEXTHOPS",
+    "CONFIG",
+    "TX_PORTS",
+    "FIREWALL",
+    "FIREWALL_STATS",
+    "STATS",
+    "VIP_STATS",
+    "BACKEND_STATS",
+];
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -79,6 +122,8 @@ pub struct Dataplane {
     flows: Array<MapData, FlowSet>,
     config: Array<MapData, LbConfig>,
     tx_ports: DevMapHash<MapData>,
+    firewall: LpmTrie<MapData, u32, u32>,
+    firewall_stats: PerCpuArray<MapData, RuleStats>,
     stats: PerCpuArray<MapData, GlobalStats>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -160,6 +205,8 @@ impl Dataplane {
             flows: take(&mut ebpf, "FLOWS")?,
             config: take(&mut ebpf, "CONFIG")?,
             tx_ports: take(&mut ebpf, "TX_PORTS")?,
+            firewall: take(&mut ebpf, "FIREWALL")?,
+            firewall_stats: take(&mut ebpf, "FIREWALL_STATS")?,
             stats: take(&mut ebpf, "STATS")?,
             vip_stats: take(&mut ebpf, "VIP_STATS")?,
             backend_stats: take(&mut ebpf, "BACKEND_STATS")?,
@@ -326,6 +373,64 @@ impl Dataplane {
         }
         self.vip_addr_set_written = Some(set);
         Ok(())
+    }
+
+    /// The firewall's rules as the trie holds them, with each one's counter index.
+    fn firewall_entries(&self) -> Result<std::collections::BTreeMap<Prefix, u32>, DataplaneError> {
+        self.firewall.iter().map(|e| e.map(|(k, v)| (key_prefix(&k), v))).collect::<Result<_, _>>().map_err(map_err("FIREWALL"))
+    }
+
+    /// Makes `rules` the firewall's rules. A rule kept (same prefix and verdict) keeps its
+    /// counters; a new one starts from zero. New and changed rules go in before the program
+    /// is told how many there are, removed ones go after; a packet meets the old rules or
+    /// the new ones for each prefix, and the count only says whether to look at all.
+    pub fn set_firewall(&mut self, rules: &[Rule]) -> Result<(), DataplaneError> {
+        if rules.len() > MAX_RULES as usize {
+            return Err(DataplaneError::FirewallFull(rules.len()));
+        }
+        let mut wanted = std::collections::BTreeMap::new();
+        for r in rules {
+            if wanted.insert(r.prefix, r.allow).is_some() {
+                return Err(DataplaneError::FirewallDuplicate(r.prefix));
+            }
+        }
+        let current = self.firewall_entries()?;
+        let kept = |p: &Prefix, allow: bool| current.get(p).filter(|&&v| (v & VERDICT_ALLOW != 0) == allow).copied();
+        let mut used: std::collections::BTreeSet<u32> =
+            wanted.iter().filter_map(|(p, &allow)| kept(p, allow)).map(rule_index).collect();
+        let mut free = (0..MAX_RULES).filter(|i| !used.contains(i)).collect::<Vec<_>>().into_iter();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        for (p, &allow) in &wanted {
+            if kept(p, allow).is_some() {
+                continue;
+            }
+            let index = free.next().expect("no more rules than indexes");
+            used.insert(index);
+            let zero = PerCpuValues::try_from(vec![RuleStats::default(); cpus]).map_err(DataplaneError::Cpus)?;
+            self.firewall_stats.set(index, zero, 0).map_err(map_err("FIREWALL_STATS"))?;
+            let value = index | if allow { VERDICT_ALLOW } else { 0 };
+            self.firewall.insert(&trie_key(p), value, 0).map_err(map_err("FIREWALL"))?;
+        }
+        self.update_config(|cfg| cfg.firewall_rules = wanted.len() as u32)?;
+        for p in current.keys().filter(|p| !wanted.contains_key(p)) {
+            self.firewall.remove(&trie_key(p)).map_err(map_err("FIREWALL"))?;
+        }
+        Ok(())
+    }
+
+    /// Each firewall rule with what it decided (summed over CPUs), by prefix.
+    pub fn firewall_stats(&self) -> Result<Vec<(Rule, RuleStats)>, DataplaneError> {
+        self.firewall_entries()?
+            .into_iter()
+            .map(|(prefix, v)| {
+                let per_cpu = self.firewall_stats.get(&rule_index(v), 0).map_err(map_err("FIREWALL_STATS"))?;
+                let mut sum = RuleStats::default();
+                for s in per_cpu.iter() {
+                    sum += *s;
+                }
+                Ok((Rule { prefix, allow: v & VERDICT_ALLOW != 0 }, sum))
+            })
+            .collect()
     }
 
     /// Where the flow table pins `key`, if it holds the flow.

@@ -13,8 +13,9 @@ use lb_common::{
 };
 use lb_userspace::{
     decap::Decap,
-    testrun::{self, action_name, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    Dataplane, LoadOptions,
+    dataplane::Rule,
+    testrun::{self, action_name, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    Dataplane, DataplaneError, LoadOptions,
 };
 use tests::{hex, lab::*, pin_to_cpu, privileged, sh};
 
@@ -571,6 +572,109 @@ fn the_flood_guard_keeps_pinned_flows_through_a_syn_flood() {
         send(&dp, Pkt::udp(CLIENT, sport, VIP, 53).build());
     }
     assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow) - udp_before, 10);
+}
+
+fn rule(prefix: &str, allow: bool) -> Rule {
+    Rule { prefix: prefix.parse().unwrap(), allow }
+}
+
+/// The firewall's rules, each with the packets it decided.
+fn rule_counts(dp: &Dataplane) -> Vec<(String, &'static str, u64, u64)> {
+    dp.firewall_stats().unwrap().into_iter().map(|(r, s)| (r.prefix.to_string(), r.verdict(), s.packets, s.bytes)).collect()
+}
+
+#[test]
+fn the_firewall_drops_denied_sources_before_anything_else() {
+    if !privileged("firewall") {
+        return;
+    }
+    let (ingress, mut dp) = loaded();
+    let run = |dp: &Dataplane, frame: &[u8]| testrun::run(dp.program(), frame, Some(ingress)).unwrap();
+    let denied = [203, 0, 113, 7];
+    let excepted = [203, 0, 113, 200];
+    let host = [198, 51, 100, 7];
+    let neighbour = [198, 51, 100, 8];
+    // No rules: the program does not look, and these flows are balanced as any other.
+    assert_eq!(run(&dp, &Pkt::tcp(denied, 1000, VIP, 80, TCP_SYN).build()).action, XDP_TX);
+    dp.set_firewall(&[rule("203.0.113.0/24", false), rule("203.0.113.128/25", true), rule("198.51.100.7", false)]).unwrap();
+
+    // (what, frame, action; an XDP_PASS frame must come out unchanged)
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("SYN to the VIP from a denied /24", Pkt::tcp(denied, 1001, VIP, 80, TCP_SYN).build(), XDP_DROP),
+        ("ACK of a flow pinned before the rule", Pkt::tcp(denied, 1000, VIP, 80, TCP_ACK).build(), XDP_DROP),
+        ("SYN from the allowed /25 inside it (longest prefix wins)", Pkt::tcp(excepted, 1002, VIP, 80, TCP_SYN).build(), XDP_TX),
+        ("TCP to a non-VIP address from the denied /24", Pkt::tcp(denied, 1003, LB_ADDR, 22, TCP_SYN).build(), XDP_DROP),
+        ("UDP to the VIP from the denied host", Pkt::udp(host, 1004, VIP, 53).build(), XDP_DROP),
+        ("UDP to the VIP from the host next to it", Pkt::udp(neighbour, 1005, VIP, 53).build(), XDP_TX),
+        ("echo request to the VIP from the denied host", Pkt::icmp_echo(host, VIP).build(), XDP_DROP),
+        ("fragment from the denied /24", Pkt::udp(denied, 1006, VIP, 53).frag(0x2001).build(), XDP_DROP),
+        ("VLAN-tagged, IPv4 options, from the denied /24", Pkt::tcp(denied, 1007, VIP, 80, TCP_SYN).vlan(9).ip_options(&[1, 1, 1, 0]).build(), XDP_DROP),
+        ("GRE from the denied host to another host", Pkt::proto(host, [10, 9, 9, 9], 47).build(), XDP_DROP),
+        ("a fragment from an undenied source: passed as before", Pkt::udp(neighbour, 1008, VIP, 53).frag(0x2001).build(), XDP_PASS),
+        ("ARP from the denied host: not IPv4", arp_request(host, LB_ADDR), XDP_PASS),
+        ("IPv6: not IPv4", ipv6_tcp_syn(), XDP_PASS),
+    ];
+    let mut expect_bytes = std::collections::BTreeMap::<&str, (u64, u64)>::new();
+    let before = dp.global_stats().unwrap();
+    for (what, frame, action) in &cases {
+        let got = run(&dp, frame);
+        assert_eq!(action_name(got.action), action_name(*action), "{what}");
+        if *action == XDP_PASS {
+            assert_eq!(hex(&got.frame), hex(frame), "{what}: passed unchanged");
+        }
+        let src: [u8; 4] = if frame.len() >= l2_len(frame) + 20 && frame[12..14] != [0x08, 0x06] && frame[12..14] != [0x86, 0xdd] {
+            frame[l2_len(frame) + 12..l2_len(frame) + 16].try_into().unwrap()
+        } else {
+            continue;
+        };
+        let p = if src == host { "198.51.100.7/32" } else if src == excepted { "203.0.113.128/25" } else if src == denied { "203.0.113.0/24" } else { continue };
+        let e = expect_bytes.entry(p).or_default();
+        e.0 += 1;
+        e.1 += frame.len() as u64;
+    }
+    let dropped = cases.iter().filter(|c| c.2 == XDP_DROP).count() as u64;
+    let g = dp.global_stats().unwrap();
+    assert_eq!(g.get(Counter::Firewall) - before.get(Counter::Firewall), dropped);
+    let counts = rule_counts(&dp);
+    eprintln!("{counts:?}");
+    for (prefix, verdict, packets, bytes) in &counts {
+        let (p, b) = expect_bytes.get(prefix.as_str()).copied().unwrap_or_default();
+        assert_eq!((*packets, *bytes), (p, b), "{verdict} {prefix}: packets and bytes it decided");
+    }
+    assert_eq!(counts.len(), 3);
+
+    // A changed rule set: rules kept keep their counters, a new one starts at zero.
+    dp.set_firewall(&[rule("198.51.100.7", false), rule("0.0.0.0/0", false), rule("192.168.7.0/24", true)]).unwrap();
+    let counts = rule_counts(&dp);
+    assert_eq!(
+        counts.iter().map(|(p, v, n, _)| (p.as_str(), *v, *n)).collect::<Vec<_>>(),
+        [("0.0.0.0/0", "deny", 0), ("192.168.7.0/24", "allow", 0), ("198.51.100.7/32", "deny", 3)]
+    );
+    // Deny all but the clients' network: an allow list.
+    assert_eq!(run(&dp, &Pkt::tcp(CLIENT, 2000, VIP, 80, TCP_SYN).build()).action, XDP_TX);
+    assert_eq!(run(&dp, &Pkt::tcp(excepted, 2001, VIP, 80, TCP_SYN).build()).action, XDP_DROP);
+    assert_eq!(run(&dp, &Pkt::tcp(neighbour, 2002, LB_ADDR, 22, TCP_SYN).build()).action, XDP_DROP);
+    let counts = rule_counts(&dp);
+    assert_eq!(counts.iter().map(|c| c.2).collect::<Vec<_>>(), [2, 1, 3]);
+
+    // A verdict flipped is a new rule: its counters start again.
+    dp.set_firewall(&[rule("198.51.100.7", true)]).unwrap();
+    assert_eq!(rule_counts(&dp).iter().map(|(p, v, n, _)| (p.as_str(), *v, *n)).collect::<Vec<_>>(), [("198.51.100.7/32", "allow", 0)]);
+    assert_eq!(run(&dp, &Pkt::udp(host, 2003, VIP, 53).build()).action, XDP_TX);
+    assert_eq!(rule_counts(&dp)[0].2, 1);
+
+    // Refused: the same prefix twice, more rules than the trie holds. Nothing changes.
+    assert!(matches!(dp.set_firewall(&[rule("10.0.0.0/8", false), rule("10.0.0.0/8", true)]), Err(DataplaneError::FirewallDuplicate(_))));
+    let many: Vec<Rule> = (0..=lb_common::firewall::MAX_RULES).map(|i| rule(&format!("{}.{}.{}.0/24", 10 + (i >> 16), (i >> 8) & 255, i & 255), false)).collect();
+    assert!(matches!(dp.set_firewall(&many), Err(DataplaneError::FirewallFull(_))));
+    assert_eq!(rule_counts(&dp).len(), 1);
+
+    // No rules: nothing is looked up or counted.
+    dp.set_firewall(&[]).unwrap();
+    assert!(rule_counts(&dp).is_empty());
+    let before = dp.global_stats().unwrap().get(Counter::Firewall);
+    assert_eq!(run(&dp, &Pkt::tcp(denied, 2004, VIP, 80, TCP_SYN).build()).action, XDP_TX);
+    assert_eq!(dp.global_stats().unwrap().get(Counter::Firewall), before);
 }
 
 /// A bpffs of the test's own (unmounted and removed on drop, also on failure).

@@ -2,7 +2,9 @@
 //! that is not addressed to a VIP comes out byte-identical with XDP_PASS. Frames for a VIP
 //! keep their IPv4 packet intact inside whatever the program built (ICMP to a VIP's address
 //! too: echo requests come back as their replies, "fragmentation needed" about a VIP's
-//! packet goes to a backend like the flow's packets). Seeded; set
+//! packet goes to a backend like the flow's packets). The same frames through a balancer
+//! with firewall rules: dropped exactly when the longest rule holding a sound IPv4 header's
+//! source denies, otherwise what the balancer without rules makes of them. Seeded; set
 //! LB_FUZZ_SEED to vary, LB_FUZZ_FRAMES to change the count.
 
 use lb_common::{
@@ -12,10 +14,12 @@ use lb_common::{
     vip::VipKey,
 };
 use lb_userspace::{
+    dataplane::Rule,
     testrun::{self, action_name, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    Dataplane, LoadOptions,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use tests::{hex, lab::*, privileged};
+use tests::{hex, lab::*, pin_to_cpu, privileged};
 
 fn vip_keys() -> Vec<(VipKey, bool)> {
     use lb_common::vip::{PROTO_TCP, PROTO_UDP};
@@ -241,4 +245,76 @@ fn random_and_mutated_frames() {
         by_action[1], by_action[2], by_action[3], by_action[4]
     );
     assert!(to_vip > count as u64 / 10, "the generator must reach the VIP path often");
+}
+
+#[test]
+fn random_frames_through_the_firewall() {
+    if !privileged("random_frames_through_the_firewall") {
+        return;
+    }
+    let seed: u64 = std::env::var("LB_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1b);
+    let count: usize = std::env::var("LB_FUZZ_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    // Both balancers count round robin per CPU: one CPU, so that they take the same turns.
+    pin_to_cpu(0);
+    let (ingress, plain) = loaded();
+    let mut fw = Dataplane::load(&LoadOptions::default()).expect("load balancer");
+    configure(&mut fw);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xf1);
+    let mut rules: std::collections::BTreeMap<lb_common::firewall::Prefix, bool> = [
+        ("0.0.0.0/1", false),
+        ("64.0.0.0/2", true),
+        ("100.64.0.0/10", false),
+        ("192.0.0.0/3", false),
+        ("192.0.2.0/24", true),
+    ]
+    .into_iter()
+    .map(|(p, allow)| (p.parse().unwrap(), allow))
+    .collect();
+    while rules.len() < 400 {
+        let len = rng.gen_range(4..=32u8);
+        let addr = (rng.gen::<u32>() & lb_common::firewall::Prefix::mask(len)).to_be_bytes();
+        rules.insert(lb_common::firewall::Prefix::new(addr, len).unwrap(), rng.gen_bool(0.3));
+    }
+    let list: Vec<Rule> = rules.iter().map(|(&prefix, &allow)| Rule { prefix, allow }).collect();
+    fw.set_firewall(&list).unwrap();
+    // The rule that decides a source: the longest prefix that holds it.
+    let decide = |src: [u8; 4]| rules.iter().filter(|(p, _)| p.contains(src)).max_by_key(|(p, _)| p.len).map(|(&p, &a)| (p, a));
+
+    let mut want: std::collections::BTreeMap<lb_common::firewall::Prefix, (u64, u64)> = Default::default();
+    let mut frames = StdRng::seed_from_u64(seed);
+    let (mut dropped, mut allowed, mut unmatched) = (0u64, 0u64, 0u64);
+    for n in 0..count {
+        let input = frame(&mut frames);
+        let got = testrun::run(fw.program(), &input, Some(ingress)).expect("test run");
+        let ctx = || format!("frame {n} (seed {seed}): action {}\n  in:\n{}", action_name(got.action), hex(&input));
+        assert_ne!(got.action, XDP_ABORTED, "{}", ctx());
+        let sound = lb_common::packet::parse_l2(input.as_slice())
+            .ok()
+            .and_then(|l3| lb_common::packet::parse_ipv4(input.as_slice(), l3).map(|ip| (l3, ip)));
+        let verdict = sound.as_ref().and_then(|(l3, ip)| decide(ip.src()).map(|(p, allow)| (p, allow, (l3 + usize::from(ip.tot_len)) as u64)));
+        if let Some((p, allow, bytes)) = verdict {
+            let e = want.entry(p).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+            if !allow {
+                assert_eq!(got.action, XDP_DROP, "denied by {p}: {}", ctx());
+                assert_eq!(got.frame, input, "dropped untouched: {}", ctx());
+                dropped += 1;
+                continue;
+            }
+            allowed += 1;
+        } else {
+            unmatched += 1;
+        }
+        // Not denied: exactly what the balancer without rules does with it.
+        let base = testrun::run(plain.program(), &input, Some(ingress)).expect("test run");
+        assert_eq!((action_name(got.action), hex(&got.frame)), (action_name(base.action), hex(&base.frame)), "as without rules: {}", ctx());
+    }
+    let counted: std::collections::BTreeMap<_, _> =
+        fw.firewall_stats().unwrap().into_iter().filter(|(_, s)| s.packets > 0).map(|(r, s)| (r.prefix, (s.packets, s.bytes))).collect();
+    assert_eq!(counted, want, "per-rule packets and bytes");
+    let g = fw.global_stats().unwrap();
+    assert_eq!(g.get(lb_common::stats::Counter::Firewall), dropped);
+    eprintln!("{count} frames (seed {seed}), {} rules: {dropped} dropped, {allowed} allowed by a rule, {unmatched} matched no rule or were no IPv4; {} rules matched", list.len(), want.len());
+    assert!(dropped > count as u64 / 10 && allowed > count as u64 / 20, "the rules must decide many frames both ways");
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
@@ -20,10 +20,11 @@ use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     csum::{self, halves},
+    firewall::{denies, rule_index, RuleStats, MAX_RULES},
     flood::admit,
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
-    packet::{parse_icmp, parse_l3, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
+    packet::{parse_icmp, parse_ipv4, parse_l2, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
     vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
 };
@@ -57,6 +58,12 @@ static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 /// Egress interfaces for XDP_REDIRECT, keyed by ifindex.
 #[map]
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+/// Firewall rules by source prefix: the rule's index into `FIREWALL_STATS`, with
+/// `firewall::VERDICT_ALLOW` for an allow rule (see `lb_common::firewall`).
+#[map]
+static FIREWALL: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+#[map]
+static FIREWALL_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 #[map]
 static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -100,13 +107,30 @@ fn bump(stats: &mut GlobalStats, c: Counter) {
 #[inline(always)]
 fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     let frame = XdpFrame::new(ctx);
-    let (l3_off, ip) = match parse_l3(&frame) {
-        Ok(l3) => l3,
+    let l3_off = match parse_l2(&frame) {
+        Ok(off) => off,
         Err(c) => {
             bump(stats, c);
             return xdp_action::XDP_PASS;
         }
     };
+    let Some(ip) = parse_ipv4(&frame, l3_off) else {
+        bump(stats, Counter::Malformed);
+        return xdp_action::XDP_PASS;
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        bump(stats, Counter::FibError);
+        return xdp_action::XDP_PASS;
+    };
+    // The firewall sees every IPv4 packet with a sound header, fragments too.
+    if cfg.firewall_rules != 0 && firewall_denies(&ip, l3_off) {
+        bump(stats, Counter::Firewall);
+        return xdp_action::XDP_DROP;
+    }
+    if ip.is_fragment() {
+        bump(stats, Counter::Fragment);
+        return xdp_action::XDP_PASS;
+    }
     // Most traffic that is not for a VIP is not even for a VIP address: passed here, before
     // its TCP or UDP header is read.
     let bit = addr_filter_bit(ip.dst());
@@ -124,10 +148,6 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     };
     // The flow's set first: it is the one line a packet needs that is likely not in the
     // cache (flows are many), so its load starts here and overlaps the VIP lookup.
-    let Some(cfg) = CONFIG.get(0) else {
-        bump(stats, Counter::FibError);
-        return xdp_action::XDP_PASS;
-    };
     let slot = FlowSlot::new(p.tuple.hash64(cfg.flow_seed), cfg.flow_sets);
     let Some(set) = FLOWS.get_ptr_mut(slot.set) else {
         // Cannot happen: the slot's set is below flow_sets, which is the table's size.
@@ -247,6 +267,20 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         }
     }
     action
+}
+
+/// Whether the longest firewall rule holding the packet's source denies it; counts the
+/// packet to that rule either way.
+#[inline(always)]
+fn firewall_denies(ip: &Ipv4, l3_off: usize) -> bool {
+    let Some(&value) = FIREWALL.get(Key::new(32, ip.words[3])) else { return false };
+    if let Some(rs) = FIREWALL_STATS.get_ptr_mut(rule_index(value)) {
+        // SAFETY: per-CPU value.
+        let rs = unsafe { &mut *rs };
+        rs.packets += 1;
+        rs.bytes += (l3_off + usize::from(ip.tot_len)) as u64;
+    }
+    denies(value)
 }
 
 /// Whether this CPU has pinned as many new TCP flows to the VIP in the current window as
@@ -374,15 +408,17 @@ fn forward_ipip(
     };
     let ingress = ctx.ingress_ifindex() as u32;
     let nh = match next_hop(ctx, cfg, backend_idx, backend, ingress, p.tos) {
-        // SAFETY: per-CPU value, copied out.
-        Ok(nh) => Some(unsafe { *nh }),
+        // SAFETY: per-CPU value, read in place below (a copy of it in an `Option` left the
+        // copy's bytes undefined on the `None` path, and LLVM then stored a register the
+        // verifier knows is unset: `R1 !read_ok`).
+        Ok(nh) => Some(unsafe { &*nh }),
         Err(NoNextHop::Neighbour) => None,
         Err(NoNextHop::Route) => {
             bump(stats, Counter::FibError);
             return (xdp_action::XDP_PASS, false);
         }
     };
-    if let Some(nh) = &nh {
+    if let Some(nh) = nh {
         if total > nh.mtu {
             if p.df && answerable(p.tuple.src) {
                 return (icmp_too_big(ctx, frame, p, nh.mtu.saturating_sub(IPIP_OVERHEAD as u16), stats), false);

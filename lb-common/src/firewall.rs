@@ -1,0 +1,181 @@
+//! The XDP firewall: rules by source prefix, checked for every IPv4 packet that reaches the
+//! balancer's interfaces before anything else is parsed, so that traffic from a denied
+//! network costs one lookup and never reaches a VIP, a backend or the balancer's own stack.
+//!
+//! A rule is an IPv4 prefix and a verdict; the longest prefix that holds the packet's source
+//! decides (an LPM trie, the kernel's `BPF_MAP_TYPE_LPM_TRIE`), so `allow` rules carve
+//! exceptions out of wider `deny` ones (deny `0.0.0.0/0`, allow `10.0.0.0/8`: only 10/8 gets
+//! in). A source no rule holds is allowed. Each rule counts the packets and bytes it decided
+//! (per CPU). The trie's value is the rule's index into those counters, with
+//! [`VERDICT_ALLOW`] set for an allow rule. With no rule at all the program does not look
+//! (`LbConfig::firewall_rules` is 0), so the firewall costs nothing until it is used.
+
+use crate::user_pod;
+
+/// Rules the trie holds at most (a blocklist such as Spamhaus DROP has about 1,500).
+pub const MAX_RULES: u32 = 16_384;
+/// Set in a trie value: the rule allows (else it denies).
+pub const VERDICT_ALLOW: u32 = 1 << 31;
+
+/// The rule index (into the counters) of a trie value.
+#[inline(always)]
+pub const fn rule_index(value: u32) -> u32 {
+    value & !VERDICT_ALLOW
+}
+
+/// Whether a trie value denies.
+#[inline(always)]
+pub const fn denies(value: u32) -> bool {
+    value & VERDICT_ALLOW == 0
+}
+
+/// What one rule decided, per CPU: packets and bytes (IPv4 total length plus the link
+/// header, as the VIP counters count).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<RuleStats>() == 16);
+
+impl core::ops::AddAssign for RuleStats {
+    fn add_assign(&mut self, o: Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+    }
+}
+
+user_pod!(RuleStats);
+
+/// An IPv4 prefix: the address (host bits zero) and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: [u8; 4],
+    pub len: u8,
+}
+
+impl Prefix {
+    /// The prefix of `len` bits holding `addr`, if `len` <= 32 and `addr` has no bit set past
+    /// `len` (a rule like `10.1.2.3/8` is a mistake more often than it is meant as `10/8`).
+    pub const fn new(addr: [u8; 4], len: u8) -> Option<Prefix> {
+        if len > 32 || u32::from_be_bytes(addr) & !Self::mask(len) != 0 {
+            return None;
+        }
+        Some(Prefix { addr, len })
+    }
+
+    /// The network mask of a `len`-bit prefix, host order.
+    pub const fn mask(len: u8) -> u32 {
+        if len == 0 { 0 } else { u32::MAX << (32 - len as u32) }
+    }
+
+    /// Whether the prefix holds `addr`.
+    pub const fn contains(&self, addr: [u8; 4]) -> bool {
+        u32::from_be_bytes(addr) & Self::mask(self.len) == u32::from_be_bytes(self.addr)
+    }
+}
+
+/// Why a prefix was not understood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixError {
+    /// Not `a.b.c.d` or `a.b.c.d/len`.
+    Syntax,
+    /// Length above 32.
+    Length,
+    /// Bits set past the length; the prefix that was probably meant.
+    HostBits(Prefix),
+}
+
+impl core::fmt::Display for PrefixError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PrefixError::Syntax => f.write_str("expected an IPv4 address or prefix, like 203.0.113.7 or 203.0.113.0/24"),
+            PrefixError::Length => f.write_str("a prefix length is 0..=32"),
+            PrefixError::HostBits(p) => write!(f, "bits set past the prefix length (did you mean {p}?)"),
+        }
+    }
+}
+
+impl core::str::FromStr for Prefix {
+    type Err = PrefixError;
+
+    /// `a.b.c.d/len`, or `a.b.c.d` alone for one address (`/32`).
+    fn from_str(s: &str) -> Result<Prefix, PrefixError> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+                (a, l.parse::<u8>().map_err(|_| PrefixError::Length)?)
+            }
+            Some(_) => return Err(PrefixError::Syntax),
+            None => (s, 32),
+        };
+        let addr = addr.parse::<core::net::Ipv4Addr>().map_err(|_| PrefixError::Syntax)?.octets();
+        if len > 32 {
+            return Err(PrefixError::Length);
+        }
+        Prefix::new(addr, len).ok_or_else(|| {
+            let net = (u32::from_be_bytes(addr) & Prefix::mask(len)).to_be_bytes();
+            PrefixError::HostBits(Prefix { addr: net, len })
+        })
+    }
+}
+
+impl core::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d] = self.addr;
+        write!(f, "{a}.{b}.{c}.{d}/{}", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn prefixes_parse_and_print() {
+        let cases: &[(&str, Result<Prefix, PrefixError>)] = &[
+            ("203.0.113.0/24", Ok(Prefix { addr: [203, 0, 113, 0], len: 24 })),
+            ("203.0.113.7", Ok(Prefix { addr: [203, 0, 113, 7], len: 32 })),
+            ("0.0.0.0/0", Ok(Prefix { addr: [0; 4], len: 0 })),
+            ("10.0.0.0/8", Ok(Prefix { addr: [10, 0, 0, 0], len: 8 })),
+            ("255.255.255.255/32", Ok(Prefix { addr: [255; 4], len: 32 })),
+            ("10.1.2.3/8", Err(PrefixError::HostBits(Prefix { addr: [10, 0, 0, 0], len: 8 }))),
+            ("1.0.0.0/0", Err(PrefixError::HostBits(Prefix { addr: [0; 4], len: 0 }))),
+            ("10.0.0.0/33", Err(PrefixError::Length)),
+            ("10.0.0.0/300", Err(PrefixError::Length)),
+            ("10.0.0.0/", Err(PrefixError::Syntax)),
+            ("10.0.0.0/-1", Err(PrefixError::Syntax)),
+            ("10.0.0/8", Err(PrefixError::Syntax)),
+            ("10.0.0.256", Err(PrefixError::Syntax)),
+            ("", Err(PrefixError::Syntax)),
+            ("::1/128", Err(PrefixError::Syntax)),
+            ("10.0.0.0 /8", Err(PrefixError::Syntax)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<Prefix>(), *want, "{text:?}");
+            if let Ok(p) = want {
+                let printed = p.to_string();
+                assert_eq!(printed.parse::<Prefix>(), Ok(*p), "{printed}");
+            }
+        }
+        assert_eq!("10.1.2.3/8".parse::<Prefix>().unwrap_err().to_string(), "bits set past the prefix length (did you mean 10.0.0.0/8?)");
+    }
+
+    #[test]
+    fn contains_is_the_masked_compare() {
+        let p = Prefix::new([192, 168, 0, 0], 16).unwrap();
+        assert!(p.contains([192, 168, 255, 1]));
+        assert!(!p.contains([192, 169, 0, 1]));
+        assert!(Prefix::new([0; 4], 0).unwrap().contains([1, 2, 3, 4]));
+        let host = Prefix::new([1, 2, 3, 4], 32).unwrap();
+        assert!(host.contains([1, 2, 3, 4]) && !host.contains([1, 2, 3, 5]));
+    }
+
+    #[test]
+    fn trie_values_carry_index_and_verdict() {
+        assert!(denies(7) && rule_index(7) == 7);
+        assert!(!denies(7 | VERDICT_ALLOW) && rule_index(7 | VERDICT_ALLOW) == 7);
+        assert!(MAX_RULES < VERDICT_ALLOW);
+    }
+}
