@@ -76,6 +76,26 @@ impl Prefix {
     }
 }
 
+/// A rule: packets whose source the prefix holds (and no longer prefix of another rule)
+/// are dropped, or let through when `allow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub prefix: Prefix,
+    pub allow: bool,
+}
+
+impl Rule {
+    pub const fn verdict(&self) -> &'static str {
+        if self.allow { "allow" } else { "deny" }
+    }
+}
+
+/// The rule that decides a packet from `addr`, as the program's trie finds it: the longest
+/// prefix that holds it. (Userspace's reference; the program asks the kernel's trie.)
+pub fn decide(rules: &[Rule], addr: [u8; 4]) -> Option<&Rule> {
+    rules.iter().filter(|r| r.prefix.contains(addr)).max_by_key(|r| r.prefix.len)
+}
+
 /// Why a prefix was not understood.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefixError {
@@ -170,6 +190,18 @@ mod tests {
         assert!(Prefix::new([0; 4], 0).unwrap().contains([1, 2, 3, 4]));
         let host = Prefix::new([1, 2, 3, 4], 32).unwrap();
         assert!(host.contains([1, 2, 3, 4]) && !host.contains([1, 2, 3, 5]));
+    }
+
+    #[test]
+    fn the_longest_prefix_decides() {
+        let r = |p: &str, allow| Rule { prefix: p.parse().unwrap(), allow };
+        let rules = [r("0.0.0.0/0", false), r("10.0.0.0/8", true), r("10.6.0.0/16", false), r("10.6.6.6", true)];
+        let verdict = |a| decide(&rules, a).map(|r| (r.prefix.len, r.allow));
+        assert_eq!(verdict([1, 1, 1, 1]), Some((0, false)));
+        assert_eq!(verdict([10, 1, 1, 1]), Some((8, true)));
+        assert_eq!(verdict([10, 6, 1, 1]), Some((16, false)));
+        assert_eq!(verdict([10, 6, 6, 6]), Some((32, true)));
+        assert_eq!(decide(&rules[1..], [11, 0, 0, 0]), None);
     }
 
     #[test]

@@ -7,7 +7,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_common::stats::{Counter, GlobalStats, TrafficStats};
+use lb_common::{
+    firewall::Prefix,
+    stats::{Counter, GlobalStats, TrafficStats},
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -123,6 +126,21 @@ impl Collector for LbCollector {
             let live = v.backends.iter().filter(|m| health[m.backend as usize].up && m.weight > 0).count();
             ConstGauge::new(live as i64).encode(m.encode_family(&l(&[("vip", &v.vip), ("name", &v.name)]))?)?;
         }
+        // Rules that decided nothing yet are left out: a blocklist may hold thousands.
+        let rules: Vec<_> = dp.firewall_stats().unwrap_or_default().into_iter().filter(|(_, s)| s.packets > 0).collect();
+        for (field, help) in [("packets", "Packets"), ("bytes", "Bytes (Ethernet and IP headers included)")] {
+            let rows: Vec<_> = rules
+                .iter()
+                .map(|(r, s)| (l(&[("prefix", &r.prefix.to_string()), ("verdict", r.verdict())]), if field == "packets" { s.packets } else { s.bytes }))
+                .collect();
+            counter_family(&mut enc, &format!("lb_firewall_{field}"), &format!("{help} a firewall rule decided (dropped or let through), per rule that matched any"), &rows)?;
+        }
+        let mut m = enc.encode_descriptor("lb_firewall_rules", "Firewall rules in force, by verdict", None, MetricType::Gauge)?;
+        let all = self.0.firewall.lock().expect("lock");
+        for verdict in ["deny", "allow"] {
+            ConstGauge::new(all.iter().filter(|r| r.verdict() == verdict).count() as i64).encode(m.encode_family(&l(&[("verdict", verdict)]))?)?;
+        }
+        drop(all);
         let mut m = enc.encode_descriptor("lb_xdp_attached", "XDP program attached to an interface, by mode", None, MetricType::Gauge)?;
         for a in &topo.xdp {
             ConstGauge::new(1i64).encode(m.encode_family(&l(&[("interface", &a.interface), ("mode", a.mode)]))?)?;
@@ -172,6 +190,11 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "encap_source": topo.encap_source,
         "flow_table_size": topo.flow_table_size,
         "flood_guard": topo.flood_guard,
+        "firewall": {
+            "deny": shared.firewall.lock().expect("lock").iter().filter(|r| !r.allow).count(),
+            "allow": shared.firewall.lock().expect("lock").iter().filter(|r| r.allow).count(),
+            "dropped": g.get(Counter::Firewall),
+        },
         "xdp": topo.xdp,
         "vips": vips,
         "counters": counters,
@@ -179,10 +202,24 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// `GET /firewall`: every rule with the packets and bytes it decided.
+pub fn firewall_json(shared: &Shared) -> serde_json::Value {
+    let dp = shared.dataplane.lock().expect("lock");
+    let rules = dp.firewall_stats().unwrap_or_default();
+    let dropped = dp.global_stats().unwrap_or_default().get(Counter::Firewall);
+    json!({
+        "max_rules": lb_common::firewall::MAX_RULES,
+        "dropped": dropped,
+        "rules": rules.iter().map(|(r, s)| json!({"prefix": r.prefix.to_string(), "verdict": r.verdict(), "packets": s.packets, "bytes": s.bytes})).collect::<Vec<_>>(),
+    })
+}
+
 /// `POST /backends/<name>/state` (body `ready`, `drain` or `maint`),
 /// `POST /backends/<name>/weight` (body 0..=256, or `config` for the configured weights),
 /// `POST /vips` (JSON `VipSpec`), `DELETE /vips/<name>`, `POST /vips/<name>/backends` (JSON
-/// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`; all with
+/// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`, `POST /firewall/deny` and
+/// `POST /firewall/allow` (prefixes, separated by spaces, commas or lines),
+/// `DELETE /firewall/<prefix>` (`a.b.c.d/len` or an address); all with
 /// `Authorization: Bearer <token>`.
 async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     use http_body_util::BodyExt;
@@ -226,13 +263,47 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             }
         }
         ("DELETE", ["vips", vip, "backends", b]) => return done(crate::daemon::remove_member(&shared, vip, b), format!("removed {b} from {vip}")),
+        ("POST", ["firewall", verdict @ ("deny" | "allow")]) => {
+            let allow = *verdict == "allow";
+            let mut prefixes = Vec::new();
+            for word in body.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()) {
+                match word.parse::<Prefix>() {
+                    Ok(p) => prefixes.push(p),
+                    Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{word:?}: {e}\n")),
+                }
+            }
+            if prefixes.is_empty() {
+                return reply(StatusCode::BAD_REQUEST, "text/plain", "no prefix in the body: send one or more, like 203.0.113.0/24\n");
+            }
+            let what = format!("{verdict} {}", prefixes.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
+            let r = crate::daemon::change_firewall(&shared, &what, |rules| {
+                for p in &prefixes {
+                    rules.insert(*p, allow);
+                }
+                Ok(())
+            });
+            return done(r.map(|_| ()), what);
+        }
+        ("DELETE", ["firewall", prefix @ ..]) if !prefix.is_empty() => {
+            let text = prefix.join("/");
+            let p = match text.parse::<Prefix>() {
+                Ok(p) => p,
+                Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{text:?}: {e}\n")),
+            };
+            let what = format!("remove the rule for {p}");
+            let r = crate::daemon::change_firewall(&shared, &what, |rules| {
+                rules.remove(&p).map(|_| ()).ok_or_else(|| crate::daemon::ApiError(404, format!("no firewall rule for {p}")))
+            });
+            return done(r.map(|_| ()), what);
+        }
         _ => {
             return reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
                 format!(
                     "no such endpoint {method} {path:?}: POST /backends/<name>/state|weight, POST /vips, DELETE /vips/<name>, \
-                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>\n"
+                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>, POST /firewall/deny|allow, \
+                     DELETE /firewall/<prefix>\n"
                 ),
             )
         }
@@ -274,6 +345,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, registry: Arc<Regis
         "/ready" if shared.ready.load(Ordering::SeqCst) => reply(StatusCode::OK, "text/plain", "ready\n"),
         "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
         "/status" => reply(StatusCode::OK, "application/json", format!("{:#}\n", status_json(&shared))),
+        "/firewall" => reply(StatusCode::OK, "application/json", format!("{:#}\n", firewall_json(&shared))),
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, &registry) {
@@ -281,7 +353,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>, registry: Arc<Regis
                 Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics encoding failed\n"),
             }
         }
-        other => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {other:?}: try /metrics, /status, /live, /ready\n")),
+        other => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such endpoint {other:?}: try /metrics, /status, /firewall, /live, /ready\n")),
     })
 }
 

@@ -12,6 +12,11 @@
 //! [admin]
 //! listen = "127.0.0.1:9100"      # /metrics, /status, /live, /ready
 //!
+//! [firewall]                     # optional: by source, longest prefix decides
+//! deny = ["203.0.113.0/24"]      # dropped in XDP before anything else
+//! allow = ["203.0.113.8/29"]     # exceptions out of wider deny rules
+//! deny_files = ["/etc/lbd/drop.txt"]   # one prefix a line, `#`/`;` comments (also allow_files)
+//!
 //! [[vip]]
 //! name = "web"
 //! vip = "10.0.100.1:80/tcp"      # address:port/protocol (tcp or udp)
@@ -28,6 +33,7 @@ use std::{collections::HashMap, fmt, net::{Ipv4Addr, SocketAddr}, path::Path};
 
 use lb_common::{
     backend::MAX_BACKENDS,
+    firewall::{decide, Prefix, Rule, MAX_RULES},
     vip::{ForwardMode, MAX_VIPS, PROTO_TCP, PROTO_UDP},
 };
 use serde::Deserialize;
@@ -76,7 +82,22 @@ struct File {
     #[serde(default)]
     health: Option<HealthFile>,
     #[serde(default)]
+    firewall: Option<FirewallFile>,
+    #[serde(default)]
     vip: Vec<VipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FirewallFile {
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny_files: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_files: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +185,8 @@ pub struct Config {
     pub state_file: std::path::PathBuf,
     /// Health checks of every backend; `None`: no checks, backends are always up.
     pub health: Option<HealthSettings>,
+    /// Firewall rules by source prefix, sorted (`lb_common::firewall`); empty: no firewall.
+    pub firewall: Vec<Rule>,
     pub vips: Vec<VipConfig>,
 }
 
@@ -242,6 +265,62 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address like 02:00:00:00:00:01"))?;
     }
     Ok(mac)
+}
+
+/// A prefix list (`deny_files`, `allow_files`): one address or prefix a line; `#` or `;`
+/// starts a comment, so Spamhaus DROP's lines (`1.10.16.0/20 ; SBL256894`) read as they
+/// are. The prefixes with their line numbers; an error names the file and line.
+pub fn parse_prefix_list(file: &str, text: &str) -> Result<Vec<(Prefix, usize)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let entry = line.split(['#', ';']).next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let prefix = entry.parse::<Prefix>().map_err(|e| ConfigError { file: file.into(), line: Some(i + 1), message: format!("{entry:?}: {e}") })?;
+        out.push((prefix, i + 1));
+    }
+    Ok(out)
+}
+
+/// Firewall rules being collected, each with where it was given (for error messages).
+#[derive(Default)]
+pub struct RuleSet {
+    rules: std::collections::BTreeMap<Prefix, (bool, String)>,
+}
+
+impl RuleSet {
+    /// Adds a rule; the same prefix again with the same verdict is merged (blocklists
+    /// overlap), with the other verdict it is an error naming where the first one is.
+    pub fn add(&mut self, prefix: Prefix, allow: bool, at: String) -> Result<(), String> {
+        match self.rules.get(&prefix) {
+            Some((a, first)) if *a != allow => Err(format!(
+                "{prefix} is {} here but {} at {first}: one verdict per prefix",
+                if allow { "allowed" } else { "denied" },
+                if *a { "allowed" } else { "denied" }
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.rules.insert(prefix, (allow, at));
+                Ok(())
+            }
+        }
+    }
+
+    pub fn rules(&self) -> Vec<Rule> {
+        self.rules.iter().map(|(&prefix, &(allow, _))| Rule { prefix, allow }).collect()
+    }
+
+    /// Where the rule for `prefix` was given.
+    pub fn place(&self, prefix: &Prefix) -> &str {
+        self.rules.get(prefix).map(|(_, at)| at.as_str()).unwrap_or("?")
+    }
+}
+
+/// Why a backend may not sit behind `rules`: the balancer would drop its health check
+/// answers (and, in `l2` mode, nothing else changes that). `None` if no rule denies it.
+pub fn denied_backend(rules: &[Rule], addr: Ipv4Addr) -> Option<Rule> {
+    decide(rules, addr.octets()).filter(|r| !r.allow).copied()
 }
 
 /// A file being parsed: turns byte spans into line numbers for errors.
@@ -379,6 +458,15 @@ impl Config {
             Some(h) => Some(Self::health(&cx, h)?),
         };
 
+        let firewall = match &f.firewall {
+            None => RuleSet::default(),
+            Some(fw) => Self::firewall(&cx, fw)?,
+        };
+        let firewall_rules = firewall.rules();
+        if firewall_rules.len() > MAX_RULES as usize {
+            return Err(ConfigError { file: file.into(), line: None, message: format!("{} firewall rules; at most {MAX_RULES}", firewall_rules.len()) });
+        }
+
         if f.vip.len() > MAX_VIPS as usize {
             return Err(ConfigError { file: file.into(), line: None, message: format!("{} VIPs; at most {MAX_VIPS}", f.vip.len()) });
         }
@@ -418,6 +506,16 @@ impl Config {
                     return cx.err(b.address.span(), format!("backend {addr} is already listed for this VIP at line {first}"));
                 }
                 all_backends.insert(addr, ());
+                if let Some(r) = denied_backend(&firewall_rules, addr) {
+                    return cx.err(
+                        b.address.span(),
+                        format!(
+                            "backend {addr} is denied by the firewall rule {} ({}): the balancer would drop its health check answers; allow it (allow = [\"{addr}\"])",
+                            r.prefix,
+                            firewall.place(&r.prefix)
+                        ),
+                    );
+                }
                 let weight = match &b.weight {
                     None => 1,
                     Some(w) => match *w.get_ref() {
@@ -452,8 +550,34 @@ impl Config {
             token_file,
             state_file,
             health,
+            firewall: firewall_rules,
             vips,
         })
+    }
+
+    fn firewall(cx: &Ctx, fw: &FirewallFile) -> Result<RuleSet, ConfigError> {
+        let mut set = RuleSet::default();
+        for (list, allow) in [(&fw.deny, false), (&fw.allow, true)] {
+            for entry in list {
+                let prefix = entry.get_ref().parse::<Prefix>().or_else(|e| cx.err(entry.span(), format!("firewall {}: {:?}: {e}", if allow { "allow" } else { "deny" }, entry.get_ref())))?;
+                let at = format!("line {}", cx.line_of(entry.span().start));
+                set.add(prefix, allow, at).or_else(|e| cx.err(entry.span(), e))?;
+            }
+        }
+        for (files, allow) in [(&fw.deny_files, false), (&fw.allow_files, true)] {
+            for name in files {
+                let path = name.get_ref();
+                if !path.starts_with('/') {
+                    return cx.err(name.span(), format!("{path:?} must be an absolute path"));
+                }
+                let text = std::fs::read_to_string(path).or_else(|e| cx.err(name.span(), format!("cannot read the prefix list {path}: {e}")))?;
+                for (prefix, line) in parse_prefix_list(path, &text)? {
+                    set.add(prefix, allow, format!("{path} line {line}"))
+                        .map_err(|message| ConfigError { file: path.clone(), line: Some(line), message })?;
+                }
+            }
+        }
+        Ok(set)
     }
 }
 
@@ -579,6 +703,61 @@ mac = "02:00:00:00:00:11"
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(fragment), "{err}");
         }
+    }
+
+    #[test]
+    fn firewall_section() {
+        let dir = std::env::temp_dir().join(format!("lbd-fw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let drop_list = dir.join("drop.txt");
+        std::fs::write(&drop_list, "; Spamhaus DROP List\n1.10.16.0/20 ; SBL256894\n\n203.0.113.0/24 # again, same verdict\n  198.18.0.0/15\n").unwrap();
+        let bad_list = dir.join("bad.txt");
+        std::fs::write(&bad_list, "1.10.16.0/20\n1.10.16.1/20 ; SBL1\n").unwrap();
+        let allow_list = dir.join("allow.txt");
+        std::fs::write(&allow_list, "1.10.16.0/20\n").unwrap();
+        let fw = |body: &str| GOOD.replacen("[[vip]]", &format!("[firewall]\n{body}\n[[vip]]"), 1);
+        let rule = |p: &str, allow| Rule { prefix: p.parse().unwrap(), allow };
+
+        let c = Config::parse("t.toml", &fw(&format!(
+            "deny = [\"203.0.113.0/24\", \"0.0.0.0/0\"]\nallow = [\"10.0.0.0/8\", \"203.0.113.9\"]\ndeny_files = [\"{}\"]",
+            drop_list.display()
+        )))
+        .unwrap();
+        assert_eq!(
+            c.firewall,
+            [
+                rule("0.0.0.0/0", false),
+                rule("1.10.16.0/20", false),
+                rule("10.0.0.0/8", true),
+                rule("198.18.0.0/15", false),
+                rule("203.0.113.0/24", false),
+                rule("203.0.113.9/32", true)
+            ]
+        );
+        assert!(Config::parse("t.toml", GOOD).unwrap().firewall.is_empty());
+
+        // The [firewall] header is line 9, its first key line 10.
+        for (body, line, fragment) in [
+            ("deny = [\"10.1.2.3/8\"]".to_string(), 10, "did you mean 10.0.0.0/8"),
+            ("deny = [\"nope\"]".into(), 10, "expected an IPv4 address or prefix"),
+            ("deny = [\"1.2.3.0/24\"]\nallow = [\n  \"1.2.3.0/24\",\n]".into(), 12, "allowed here but denied at line 10"),
+            ("deny = [\"10.0.0.0/16\"]".into(), 17, "backend 10.0.0.11 is denied by the firewall rule 10.0.0.0/16 (line 10)"),
+            ("reject = []".into(), 10, "unknown field"),
+            ("deny_files = [\"drop.txt\"]".into(), 10, "must be an absolute path"),
+            (format!("deny_files = [\"{}\"]", dir.join("missing").display()), 10, "cannot read the prefix list"),
+        ] {
+            let err = Config::parse("t.toml", &fw(&body)).unwrap_err();
+            assert_eq!((err.file.as_str(), err.line), ("t.toml", Some(line)), "{err}");
+            assert!(err.message.contains(fragment), "{err}");
+        }
+        // Errors in a list file name the list file and its line.
+        let err = Config::parse("t.toml", &fw(&format!("deny_files = [\"{}\"]", bad_list.display()))).unwrap_err();
+        assert_eq!((err.file.as_str(), err.line), (bad_list.to_str().unwrap(), Some(2)), "{err}");
+        assert!(err.message.contains("did you mean 1.10.16.0/20"), "{err}");
+        let err = Config::parse("t.toml", &fw(&format!("deny_files = [\"{}\"]\nallow_files = [\"{}\"]", drop_list.display(), allow_list.display()))).unwrap_err();
+        assert_eq!((err.file.as_str(), err.line), (allow_list.to_str().unwrap(), Some(1)), "{err}");
+        assert!(err.message.contains(&format!("allowed here but denied at {} line 2", drop_list.display())), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

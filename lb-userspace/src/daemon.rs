@@ -10,7 +10,11 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{xdp::XdpLinkId, XdpMode};
-use lb_common::{ring, vip::{ForwardMode, VipKey}};
+use lb_common::{
+    firewall::{Prefix, Rule},
+    ring,
+    vip::{ForwardMode, VipKey},
+};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -140,6 +144,10 @@ pub struct Shared {
     pub checkers: Mutex<BTreeMap<u32, tokio::task::JoinHandle<()>>>,
     /// The VIPs were changed at runtime: the state file keeps the whole set.
     pub vips_changed: AtomicBool,
+    /// The firewall's rules, sorted by prefix.
+    pub firewall: Mutex<Vec<Rule>>,
+    /// The firewall was changed at runtime: the state file keeps its rules.
+    pub firewall_changed: AtomicBool,
     pub ready: AtomicBool,
 }
 
@@ -220,6 +228,36 @@ pub struct SavedState {
     /// The whole VIP set, when it was changed at runtime (it then replaces the config's).
     #[serde(default)]
     pub vips: Option<Vec<VipSpec>>,
+    /// The firewall's rules, when they were changed at runtime (they then replace the
+    /// config's).
+    #[serde(default)]
+    pub firewall: Option<Vec<RuleSpec>>,
+}
+
+/// A firewall rule as the admin API and the state file spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// `a.b.c.d/len`.
+    pub prefix: String,
+    /// `deny` or `allow`.
+    pub verdict: String,
+}
+
+impl RuleSpec {
+    pub fn from_rule(r: &Rule) -> RuleSpec {
+        RuleSpec { prefix: r.prefix.to_string(), verdict: r.verdict().to_string() }
+    }
+
+    pub fn to_rule(&self) -> Result<Rule, String> {
+        let prefix = self.prefix.parse::<Prefix>().map_err(|e| format!("{:?}: {e}", self.prefix))?;
+        let allow = match self.verdict.as_str() {
+            "deny" => false,
+            "allow" => true,
+            v => return Err(format!("verdict {v:?}: expected deny or allow")),
+        };
+        Ok(Rule { prefix, allow })
+    }
 }
 
 /// A VIP as the admin API and the state file spell it.
@@ -313,13 +351,18 @@ impl BackendSpec {
 
 /// Writes the state file (runtime states and weights; the VIP set if changed at runtime).
 pub fn save_state(shared: &Shared) -> Result<(), String> {
-    let state = SavedState {
-        backends: shared.runtime.lock().expect("lock").clone(),
-        vips: shared.vips_changed.load(std::sync::atomic::Ordering::SeqCst).then(|| {
-            let topo = shared.topology.lock().expect("lock");
-            topo.vips.iter().map(|v| VipSpec::from_topology(v, &topo.backends)).collect()
-        }),
-    };
+    // One lock at a time (a temporary guard in a struct literal would live to the end of the
+    // statement, holding `runtime` while taking `topology`: the reverse of `/status`'s order).
+    let backends = shared.runtime.lock().expect("lock").clone();
+    let vips = shared.vips_changed.load(std::sync::atomic::Ordering::SeqCst).then(|| {
+        let topo = shared.topology.lock().expect("lock");
+        topo.vips.iter().map(|v| VipSpec::from_topology(v, &topo.backends)).collect()
+    });
+    let firewall = shared
+        .firewall_changed
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then(|| shared.firewall.lock().expect("lock").iter().map(RuleSpec::from_rule).collect());
+    let state = SavedState { backends, vips, firewall };
     let text = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
     if let Some(dir) = shared.state_file.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -342,6 +385,9 @@ fn start_checker(shared: &Shared, b: &BackendInfo, port: u16) {
 /// address, or a new one.
 fn ensure_backend(shared: &Shared, dp: &mut Dataplane, topo: &mut Topology, b: &crate::config::BackendConfig, mode: ForwardMode, port: u16) -> Result<u32, ApiError> {
     let l2 = mode == ForwardMode::L2;
+    if let Some(r) = crate::config::denied_backend(&shared.firewall.lock().expect("lock"), b.addr) {
+        return Err(ApiError(409, format!("backend {} ({}) is denied by the firewall rule {}: the balancer would drop its health check answers; allow it first", b.name, b.addr, r.prefix)));
+    }
     if let Some(info) = topo.backends.iter_mut().find(|x| x.address == b.addr) {
         if !info.removed && info.name != b.name {
             return Err(ApiError(409, format!("address {} already belongs to backend {:?}", b.addr, info.name)));
@@ -469,6 +515,43 @@ pub fn remove_member(shared: &Shared, vip: &str, backend: &str) -> Result<(), Ap
 }
 
 /// Reads the admin token, creating a random one (mode 0600) if the file does not exist.
+/// Changes the firewall's rules (`change` edits them by prefix: `true` allows), refusing a
+/// set that would deny a backend (its health check answers would be dropped); applies,
+/// persists and logs the result. Returns the rules now in force.
+pub fn change_firewall(
+    shared: &Shared,
+    what: &str,
+    change: impl FnOnce(&mut BTreeMap<Prefix, bool>) -> Result<(), ApiError>,
+) -> Result<Vec<Rule>, ApiError> {
+    // The order of every path that holds several of these locks: dataplane, topology, firewall.
+    let new = {
+        let mut dp = shared.dataplane.lock().expect("lock");
+        let topo = shared.topology.lock().expect("lock");
+        let mut current = shared.firewall.lock().expect("lock");
+        let mut rules: BTreeMap<Prefix, bool> = current.iter().map(|r| (r.prefix, r.allow)).collect();
+        change(&mut rules)?;
+        let new: Vec<Rule> = rules.into_iter().map(|(prefix, allow)| Rule { prefix, allow }).collect();
+        if new.len() > lb_common::firewall::MAX_RULES as usize {
+            return Err(ApiError(409, format!("{} rules: the firewall holds at most {}", new.len(), lb_common::firewall::MAX_RULES)));
+        }
+        for b in topo.backends.iter().filter(|b| !b.removed) {
+            if let Some(r) = crate::config::denied_backend(&new, b.address) {
+                return Err(ApiError(
+                    409,
+                    format!("{what} would deny backend {} ({}) through {}: the balancer would drop its health check answers; allow it first", b.name, b.address, r.prefix),
+                ));
+            }
+        }
+        dp.set_firewall(&new).map_err(|e| ApiError(500, format!("{e:#}")))?;
+        *current = new.clone();
+        new
+    };
+    shared.firewall_changed.store(true, std::sync::atomic::Ordering::SeqCst);
+    save_state(shared).map_err(|e| ApiError(500, e))?;
+    info!(change = what, rules = new.len(), "firewall changed");
+    Ok(new)
+}
+
 fn admin_token(path: &std::path::Path) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(t) = std::fs::read_to_string(path) {
@@ -516,6 +599,11 @@ fn mode_name(m: XdpMode) -> &'static str {
 pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> Result<(Vec<VipInfo>, Vec<BackendInfo>)> {
     dp.set_encap_source(encap_source)?;
     dp.set_flood_limit(config.flood_guard)?;
+    dp.set_firewall(&config.firewall)?;
+    if !config.firewall.is_empty() {
+        let deny = config.firewall.iter().filter(|r| !r.allow).count();
+        info!(deny, allow = config.firewall.len() - deny, "firewall rules installed");
+    }
     let mut backends: Vec<BackendInfo> = Vec::new();
     let mut by_addr: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     let mut vips = Vec::new();
@@ -598,6 +686,21 @@ pub async fn run(mut config: Config) -> Result<()> {
     if let Some(vips) = &saved.vips {
         info!(state_file = %config.state_file.display(), vips = vips.len(), "using the VIP set changed at runtime (remove its \"vips\" from the state file to go back to the configuration's)");
         config.vips = vips.iter().map(|v| v.to_config().map_err(|e| anyhow!("state file: VIP {}: {}", v.name, e.1))).collect::<Result<_>>()?;
+    }
+    let firewall_changed = saved.firewall.is_some();
+    if let Some(rules) = &saved.firewall {
+        info!(state_file = %config.state_file.display(), rules = rules.len(), "using the firewall rules changed at runtime (remove its \"firewall\" from the state file to go back to the configuration's)");
+        let mut set = crate::config::RuleSet::default();
+        for r in rules {
+            let rule = r.to_rule().map_err(|e| anyhow!("state file: firewall rule {e}"))?;
+            set.add(rule.prefix, rule.allow, "the state file".into()).map_err(|e| anyhow!("state file: {e}"))?;
+        }
+        config.firewall = set.rules();
+        for b in config.vips.iter().flat_map(|v| &v.backends) {
+            if let Some(r) = crate::config::denied_backend(&config.firewall, b.addr) {
+                bail!("state file: the firewall rule deny {} denies backend {} ({}): its health check answers would be dropped", r.prefix, b.name, b.addr);
+            }
+        }
     }
     let encap_source = match config.encap_source {
         Some(a) => a,
@@ -703,6 +806,8 @@ pub async fn run(mut config: Config) -> Result<()> {
         reports: report_tx,
         checkers: Mutex::new(BTreeMap::new()),
         vips_changed: AtomicBool::new(vips_changed),
+        firewall: Mutex::new(config.firewall.clone()),
+        firewall_changed: AtomicBool::new(firewall_changed),
         ready: AtomicBool::new(false),
     });
     reconcile(&shared)?;

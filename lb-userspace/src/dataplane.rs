@@ -10,7 +10,7 @@ use aya::{
 use lb_common::{
     backend::{ring_index, Backend, BACKEND_DOWN, MAX_BACKENDS, RING_SIZE},
     encap::LbConfig,
-    firewall::{rule_index, Prefix, RuleStats, MAX_RULES, VERDICT_ALLOW},
+    firewall::{rule_index, Prefix, Rule, RuleStats, MAX_RULES, VERDICT_ALLOW},
     flow::{entry_backend, flow_sets, FlowKey, FlowSet, FlowSlot, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
     vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
@@ -48,20 +48,6 @@ pub enum DataplaneError {
     FirewallFull(usize),
     #[error("firewall prefix {0} given twice")]
     FirewallDuplicate(Prefix),
-}
-
-/// A firewall rule: packets whose source the prefix holds (and no longer prefix of another
-/// rule) are dropped, or let through when `allow` (see `lb_common::firewall`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Rule {
-    pub prefix: Prefix,
-    pub allow: bool,
-}
-
-impl Rule {
-    pub fn verdict(&self) -> &'static str {
-        if self.allow { "allow" } else { "deny" }
-    }
 }
 
 fn trie_key(p: &Prefix) -> Key<u32> {

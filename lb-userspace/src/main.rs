@@ -26,6 +26,11 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   path = "/healthz"
   interval_ms = 2000             # also fast_interval_ms, timeout_ms, rise = 2, fall = 3,
                                  # on_marked_down = "shutdown-sessions" | "none"
+  [firewall]                     # optional: by source address, the longest prefix decides
+  deny = ["203.0.113.0/24"]      # dropped in XDP before anything else
+  allow = ["203.0.113.8/29"]     # exceptions out of wider deny rules
+  # deny_files = ["/etc/lbd/drop.txt"]   # one prefix a line, `#`/`;` comments; also allow_files
+
   [[vip]]
   name = "web"
   vip = "10.0.100.1:80/tcp"      # address:port/protocol
@@ -62,7 +67,8 @@ const DEPLOY_EXAMPLE: &str = r#"Plan (TOML):
                   On the balancer:   lbd check-config lbd.toml && sudo lbd run --config lbd.toml\n\
                   On each backend:   sudo lbd backend-setup --vip 10.0.100.1 --interface eth0   (--undo to revert)\n\
                   Anywhere:          lbd status --admin 127.0.0.1:9100\n\
-                  Change it live:    sudo lbd ctl backend drain web1   (ready, maint; weight web1 3)\n\n\
+                  Change it live:    sudo lbd ctl backend drain web1   (ready, maint; weight web1 3)\n\
+                  Firewall:          sudo lbd ctl firewall deny 203.0.113.0/24   (allow, remove, list)\n\n\
                   The configuration format: `lbd check-config --help` and README.md."
 )]
 struct Cli {
@@ -175,6 +181,33 @@ enum CtlCmd {
         #[command(subcommand)]
         action: VipAction,
     },
+    /// Firewall rules by source prefix (kept across restarts): `lbd ctl firewall deny
+    /// 203.0.113.0/24`, `... allow 203.0.113.8/29`, `... remove 203.0.113.0/24`, `... list`.
+    Firewall {
+        #[command(subcommand)]
+        action: FirewallAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum FirewallAction {
+    /// Drop packets from these prefixes (or addresses), unless a longer allow rule holds them.
+    Deny {
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Let packets from these prefixes through (exceptions out of wider deny rules).
+    Allow {
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Remove the rules of these prefixes.
+    Remove {
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Every rule with the packets and bytes it decided (needs no token).
+    List,
 }
 
 #[derive(Subcommand)]
@@ -226,10 +259,50 @@ enum BackendAction {
     Weight { name: String, weight: String },
 }
 
+async fn firewall_list(admin: SocketAddr) -> Result<()> {
+    let body = client::get_ok(&format!("http://{admin}/firewall"))
+        .await
+        .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("/firewall is not JSON")?;
+    let rules = v["rules"].as_array().cloned().unwrap_or_default();
+    println!("{} rules (at most {}), {} packets dropped", rules.len(), v["max_rules"], v["dropped"]);
+    for r in rules {
+        println!("  {:<5} {:<18} packets={} bytes={}", r["verdict"].as_str().unwrap_or("?"), r["prefix"].as_str().unwrap_or("?"), r["packets"], r["bytes"]);
+    }
+    Ok(())
+}
+
 async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()> {
+    if let CtlCmd::Firewall { action: FirewallAction::List } = what {
+        return firewall_list(admin).await;
+    }
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {} (root only; --token-file)", token_file.display()))?;
-    let (method, path, value) = match what {
+    let requests: Vec<(&str, String, String)> = match what {
+        CtlCmd::Firewall { action } => match action {
+            FirewallAction::Deny { prefixes } => vec![("POST", "/firewall/deny".to_string(), prefixes.join(" "))],
+            FirewallAction::Allow { prefixes } => vec![("POST", "/firewall/allow".to_string(), prefixes.join(" "))],
+            FirewallAction::Remove { prefixes } => prefixes.iter().map(|p| ("DELETE", format!("/firewall/{p}"), String::new())).collect(),
+            FirewallAction::List => unreachable!("answered above"),
+        },
+        other => vec![one_request(other)?],
+    };
+    for (method, path, value) in requests {
+        let method: hyper::Method = method.parse().expect("a method");
+        let (status, text) = client::request(method, &format!("http://{admin}{path}"), Some(&token), value)
+            .await
+            .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", text.trim());
+        }
+        println!("{}", text.trim());
+    }
+    Ok(())
+}
+
+/// The admin request of a `ctl` command about backends or VIPs.
+fn one_request(what: CtlCmd) -> Result<(&'static str, String, String)> {
+    Ok(match what {
         CtlCmd::Backend { action } => {
             let (name, setting, value) = match action {
                 BackendAction::Ready { name } => (name, "state", "ready".to_string()),
@@ -252,16 +325,8 @@ async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()>
             ),
             VipAction::RemoveBackend { vip, name } => ("DELETE", format!("/vips/{vip}/backends/{name}"), String::new()),
         },
-    };
-    let method: hyper::Method = method.parse().expect("a method");
-    let (status, text) = client::request(method, &format!("http://{admin}{path}"), Some(&token), value)
-        .await
-        .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
-    if !status.is_success() {
-        anyhow::bail!("{status}: {}", text.trim());
-    }
-    println!("{}", text.trim());
-    Ok(())
+        CtlCmd::Firewall { .. } => anyhow::bail!("firewall changes are not one request"),
+    })
 }
 
 fn init_tracing() {
@@ -275,6 +340,10 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let c = Config::load(file)?;
     println!("{}: ok", file.display());
     println!("  interfaces {:?}, xdp_mode {:?}, flow table {}, admin {}", c.interfaces, c.xdp_mode, c.flow_table_size, c.admin_listen);
+    if !c.firewall.is_empty() {
+        let deny = c.firewall.iter().filter(|r| !r.allow).count();
+        println!("  firewall: {deny} deny rules, {} allow rules", c.firewall.len() - deny);
+    }
     for v in &c.vips {
         println!("  vip {} ({}, {:?}): {}", v.spec(), v.name, v.mode,
             v.backends.iter().map(|b| format!("{} {} w{}", b.name, b.addr, b.weight)).collect::<Vec<_>>().join(", "));
@@ -304,6 +373,10 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
                 s(&b["name"]), s(&b["address"]), b["weight"], s(&b["state"]), b["packets"], b["new_flows"]
             );
         }
+    }
+    let fw = &v["firewall"];
+    if fw["deny"].as_u64().unwrap_or(0) + fw["allow"].as_u64().unwrap_or(0) > 0 {
+        println!("  firewall: {} deny rules, {} allow rules, {} packets dropped (lbd ctl firewall list)", fw["deny"], fw["allow"], fw["dropped"]);
     }
     println!("  actions {}", v["actions"]);
     Ok(())

@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
+    firewall::Rule,
     builder::{arp_request, echo_reply, frag_needed, icmp_too_big, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
     flow::FlowKey,
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -13,7 +14,6 @@ use lb_common::{
 };
 use lb_userspace::{
     decap::Decap,
-    dataplane::Rule,
     testrun::{self, action_name, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     Dataplane, DataplaneError, LoadOptions,
 };

@@ -563,6 +563,84 @@ fn vips_and_backends_change_at_runtime() {
     assert!(refused, "a removed VIP must not be served");
 }
 
+/// Whether one new connection from the client gets an answer through the VIP (within 1 s).
+fn vip_answers(stack: &Stack) -> bool {
+    let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let vip = SocketAddr::from((VIP, HTTP_PORT));
+    stack.in_ns("client", move || Conn::open_from_within(port, vip, Duration::from_secs(1)).and_then(|mut c| c.get("/whoami", false)).is_ok())
+}
+
+/// The firewall's rules as `GET /firewall` lists them: (prefix, verdict, packets).
+fn firewall_rules(stack: &Stack) -> Vec<(String, String, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&stack.exec("lb", &format!("curl -sf http://{}/firewall", tests::stack::ADMIN))).expect("JSON");
+    v["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["prefix"].as_str().unwrap().to_string(), r["verdict"].as_str().unwrap().to_string(), r["packets"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_firewall_drops_denied_clients_at_the_balancer() {
+    if !privileged("the_firewall_drops_denied_clients_at_the_balancer") {
+        return;
+    }
+    let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let ping = |stack: &Stack, to: std::net::Ipv4Addr| stack.exec_ok("client", &format!("ping -c 1 -W 1 {to}"));
+    assert!(vip_answers(&stack) && ping(&stack, VIP) && ping(&stack, LB), "before any rule");
+
+    // Deny the client: the VIP and the balancer's own address stop answering it.
+    let out = stack.ctl(&format!("firewall deny {CLIENT}")).expect("deny the client");
+    assert!(out.contains(&format!("deny {CLIENT}/32")), "{out}");
+    assert!(!vip_answers(&stack), "a denied client must not reach the VIP");
+    assert!(!ping(&stack, VIP) && !ping(&stack, LB), "nor ping the VIP or the balancer");
+    let rules = firewall_rules(&stack);
+    assert_eq!(rules.len(), 1);
+    assert!(rules[0].0 == format!("{CLIENT}/32") && rules[0].1 == "deny" && rules[0].2 >= 3, "{rules:?}");
+    let metrics = stack.exec("lb", &format!("curl -sf http://{}/metrics", tests::stack::ADMIN));
+    assert!(metrics.contains(&format!("lb_firewall_packets_total{{prefix=\"{CLIENT}/32\",verdict=\"deny\"}} {}", rules[0].2)), "{metrics}");
+    let status = stack.status();
+    assert_eq!(status["firewall"]["deny"], 1);
+    assert!(status["counters"]["firewall"].as_u64().unwrap() >= rules[0].2);
+    // The backends' health checks go on (their answers are not denied).
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(stack.backend_state("web1"), "up");
+
+    // Refused: a rule that would deny the backends (their check answers would be dropped),
+    // a prefix with host bits, removing a rule that is not there.
+    let err = stack.ctl("firewall deny 10.77.0.0/24").unwrap_err();
+    assert!(err.contains("409") && err.contains("web1"), "{err}");
+    let err = stack.ctl("firewall deny 10.77.0.1/16").unwrap_err();
+    assert!(err.contains("400") && err.contains("did you mean 10.77.0.0/16"), "{err}");
+    let err = stack.ctl("firewall remove 192.0.2.0/24").unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    assert_eq!(firewall_rules(&stack).len(), 1, "refused changes change nothing");
+
+    // An allow list: the segment denied but for the backends and, now, the client.
+    stack.ctl(&format!("firewall allow {} {}", tests::stack::WEB[0], tests::stack::WEB[1])).expect("allow the backends");
+    stack.ctl("firewall deny 10.77.0.0/24").expect("deny the segment");
+    assert!(!vip_answers(&stack), "the client's own deny rule still holds");
+    stack.ctl(&format!("firewall allow {CLIENT}")).expect("allow the client");
+    assert!(vip_answers(&stack), "the client is an exception now");
+    assert_eq!(
+        firewall_rules(&stack).iter().map(|(p, v, _)| format!("{v} {p}")).collect::<Vec<_>>(),
+        ["deny 10.77.0.0/24", "allow 10.77.0.10/32", "allow 10.77.0.11/32", "allow 10.77.0.12/32"]
+    );
+
+    // Kept across a restart (the state file), and enforced again by the new program.
+    stack.stop_balancer(libc::SIGTERM);
+    stack.start_balancer();
+    assert_eq!(firewall_rules(&stack).len(), 4, "rules restored from the state file");
+    assert!(vip_answers(&stack));
+    stack.ctl(&format!("firewall remove {CLIENT}/32")).expect("remove the client's exception");
+    assert!(!vip_answers(&stack), "the segment's deny rule applies to the client again");
+    assert!(stack.ctl("firewall list").unwrap().contains("deny  10.77.0.0/24"));
+    stack.ctl("firewall remove 10.77.0.0/24 10.77.0.11 10.77.0.12").expect("remove the rest");
+    assert!(firewall_rules(&stack).is_empty());
+    assert!(vip_answers(&stack) && ping(&stack, LB), "no rules, nothing denied");
+}
+
 /// HTTPS ends on the nodes (the balancer forwards packets): the client trusts the stack's
 /// local CA, reaches the VIP by name, negotiates HTTP/2 over ALPN, and both nodes serve.
 #[test]
