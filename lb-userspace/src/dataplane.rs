@@ -10,7 +10,7 @@ use aya::{
 use lb_common::{
     backend::{ring_index, Backend, BACKEND_DOWN, MAX_BACKENDS, RING_SIZE},
     encap::LbConfig,
-    firewall::{rule_index, Prefix, Rule, RuleStats, MAX_RULES, VERDICT_ALLOW},
+    firewall::{build_dir, rule_index, DirLine, Prefix, Rule, RuleStats, DIR_PER_LINE, MAX_RULES, VERDICT_ALLOW},
     flow::{entry_backend, flow_sets, FlowKey, FlowSet, FlowSlot, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
     vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
@@ -74,7 +74,7 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 14] = [
+pub const MAPS: [&str; 15] = [
     "VIPS",
     "VIP_ADDRS",
     "VIP_ADDR_SET",
@@ -85,6 +85,7 @@ pub const MAPS: [&str; 14] = [
     "CONFIG",
     "TX_PORTS",
     "FIREWALL",
+    "FIREWALL_DIR",
     "FIREWALL_STATS",
     "STATS",
     "VIP_STATS",
@@ -109,6 +110,9 @@ pub struct Dataplane {
     config: Array<MapData, LbConfig>,
     tx_ports: DevMapHash<MapData>,
     firewall: LpmTrie<MapData, u32, u32>,
+    firewall_dir: Array<MapData, DirLine>,
+    /// What `firewall_dir` holds, once written.
+    firewall_dir_written: Option<Vec<DirLine>>,
     firewall_stats: PerCpuArray<MapData, RuleStats>,
     stats: PerCpuArray<MapData, GlobalStats>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
@@ -192,6 +196,8 @@ impl Dataplane {
             config: take(&mut ebpf, "CONFIG")?,
             tx_ports: take(&mut ebpf, "TX_PORTS")?,
             firewall: take(&mut ebpf, "FIREWALL")?,
+            firewall_dir: take(&mut ebpf, "FIREWALL_DIR")?,
+            firewall_dir_written: None,
             firewall_stats: take(&mut ebpf, "FIREWALL_STATS")?,
             stats: take(&mut ebpf, "STATS")?,
             vip_stats: take(&mut ebpf, "VIP_STATS")?,
@@ -367,9 +373,11 @@ impl Dataplane {
     }
 
     /// Makes `rules` the firewall's rules. A rule kept (same prefix and verdict) keeps its
-    /// counters; a new one starts from zero. New and changed rules go in before the program
-    /// is told how many there are, removed ones go after; a packet meets the old rules or
-    /// the new ones for each prefix, and the count only says whether to look at all.
+    /// counters; a new one starts from zero. New and changed rules go into the trie first,
+    /// then the direct table is rewritten (the lines that changed), then the program is told
+    /// how many rules there are, and removed rules leave the trie last: no table entry
+    /// points at a rule the trie lacks, and a packet meets the old rules or the new ones for
+    /// each prefix. The count only says whether to look at all.
     pub fn set_firewall(&mut self, rules: &[Rule]) -> Result<(), DataplaneError> {
         if rules.len() > MAX_RULES as usize {
             return Err(DataplaneError::FirewallFull(rules.len()));
@@ -397,6 +405,19 @@ impl Dataplane {
             let value = index | if allow { VERDICT_ALLOW } else { 0 };
             self.firewall.insert(&trie_key(p), value, 0).map_err(map_err("FIREWALL"))?;
         }
+        let values: Vec<(Prefix, u32)> = self.firewall_entries()?.into_iter().filter(|(p, _)| wanted.contains_key(p)).collect();
+        let dir = build_dir(&values);
+        let lines: Vec<DirLine> = dir
+            .chunks(DIR_PER_LINE as usize)
+            .map(|c| DirLine { entries: c.try_into().expect("whole lines") })
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            // Every line the first time: clears what a previous run left in a pinned map.
+            if self.firewall_dir_written.as_ref().is_none_or(|old| old[i] != *line) {
+                self.firewall_dir.set(i as u32, *line, 0).map_err(map_err("FIREWALL_DIR"))?;
+            }
+        }
+        self.firewall_dir_written = Some(lines);
         self.update_config(|cfg| cfg.firewall_rules = wanted.len() as u32)?;
         for p in current.keys().filter(|p| !wanted.contains_key(p)) {
             self.firewall.remove(&trie_key(p)).map_err(map_err("FIREWALL"))?;

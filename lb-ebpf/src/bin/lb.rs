@@ -20,7 +20,7 @@ use lb_common::{
     backend::{eth_macs, ring_index, round_robin_slot, Backend, NextHop, MAX_BACKENDS, NEXTHOP_BUDGET, RING_SIZE},
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     csum::{self, halves},
-    firewall::{denies, rule_index, RuleStats, MAX_RULES},
+    firewall::{denies, dir_block, dir_value, rule_index, DirLine, RuleStats, DIR_LINES, DIR_NONE, DIR_PER_LINE, DIR_TRIE, MAX_RULES},
     flood::admit,
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
@@ -62,6 +62,10 @@ static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 /// `firewall::VERDICT_ALLOW` for an allow rule (see `lb_common::firewall`).
 #[map]
 static FIREWALL: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
+/// The firewall's direct table of /16 blocks, asked before the trie (see
+/// `lb_common::firewall`).
+#[map]
+static FIREWALL_DIR: Array<DirLine> = Array::with_max_entries(DIR_LINES, 0);
 #[map]
 static FIREWALL_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
 #[map]
@@ -269,11 +273,21 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     action
 }
 
-/// Whether the longest firewall rule holding the packet's source denies it; counts the
+/// Whether the longest firewall rule holding the packet's source denies it (the direct
+/// table of its /16 block, and the trie if a longer rule lies in the block); counts the
 /// packet to that rule either way.
 #[inline(always)]
 fn firewall_denies(ip: &Ipv4, l3_off: usize) -> bool {
-    let Some(&value) = FIREWALL.get(Key::new(32, ip.words[3])) else { return false };
+    let block = dir_block(ip.words[3]);
+    let Some(line) = FIREWALL_DIR.get(block / DIR_PER_LINE) else { return false };
+    let value = match line.entries[(block % DIR_PER_LINE) as usize] {
+        DIR_NONE => return false,
+        DIR_TRIE => match FIREWALL.get(Key::new(32, ip.words[3])) {
+            Some(&v) => v,
+            None => return false,
+        },
+        entry => dir_value(entry),
+    };
     if let Some(rs) = FIREWALL_STATS.get_ptr_mut(rule_index(value)) {
         // SAFETY: per-CPU value.
         let rs = unsafe { &mut *rs };

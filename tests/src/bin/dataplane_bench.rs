@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_userspace::{
     objects,
-    testrun::{self, XDP_PASS, XDP_TX},
+    testrun::{self, XDP_DROP, XDP_PASS, XDP_TX},
     Dataplane, LoadOptions,
 };
 use tests::{lab::*, pin_to_cpu};
@@ -24,13 +24,47 @@ use tests::{lab::*, pin_to_cpu};
 /// method, net of the floor (from the issue). "ack1" is the established path in the shape
 /// Katran's own tester measures it (one fixture packet, repeated: the flow's entry stays in
 /// the cache); "ack" is the busy balancer's shape (256 flows in turn, the entry usually
-/// out of the cache). The issue does not say which shape its Katran figure had.
-const PATHS: [(&str, &str, f64); 4] = [
-    ("syn", "new flow (SYN to VIP)", 320.0),
-    ("ack", "established (ACK to VIP)", 125.0),
-    ("ack1", "established, one flow", 125.0),
-    ("plain", "non-VIP TCP", 45.0),
+/// out of the cache). The issue does not say which shape its Katran figure had. The "fw"
+/// paths run through a second balancer with a blocklist of `FW_RULES` deny rules (Katran
+/// has no firewall): the same packets as "ack" and "plain" from sources no rule holds (the
+/// common case: the lookup finds nothing), and packets from a denied source; each is
+/// compared with its path without rules.
+const PATHS: [(&str, &str, Option<f64>); 7] = [
+    ("syn", "new flow (SYN to VIP)", Some(320.0)),
+    ("ack", "established (ACK to VIP)", Some(125.0)),
+    ("ack1", "established, one flow", Some(125.0)),
+    ("plain", "non-VIP TCP", Some(45.0)),
+    ("fwack", "established, blocklist", None),
+    ("fwplain", "non-VIP TCP, blocklist", None),
+    ("fwdrop", "denied source, dropped", None),
 ];
+/// For each "fw" path, the path without rules it is compared with.
+const FW_BASE: [usize; 3] = [1, 3, 3];
+/// Deny rules of the benchmark's blocklist: about Spamhaus DROP's size.
+const FW_RULES: usize = 1500;
+
+/// A blocklist of `FW_RULES` random /12../24 prefixes outside the benchmark's own sources
+/// (10/8, 100/8, 172.16/12), and 198.51.100.0/24, which the "fwdrop" packets come from.
+fn blocklist() -> Vec<lb_common::firewall::Rule> {
+    use lb_common::firewall::{Prefix, Rule};
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rules = std::collections::BTreeSet::new();
+    rules.insert(Rule { prefix: Prefix::new([198, 51, 100, 0], 24).unwrap(), allow: false });
+    while rules.len() < FW_RULES {
+        // xorshift64*: a fixed list, the same in every run.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let len = 12 + (r >> 59) as u8 % 13;
+        let addr = ((r as u32) & Prefix::mask(len)).to_be_bytes();
+        if matches!(addr[0], 10 | 100 | 172) {
+            continue;
+        }
+        rules.insert(Rule { prefix: Prefix::new(addr, len).unwrap(), allow: false });
+    }
+    rules.into_iter().collect()
+}
 
 struct Scenario {
     frames: Vec<Vec<u8>>,
@@ -89,6 +123,11 @@ fn main() {
         b.set_flood_limit(u32::MAX).expect("flood guard");
         b
     });
+    // The same balancer with a blocklist, for the "fw" paths.
+    let mut fw = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
+    configure(&mut fw);
+    fw.set_flood_limit(u32::MAX).expect("flood guard");
+    fw.set_firewall(&blocklist()).expect("blocklist");
     let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
     let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
     floor.load().expect("load xdp_pass");
@@ -101,7 +140,7 @@ fn main() {
     let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
     for &(i, port) in &est_flows {
         let src = [172, 17, (i >> 8) as u8, i as u8];
-        for d in std::iter::once(&dp).chain(baseline.as_ref()) {
+        for d in [&dp, &fw].into_iter().chain(baseline.as_ref()) {
             testrun::run(d.program(), &Pkt::tcp(src, port, VIP, 80, TCP_SYN).build(), Some(ingress)).unwrap();
         }
     }
@@ -113,13 +152,15 @@ fn main() {
         .map(|i| Pkt::tcp([172, 18, (i >> 8) as u8, i as u8], 30_000, [10, 0, 0, 1], 22, TCP_ACK).payload(&[0x55; 64]).build())
         .collect();
 
-    // LB_BENCH_PATHS=syn,ack,ack1,plain (any subset) measures only those paths: for profiling one.
-    let paths = std::env::var("LB_BENCH_PATHS").unwrap_or_else(|_| "syn,ack,ack1,plain".into());
+    let denied: Vec<Vec<u8>> = (0..256u32).map(|i| Pkt::tcp([198, 51, 100, i as u8], 30_000, VIP, 80, TCP_SYN).build()).collect();
+
+    // LB_BENCH_PATHS=syn,ack,ack1,plain,... (any subset) measures only those paths: for profiling one.
+    let paths = std::env::var("LB_BENCH_PATHS").unwrap_or_else(|_| PATHS.map(|(p, _, _)| p).join(","));
     let wanted = PATHS.map(|(p, _, _)| paths.split(',').any(|w| w.trim() == p));
 
     // The machine's speed drifts (shared host): alternate short chunks of every path and
     // compare like with like, chunk by chunk; report the median and the 10th percentile.
-    let mut results: [Vec<f64>; 5] = Default::default();
+    let mut results: [Vec<f64>; 8] = Default::default();
     let mut base_results: [Vec<f64>; 4] = Default::default();
     let mut syn_src = 0u32;
     let chunk = per_round.min(2000);
@@ -140,6 +181,12 @@ fn main() {
         let one_flow = Scenario { frames: (0..chunk).map(|_| ack[0].clone()).collect(), expect: XDP_TX };
         let plain = Scenario { frames: (0..chunk).map(|i| non_vip[(c * chunk + i) % non_vip.len()].clone()).collect(), expect: XDP_PASS };
         results[0].push(measure(floor, &plain, ingress));
+        let drops = Scenario { frames: (0..chunk).map(|i| denied[(c * chunk + i) % denied.len()].clone()).collect(), expect: XDP_DROP };
+        for (k, s) in [(5, &acks), (6, &plain), (7, &drops)] {
+            if wanted[k - 1] {
+                results[k].push(measure(fw.program(), s, ingress));
+            }
+        }
         for (k, s) in [(1, &syns), (2, &acks), (3, &one_flow), (4, &plain)] {
             if wanted[k - 1] {
                 // With a baseline, which of the two goes first alternates by chunk: the
@@ -167,22 +214,35 @@ fn main() {
     println!("{:<28} {:>8} {:>8} {:>9} {:>9} {:>11} {:>12} {:>10}", "path", "p50", "p10", "net p50", "net p10", "Katran net", "ours/Katran", "target");
     let (f50, f10) = (pct(&results[0], 0.5), pct(&results[0], 0.1));
     println!("{:<28} {:>8.1} {:>8.1} {:>9} {:>9} {:>11} {:>12} {:>10}", "floor: XDP_PASS program", f50, f10, "-", "-", "-", "-", "-");
+    let net50 = |k: usize| (pct(&results[k + 1], 0.5) - f50).max(0.0);
     for (k, (_, name, katran)) in PATHS.iter().enumerate() {
         if !wanted[k] {
             continue;
         }
         let (p50, p10) = (pct(&results[k + 1], 0.5), pct(&results[k + 1], 0.1));
         let (n50, n10) = ((p50 - f50).max(0.0), (p10 - f10).max(0.0));
-        let ratio = n50 / katran;
-        println!(
-            "{name:<28} {p50:>8.1} {p10:>8.1} {n50:>9.1} {n10:>9.1} {katran:>11.0} {ratio:>12.2} {:>10}",
-            if ratio <= 0.5 { "<= 0.5 ok" } else { "> 0.5 MISS" }
-        );
+        match katran {
+            Some(katran) => {
+                let ratio = n50 / katran;
+                println!(
+                    "{name:<28} {p50:>8.1} {p10:>8.1} {n50:>9.1} {n10:>9.1} {katran:>11.0} {ratio:>12.2} {:>10}",
+                    if ratio <= 0.5 { "<= 0.5 ok" } else { "> 0.5 MISS" }
+                );
+            }
+            None => {
+                let base = FW_BASE[k - 4];
+                let versus = if wanted[base] { format!("{:+.1} ns vs {}", n50 - net50(base), PATHS[base].0) } else { "-".into() };
+                println!("{name:<28} {p50:>8.1} {p10:>8.1} {n50:>9.1} {n10:>9.1} {:>11} {:>12} {versus}", "-", "-");
+            }
+        }
+    }
+    if wanted[4..].iter().any(|&w| w) {
+        println!("(blocklist: {FW_RULES} deny rules, /12 to /24, in the kernel's LPM trie; the fw paths' sources match none but fwdrop's)");
     }
     if let Some(path) = &baseline_path {
         println!("this build vs LB_BENCH_BASELINE={path}, same chunks (ratio < 1: this build is faster)");
         println!("{:<28} {:>13} {:>13} {:>18}", "path", "base net p50", "this net p50", "this/base per chunk");
-        for (k, (_, name, _)) in PATHS.iter().enumerate() {
+        for (k, (_, name, _)) in PATHS.iter().enumerate().take(4) {
             if !wanted[k] {
                 continue;
             }
