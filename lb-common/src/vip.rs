@@ -63,6 +63,19 @@ pub fn home_slot(packed: u64) -> u32 {
 /// TCP or UDP header or probing the VIP table. Userspace sets a bit before it adds a VIP
 /// and clears it after the last VIP with that bit is gone, so no VIP is ever filtered out.
 pub const VIP_ADDR_FILTER_WORDS: u32 = 64;
+/// The `VIP_ADDRS` map holds two filters, interleaved so that a packet finds both words of
+/// its bit in one cache line: the gate (even words), which every IPv4 packet meets, and the
+/// filter proper (odd words). They are equal while the firewall has no rules; with rules
+/// the gate is all ones, so that every packet reaches the firewall (which then reads the
+/// filter proper), and the non-VIP path costs nothing more without rules.
+pub const VIP_ADDRS_MAP_WORDS: u32 = 2 * VIP_ADDR_FILTER_WORDS;
+
+/// Where the gate's word for filter bit `bit` is in the `VIP_ADDRS` map; the filter proper's
+/// is the next one.
+#[inline(always)]
+pub const fn gate_word(bit: u32) -> u32 {
+    bit / 64 * 2
+}
 
 /// The filter bit of a destination address (0..4096): Fibonacci hashing, one multiply.
 #[inline(always)]

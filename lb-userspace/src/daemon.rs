@@ -599,11 +599,6 @@ fn mode_name(m: XdpMode) -> &'static str {
 pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> Result<(Vec<VipInfo>, Vec<BackendInfo>)> {
     dp.set_encap_source(encap_source)?;
     dp.set_flood_limit(config.flood_guard)?;
-    dp.set_firewall(&config.firewall)?;
-    if !config.firewall.is_empty() {
-        let deny = config.firewall.iter().filter(|r| !r.allow).count();
-        info!(deny, allow = config.firewall.len() - deny, "firewall rules installed");
-    }
     let mut backends: Vec<BackendInfo> = Vec::new();
     let mut by_addr: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     let mut vips = Vec::new();
@@ -649,6 +644,13 @@ pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> R
             forward: v.mode,
         });
     }
+    dp.set_firewall(&config.firewall)?;
+    if !config.firewall.is_empty() {
+        let deny = config.firewall.iter().filter(|r| !r.allow).count();
+        info!(deny, allow = config.firewall.len() - deny, "firewall rules installed");
+    }
+    // Every VIP is in place: the filter's exact words (stale bits of a reused map cleared).
+    dp.sync_addr_filter()?;
     Ok((vips, backends))
 }
 

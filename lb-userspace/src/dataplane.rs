@@ -97,7 +97,9 @@ pub struct Dataplane {
     vips: Array<MapData, VipSlot>,
     vip_addrs: Array<MapData, u64>,
     /// What `VIP_ADDRS` holds, once written.
-    vip_addrs_written: Option<[u64; lb_common::vip::VIP_ADDR_FILTER_WORDS as usize]>,
+    vip_addrs_written: Option<[u64; lb_common::vip::VIP_ADDRS_MAP_WORDS as usize]>,
+    /// The firewall has rules: the filter's gate is all ones (see `VIP_ADDRS_MAP_WORDS`).
+    firewall_on: bool,
     /// The VIP addresses exactly (read natively), which echo requests are answered.
     vip_addr_set: HashMap<MapData, u32, u32>,
     /// What `vip_addr_set` holds, once written.
@@ -187,6 +189,7 @@ impl Dataplane {
             vips: take(&mut ebpf, "VIPS")?,
             vip_addrs: take(&mut ebpf, "VIP_ADDRS")?,
             vip_addrs_written: None,
+            firewall_on: false,
             vip_addr_set: take(&mut ebpf, "VIP_ADDR_SET")?,
             vip_addr_set_written: None,
             vip_table: VipTable::default(),
@@ -329,9 +332,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes the exact VIP address filter once every VIP is in place (the first write keeps
+    /// the bits a reused map had: see `write_addr_filter`).
+    pub fn sync_addr_filter(&mut self) -> Result<(), DataplaneError> {
+        self.write_addr_filter()
+    }
+
     /// Writes the VIP address filter for the VIPs of the table (see
-    /// `lb_common::vip::VIP_ADDR_FILTER_WORDS`): the words that changed, and every word the
-    /// first time (which clears bits that a previous run left in a pinned map).
+    /// `lb_common::vip::VIP_ADDR_FILTER_WORDS`), and the gate in front of it (the same
+    /// words, or all ones while the firewall has rules: `VIP_ADDRS_MAP_WORDS`): the words
+    /// that changed, and every word the first time (which clears bits that a previous run
+    /// left in a pinned map).
     fn write_addr_filter(&mut self) -> Result<(), DataplaneError> {
         // The addresses as the program reads them (native words of the address bytes, which
         // are a packed key's first four).
@@ -343,7 +354,13 @@ impl Dataplane {
                 u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
             })
             .collect();
-        let words = addr_filter(set.iter().map(|a| a.to_ne_bytes()));
+        let filter = addr_filter(set.iter().map(|a| a.to_ne_bytes()));
+        let mut words = [0u64; lb_common::vip::VIP_ADDRS_MAP_WORDS as usize];
+        for (i, &w) in filter.iter().enumerate() {
+            let gate = lb_common::vip::gate_word(i as u32 * 64) as usize;
+            words[gate] = if self.firewall_on { u64::MAX } else { w };
+            words[gate + 1] = w;
+        }
         // New addresses into the exact set before the filter lets their packets through, gone
         // ones out of it after.
         let old = match self.vip_addr_set_written.take() {
@@ -353,6 +370,14 @@ impl Dataplane {
         };
         for &a in set.difference(&old) {
             self.vip_addr_set.insert(a, 1, 0).map_err(map_err("VIP_ADDR_SET"))?;
+        }
+        if self.vip_addrs_written.is_none() {
+            // The first write: a map reused from the pin directory still serves the running
+            // program, and its VIPs come back one by one; keep the bits it has until
+            // `sync_addr_filter` (after the last VIP) writes the exact words.
+            for (i, w) in words.iter_mut().enumerate() {
+                *w |= self.vip_addrs.get(&(i as u32), 0).map_err(map_err("VIP_ADDRS"))?;
+            }
         }
         for (i, &w) in words.iter().enumerate() {
             if self.vip_addrs_written.is_none_or(|old| old[i] != w) {
@@ -418,7 +443,18 @@ impl Dataplane {
             }
         }
         self.firewall_dir_written = Some(lines);
-        self.update_config(|cfg| cfg.firewall_rules = wanted.len() as u32)?;
+        // Turned on: the count first, then the gate opens; turned off: the gate first.
+        let on = !wanted.is_empty();
+        if on {
+            self.update_config(|cfg| cfg.firewall_rules = wanted.len() as u32)?;
+        }
+        if on != self.firewall_on {
+            self.firewall_on = on;
+            self.write_addr_filter()?;
+        }
+        if !on {
+            self.update_config(|cfg| cfg.firewall_rules = 0)?;
+        }
         for p in current.keys().filter(|p| !wanted.contains_key(p)) {
             self.firewall.remove(&trie_key(p)).map_err(map_err("FIREWALL"))?;
         }

@@ -6,8 +6,8 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    firewall::Rule,
     builder::{arp_request, echo_reply, frag_needed, icmp_too_big, ipip, ipv6_tcp_syn, Pkt, LB_MAC},
+    firewall::Rule,
     flow::FlowKey,
     packet::{parse_frame, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::Counter,
@@ -715,9 +715,24 @@ fn pins_of_another_version_are_replaced_and_pins_of_this_one_reused() {
     let pinned = dp.flow(&flow_key(43001)).map(|v| v.backend);
     assert!(pinned.is_some(), "the new flow table pins flows");
     drop(dp);
-    // A restart of this version adopts the pinned table, its seed included: the flow stays.
+    // A restart of this version adopts the pinned maps, which the running program still
+    // uses: while the VIPs come back one by one, the address filter keeps the bits of those
+    // not back yet (else their packets would pass as not for a VIP), until the sync.
+    use lb_common::vip::{ForwardMode, VipKey, PROTO_TCP};
     let mut dp = Dataplane::load(&opts).expect("load over this version's pins");
+    dp.set_vip(VipKey::new(VIP_L2, 80, PROTO_TCP), 5, ForwardMode::L2, &[5]).unwrap();
+    let to_routed = Pkt::tcp(CLIENT, 43002, VIP_ROUTED, 80, TCP_SYN).build();
+    let got = testrun::run(dp.program(), &to_routed, Some(ingress)).unwrap();
+    assert_eq!(action_name(got.action), "XDP_TX", "a VIP not re-added yet is still balanced");
     configure(&mut dp);
+    dp.set_vip(VipKey::new(VIP_ROUTED, 8080, PROTO_TCP), 7, ForwardMode::Ipip, &[2]).unwrap();
+    dp.remove_vip(&VipKey::new(VIP_ROUTED, 80, PROTO_TCP)).unwrap();
+    dp.remove_vip(&VipKey::new(VIP_ROUTED, 8080, PROTO_TCP)).unwrap();
+    dp.sync_addr_filter().unwrap();
+    let before = dp.global_stats().unwrap().get(Counter::NotVip);
+    let got = testrun::run(dp.program(), &to_routed, Some(ingress)).unwrap();
+    assert_eq!((action_name(got.action), dp.global_stats().unwrap().get(Counter::NotVip) - before), ("XDP_PASS", 1), "a removed VIP's address is filtered out after the sync");
+    // The pinned table, its seed included: the flow stays.
     assert_eq!(dp.flow(&flow_key(43001)).map(|v| v.backend), pinned, "flow kept across the restart");
     let ack = Pkt::tcp(CLIENT, 43001, VIP, 80, TCP_ACK).build();
     testrun::run(dp.program(), &ack, Some(ingress)).unwrap();

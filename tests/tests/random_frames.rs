@@ -8,8 +8,8 @@
 //! LB_FUZZ_SEED to vary, LB_FUZZ_FRAMES to change the count.
 
 use lb_common::{
-    firewall::Rule,
     builder::{arp_request, echo_reply, frag_needed, icmp_too_big, ipv6_tcp_syn, Pkt},
+    firewall::Rule,
     csum,
     packet::{parse_frame, parse_icmp, parse_l3, IcmpToVip, Parsed, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     vip::VipKey,

@@ -26,16 +26,17 @@ use lb_common::{
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_ipv4, parse_l2, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{addr_filter_bit, find_packed_vip, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDR_FILTER_WORDS, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, find_packed_vip, gate_word, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDRS_MAP_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
 /// Open-addressing table of VIPs (see `lb_common::vip::find_vip`).
 #[map]
 static VIPS: Array<VipSlot> = Array::with_max_entries(VIP_TABLE_SIZE, 0);
-/// Bitmap of the hashes of VIP addresses (see `lb_common::vip::addr_filter_bit`).
+/// Bitmaps of the hashes of VIP addresses (see `lb_common::vip::addr_filter_bit`): the gate
+/// and the filter proper (see `lb_common::vip::VIP_ADDRS_MAP_WORDS`).
 #[map]
-static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
+static VIP_ADDRS: Array<u64> = Array::with_max_entries(VIP_ADDRS_MAP_WORDS, 0);
 /// The VIP addresses, exactly (the filter above has false positives): which echo requests
 /// are answered.
 #[map]
@@ -122,24 +123,31 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         bump(stats, Counter::Malformed);
         return xdp_action::XDP_PASS;
     };
+    // Most traffic that is not for a VIP is not even for a VIP address: passed here, before
+    // its TCP or UDP header is read. While the firewall has rules this gate lets every packet
+    // through to it, and the filter proper comes after it (see `VIP_ADDRS_MAP_WORDS`).
+    let bit = addr_filter_bit(ip.dst());
+    if VIP_ADDRS.get(gate_word(bit)).is_some_and(|w| w >> (bit % 64) & 1 == 0) {
+        bump(stats, if ip.is_fragment() { Counter::Fragment } else { Counter::NotVip });
+        return xdp_action::XDP_PASS;
+    }
     let Some(cfg) = CONFIG.get(0) else {
         bump(stats, Counter::FibError);
         return xdp_action::XDP_PASS;
     };
-    // The firewall sees every IPv4 packet with a sound header, fragments too.
-    if cfg.firewall_rules != 0 && firewall_denies(&ip, l3_off) {
-        bump(stats, Counter::Firewall);
-        return xdp_action::XDP_DROP;
+    if cfg.firewall_rules != 0 {
+        // Every IPv4 packet with a sound header, fragments too.
+        if firewall_denies(&ip, l3_off) {
+            bump(stats, Counter::Firewall);
+            return xdp_action::XDP_DROP;
+        }
+        if VIP_ADDRS.get(gate_word(bit) + 1).is_some_and(|w| w >> (bit % 64) & 1 == 0) {
+            bump(stats, if ip.is_fragment() { Counter::Fragment } else { Counter::NotVip });
+            return xdp_action::XDP_PASS;
+        }
     }
     if ip.is_fragment() {
         bump(stats, Counter::Fragment);
-        return xdp_action::XDP_PASS;
-    }
-    // Most traffic that is not for a VIP is not even for a VIP address: passed here, before
-    // its TCP or UDP header is read.
-    let bit = addr_filter_bit(ip.dst());
-    if VIP_ADDRS.get(bit / 64).is_some_and(|w| w >> (bit % 64) & 1 == 0) {
-        bump(stats, Counter::NotVip);
         return xdp_action::XDP_PASS;
     }
     let p = match parse_l4(&frame, l3_off, &ip) {

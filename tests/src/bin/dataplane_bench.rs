@@ -27,29 +27,33 @@ use tests::{lab::*, pin_to_cpu};
 /// out of the cache). The issue does not say which shape its Katran figure had. The "fw"
 /// paths run through a second balancer with a blocklist of `FW_RULES` deny rules (Katran
 /// has no firewall): the same packets as "ack" and "plain" from sources no rule holds (the
-/// common case: the lookup finds nothing), and packets from a denied source; each is
+/// common case: the lookup finds nothing), packets from a source denied by a rule of /16
+/// or shorter (decided by the direct table) and by a longer one (by the trie); each is
 /// compared with its path without rules.
-const PATHS: [(&str, &str, Option<f64>); 7] = [
+const PATHS: [(&str, &str, Option<f64>); 8] = [
     ("syn", "new flow (SYN to VIP)", Some(320.0)),
     ("ack", "established (ACK to VIP)", Some(125.0)),
     ("ack1", "established, one flow", Some(125.0)),
     ("plain", "non-VIP TCP", Some(45.0)),
     ("fwack", "established, blocklist", None),
     ("fwplain", "non-VIP TCP, blocklist", None),
-    ("fwdrop", "denied source, dropped", None),
+    ("fwdrop", "denied by a /15, dropped", None),
+    ("fwtrie", "denied by a /24, dropped", None),
 ];
 /// For each "fw" path, the path without rules it is compared with.
-const FW_BASE: [usize; 3] = [1, 3, 3];
+const FW_BASE: [usize; 4] = [1, 3, 3, 3];
 /// Deny rules of the benchmark's blocklist: about Spamhaus DROP's size.
 const FW_RULES: usize = 1500;
 
 /// A blocklist of `FW_RULES` random /12../24 prefixes outside the benchmark's own sources
-/// (10/8, 100/8, 172.16/12), and 198.51.100.0/24, which the "fwdrop" packets come from.
+/// (10/8, 100/8, 172.16/12), and 198.18.0.0/15 and 198.51.100.0/24, which the "fwdrop" and
+/// "fwtrie" packets come from.
 fn blocklist() -> Vec<lb_common::firewall::Rule> {
     use lb_common::firewall::{Prefix, Rule};
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rules = std::collections::BTreeSet::new();
     rules.insert(Rule { prefix: Prefix::new([198, 51, 100, 0], 24).unwrap(), allow: false });
+    rules.insert(Rule { prefix: Prefix::new([198, 18, 0, 0], 15).unwrap(), allow: false });
     while rules.len() < FW_RULES {
         // xorshift64*: a fixed list, the same in every run.
         x ^= x >> 12;
@@ -58,7 +62,7 @@ fn blocklist() -> Vec<lb_common::firewall::Rule> {
         let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let len = 12 + (r >> 59) as u8 % 13;
         let addr = ((r as u32) & Prefix::mask(len)).to_be_bytes();
-        if matches!(addr[0], 10 | 100 | 172) {
+        if matches!(addr[0], 10 | 100 | 172 | 198) {
             continue;
         }
         rules.insert(Rule { prefix: Prefix::new(addr, len).unwrap(), allow: false });
@@ -123,11 +127,17 @@ fn main() {
         b.set_flood_limit(u32::MAX).expect("flood guard");
         b
     });
-    // The same balancer with a blocklist, for the "fw" paths.
-    let mut fw = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
-    configure(&mut fw);
-    fw.set_flood_limit(u32::MAX).expect("flood guard");
-    fw.set_firewall(&blocklist()).expect("blocklist");
+    // LB_BENCH_PATHS=syn,ack,ack1,plain,... (any subset) measures only those paths: for profiling one.
+    let paths = std::env::var("LB_BENCH_PATHS").unwrap_or_else(|_| PATHS.map(|(p, _, _)| p).join(","));
+    let wanted = PATHS.map(|(p, _, _)| paths.split(',').any(|w| w.trim() == p));
+    // The same balancer with a blocklist, for the "fw" paths (only loaded for them).
+    let fw = wanted[4..].iter().any(|&w| w).then(|| {
+        let mut fw = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
+        configure(&mut fw);
+        fw.set_flood_limit(u32::MAX).expect("flood guard");
+        fw.set_firewall(&blocklist()).expect("blocklist");
+        fw
+    });
     let mut floor_obj = Ebpf::load(objects::pass()).expect("load pass object");
     let floor: &mut Xdp = floor_obj.program_mut("xdp_pass").unwrap().try_into().unwrap();
     floor.load().expect("load xdp_pass");
@@ -140,7 +150,7 @@ fn main() {
     let est_flows: Vec<(u32, u16)> = (0..n_est).map(|i| (i, 10_000 + (i % 50_000) as u16)).collect();
     for &(i, port) in &est_flows {
         let src = [172, 17, (i >> 8) as u8, i as u8];
-        for d in [&dp, &fw].into_iter().chain(baseline.as_ref()) {
+        for d in std::iter::once(&dp).chain(fw.as_ref()).chain(baseline.as_ref()) {
             testrun::run(d.program(), &Pkt::tcp(src, port, VIP, 80, TCP_SYN).build(), Some(ingress)).unwrap();
         }
     }
@@ -152,15 +162,13 @@ fn main() {
         .map(|i| Pkt::tcp([172, 18, (i >> 8) as u8, i as u8], 30_000, [10, 0, 0, 1], 22, TCP_ACK).payload(&[0x55; 64]).build())
         .collect();
 
-    let denied: Vec<Vec<u8>> = (0..256u32).map(|i| Pkt::tcp([198, 51, 100, i as u8], 30_000, VIP, 80, TCP_SYN).build()).collect();
+    let denied: Vec<Vec<u8>> = (0..256u32).map(|i| Pkt::tcp([198, 18 + (i & 1) as u8, (i >> 1) as u8, i as u8], 30_000, VIP, 80, TCP_SYN).build()).collect();
+    let denied_trie: Vec<Vec<u8>> = (0..256u32).map(|i| Pkt::tcp([198, 51, 100, i as u8], 30_000, VIP, 80, TCP_SYN).build()).collect();
 
-    // LB_BENCH_PATHS=syn,ack,ack1,plain,... (any subset) measures only those paths: for profiling one.
-    let paths = std::env::var("LB_BENCH_PATHS").unwrap_or_else(|_| PATHS.map(|(p, _, _)| p).join(","));
-    let wanted = PATHS.map(|(p, _, _)| paths.split(',').any(|w| w.trim() == p));
 
     // The machine's speed drifts (shared host): alternate short chunks of every path and
     // compare like with like, chunk by chunk; report the median and the 10th percentile.
-    let mut results: [Vec<f64>; 8] = Default::default();
+    let mut results: [Vec<f64>; 9] = Default::default();
     let mut base_results: [Vec<f64>; 4] = Default::default();
     let mut syn_src = 0u32;
     let chunk = per_round.min(2000);
@@ -182,9 +190,10 @@ fn main() {
         let plain = Scenario { frames: (0..chunk).map(|i| non_vip[(c * chunk + i) % non_vip.len()].clone()).collect(), expect: XDP_PASS };
         results[0].push(measure(floor, &plain, ingress));
         let drops = Scenario { frames: (0..chunk).map(|i| denied[(c * chunk + i) % denied.len()].clone()).collect(), expect: XDP_DROP };
-        for (k, s) in [(5, &acks), (6, &plain), (7, &drops)] {
+        let trie_drops = Scenario { frames: (0..chunk).map(|i| denied_trie[(c * chunk + i) % denied_trie.len()].clone()).collect(), expect: XDP_DROP };
+        for (k, s) in [(5, &acks), (6, &plain), (7, &drops), (8, &trie_drops)] {
             if wanted[k - 1] {
-                results[k].push(measure(fw.program(), s, ingress));
+                results[k].push(measure(fw.as_ref().expect("loaded for the fw paths").program(), s, ingress));
             }
         }
         for (k, s) in [(1, &syns), (2, &acks), (3, &one_flow), (4, &plain)] {
@@ -237,7 +246,7 @@ fn main() {
         }
     }
     if wanted[4..].iter().any(|&w| w) {
-        println!("(blocklist: {FW_RULES} deny rules, /12 to /24, in the kernel's LPM trie; the fw paths' sources match none but fwdrop's)");
+        println!("(blocklist: {FW_RULES} deny rules, /12 to /24: direct table of /16 blocks, then the kernel's LPM trie; the fw paths' sources match none but the dropped ones)");
     }
     if let Some(path) = &baseline_path {
         println!("this build vs LB_BENCH_BASELINE={path}, same chunks (ratio < 1: this build is faster)");
