@@ -19,7 +19,9 @@ pub struct LbConfig {
     pub flow_seed: u64,
     /// Rules in the firewall's trie (`firewall`); 0: the program does not look.
     pub firewall_rules: u32,
-    pub _pad: u32,
+    /// New flows one source address may open per [`crate::flood`] window; its SYNs (and
+    /// first datagrams) past it are dropped. 0: off.
+    pub source_limit: u32,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 32);
 user_pod!(LbConfig);

@@ -14,6 +14,19 @@
 //! later ones apart, so a flow placed by hash during a flood would move to its round-robin
 //! backend once the flood ended.
 
+//!
+//! The same count, kept per source address in an LRU hash map shared by the CPUs, limits
+//! how many new flows one client may open a window (HAProxy's `sc_conn_rate` with a
+//! `tcp-request connection reject`): past it, its SYNs and first datagrams are dropped, so a
+//! single source cannot take the flow table or the backends' accept queues; its flows
+//! already open go on. The CPUs update a source's count without a lock: two of them can
+//! count one SYN once between them, so the limit holds to within the CPUs a source's
+//! packets arrive on.
+
+/// Sources whose new flows the per-source limit counts at once (the LRU map's size): the
+/// least recently seen is forgotten first, and starts a new count when it comes back.
+pub const SOURCE_TABLE_SIZE: u32 = 65_536;
+
 /// A window is 2^30 ns (1.07 s), counted in units of 2^20 ns (1.05 ms).
 pub const UNIT_SHIFT: u32 = 20;
 pub const WINDOW_UNITS: u32 = 1 << (30 - UNIT_SHIFT);

@@ -56,6 +56,8 @@ pub enum Counter {
     EncapError,
     /// Source denied by a firewall rule: dropped (see `firewall`).
     Firewall,
+    /// A new flow past its source's limit of new flows per window: dropped (see `flood`).
+    SourceLimit,
     // --- decapsulation program ---
     /// IPIP packet for this host, outer header removed.
     Decap,
@@ -93,6 +95,7 @@ impl Counter {
         Counter::FibError,
         Counter::EncapError,
         Counter::Firewall,
+        Counter::SourceLimit,
         Counter::Decap,
         Counter::DecapNotLocal,
         Counter::DecapNotIpip,
@@ -108,7 +111,7 @@ impl Counter {
         match self {
             Counter::Tx | Counter::IcmpTooBig | Counter::IcmpEcho => Some("tx"),
             Counter::Redirect => Some("redirect"),
-            Counter::NoBackend | Counter::Firewall => Some("drop"),
+            Counter::NoBackend | Counter::Firewall | Counter::SourceLimit => Some("drop"),
             Counter::NotVip
             | Counter::NotIp
             | Counter::Ipv6
@@ -148,6 +151,7 @@ impl Counter {
             Counter::FibError => "fib_error",
             Counter::EncapError => "encap_error",
             Counter::Firewall => "firewall",
+            Counter::SourceLimit => "source_limit",
             Counter::Decap => "decap",
             Counter::DecapNotLocal => "decap_not_local",
             Counter::DecapNotIpip => "decap_not_ipip",
@@ -217,7 +221,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 22);
+        assert_eq!(Counter::BALANCER.len(), 23);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));

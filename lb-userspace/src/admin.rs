@@ -190,6 +190,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "encap_source": topo.encap_source,
         "flow_table_size": topo.flow_table_size,
         "flood_guard": topo.flood_guard,
+        "source_flow_limit": topo.source_flow_limit,
         "firewall": {
             "deny": shared.firewall.lock().expect("lock").iter().filter(|r| !r.allow).count(),
             "allow": shared.firewall.lock().expect("lock").iter().filter(|r| r.allow).count(),

@@ -6,6 +6,7 @@
 //! xdp_mode = "auto"              # driver | skb | auto (driver, else skb; the outcome is logged)
 //! flow_table_size = 262144       # established flows held (twice as many slots)
 //! flood_guard = 125000           # new TCP flows a CPU pins per VIP a second; past it by hash, unpinned (0: off)
+//! source_flow_limit = 0          # new flows one client address may open a second; past it dropped (0: off)
 //! encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
 //! pin_dir = "/sys/fs/bpf/lbd"    # optional: pin maps and links here; a restart adopts them
 //!
@@ -73,6 +74,8 @@ struct File {
     flow_table_size: Option<Spanned<i64>>,
     #[serde(default)]
     flood_guard: Option<Spanned<i64>>,
+    #[serde(default)]
+    source_flow_limit: Option<Spanned<i64>>,
     #[serde(default)]
     encap_source: Option<Spanned<String>>,
     #[serde(default)]
@@ -174,6 +177,9 @@ pub struct Config {
     /// New TCP flows a CPU pins to one VIP per window (about a second) before the SYN flood
     /// guard places them by hash, without an entry (`lb_common::flood`); 0: off.
     pub flood_guard: u32,
+    /// New flows one source address may open per window (about a second); its SYNs and
+    /// first datagrams past it are dropped (`lb_common::flood`); 0: off.
+    pub source_flow_limit: u32,
     pub encap_source: Option<Ipv4Addr>,
     /// Where maps and XDP links are pinned (bpffs), so that a restart adopts them; `None`:
     /// nothing outlives the daemon.
@@ -434,6 +440,13 @@ impl Config {
                 Err(_) => return cx.err(n.span(), format!("flood_guard {} is out of range 0..={}", n.get_ref(), u32::MAX)),
             },
         };
+        let source_flow_limit = match &f.source_flow_limit {
+            None => 0,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v) => v,
+                Err(_) => return cx.err(n.span(), format!("source_flow_limit {} is out of range 0..={}", n.get_ref(), u32::MAX)),
+            },
+        };
         let encap_source = match &f.encap_source {
             None => None,
             Some(a) => Some(a.get_ref().parse::<Ipv4Addr>().or_else(|_| cx.err(a.span(), format!("encap_source {:?} is not an IPv4 address", a.get_ref())))?),
@@ -544,6 +557,7 @@ impl Config {
             xdp_mode,
             flow_table_size,
             flood_guard,
+            source_flow_limit,
             encap_source,
             pin_dir,
             admin_listen,
@@ -622,6 +636,8 @@ mac = "02:00:00:00:00:11"
         assert_eq!(c.flow_table_size, 4096);
         let c = Config::parse("t.toml", &GOOD.replacen("flow_table_size = 4096", "flow_table_size = 4096\nflood_guard = 500", 1)).unwrap();
         assert_eq!(c.flood_guard, 500);
+        let c = Config::parse("t.toml", &GOOD.replacen("flow_table_size = 4096", "flow_table_size = 4096\nsource_flow_limit = 20", 1)).unwrap();
+        assert_eq!(c.source_flow_limit, 20);
         assert_eq!(c.admin_listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(c.vips.len(), 2);
         assert_eq!(c.vips[0].name, "web");
@@ -650,6 +666,7 @@ mac = "02:00:00:00:00:11"
         check(("flow_table_size = 4096", "flow_table_size = \"big\""), Some(4), "invalid type");
         check(("flow_table_size = 4096", "flow_table_size = 4096\nflood_guard = -1"), Some(5), "out of range");
         check(("flow_table_size = 4096", "flow_table_size = 4096\nflood_guard = 5000000000"), Some(5), "out of range");
+        check(("flow_table_size = 4096", "flow_table_size = 4096\nsource_flow_limit = -5"), Some(5), "source_flow_limit -5 is out of range");
         check(("listen = \"127.0.0.1:9999\"", "listen = \"localhost\""), Some(7), "not an address:port");
         check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/sctp\""), Some(11), "neither tcp nor udp");
         check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1/tcp\""), Some(11), "address:port/protocol");
@@ -766,6 +783,7 @@ mac = "02:00:00:00:00:11"
         assert_eq!(c.xdp_mode, XdpModeSetting::Auto);
         assert_eq!(c.flow_table_size, lb_common::flow::DEFAULT_FLOW_TABLE_SIZE);
         assert_eq!(c.flood_guard, lb_common::flood::DEFAULT_FLOOD_LIMIT);
+        assert_eq!(c.source_flow_limit, 0);
         assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN);
         assert!(c.vips.is_empty());
     }

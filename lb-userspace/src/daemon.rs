@@ -121,6 +121,7 @@ pub struct Topology {
     pub encap_source: Ipv4Addr,
     pub flow_table_size: u32,
     pub flood_guard: u32,
+    pub source_flow_limit: u32,
     pub xdp: Vec<Attachment>,
     pub vips: Vec<VipInfo>,
     pub backends: Vec<BackendInfo>,
@@ -599,6 +600,7 @@ fn mode_name(m: XdpMode) -> &'static str {
 pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> Result<(Vec<VipInfo>, Vec<BackendInfo>)> {
     dp.set_encap_source(encap_source)?;
     dp.set_flood_limit(config.flood_guard)?;
+    dp.set_source_limit(config.source_flow_limit)?;
     let mut backends: Vec<BackendInfo> = Vec::new();
     let mut by_addr: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     let mut vips = Vec::new();
@@ -784,6 +786,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         encap_source,
         flow_table_size: config.flow_table_size,
         flood_guard: config.flood_guard,
+        source_flow_limit: config.source_flow_limit,
         xdp,
         vips,
         backends,

@@ -74,7 +74,7 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 15] = [
+pub const MAPS: [&str; 16] = [
     "VIPS",
     "VIP_ADDRS",
     "VIP_ADDR_SET",
@@ -87,6 +87,7 @@ pub const MAPS: [&str; 15] = [
     "FIREWALL",
     "FIREWALL_DIR",
     "FIREWALL_STATS",
+    "SOURCES",
     "STATS",
     "VIP_STATS",
     "BACKEND_STATS",
@@ -255,6 +256,12 @@ impl Dataplane {
     /// it places them by hash, without an entry (`lb_common::flood`); 0 turns it off.
     pub fn set_flood_limit(&mut self, limit: u32) -> Result<(), DataplaneError> {
         self.update_config(|cfg| cfg.flood_limit = limit)
+    }
+
+    /// The per-source limit: new flows one source address may open per window before its
+    /// SYNs and first datagrams are dropped (`lb_common::flood`); 0 turns it off.
+    pub fn set_source_limit(&mut self, limit: u32) -> Result<(), DataplaneError> {
+        self.update_config(|cfg| cfg.source_limit = limit)
     }
 
     /// Bumps `LbConfig::generation`: the program asks the FIB again for every backend (after

@@ -13,6 +13,7 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   xdp_mode = "auto"              # driver | skb | auto (driver, else skb)
   flow_table_size = 262144       # established flows held (twice as many slots)
   flood_guard = 125000           # new TCP flows a CPU pins per VIP a second; past it by hash, unpinned (0: off)
+  source_flow_limit = 0          # new flows one client address may open a second; past it dropped (0: off)
   encap_source = "10.0.0.2"      # outer IPIP source; default: first IPv4 address of interfaces[0]
   pin_dir = "/sys/fs/bpf/lbd"    # optional: pin maps and links; a restart (SIGUSR1) adopts them
 

@@ -574,6 +574,44 @@ fn the_flood_guard_keeps_pinned_flows_through_a_syn_flood() {
     assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow) - udp_before, 10);
 }
 
+/// The per-source limit: past it a source's new flows are dropped; its pinned flows, their
+/// retransmitted SYNs and other sources go on; a new window admits it again.
+#[test]
+fn a_source_past_its_new_flow_limit_is_dropped() {
+    if !privileged("source_limit") {
+        return;
+    }
+    let (ingress, mut dp) = loaded();
+    let run = |dp: &Dataplane, frame: Vec<u8>| action_name(testrun::run(dp.program(), &frame, Some(ingress)).unwrap().action);
+    let other = [192, 168, 8, 20];
+    // Off (the default): any number of new flows.
+    for sport in 3000..3010u16 {
+        assert_eq!(run(&dp, syn(sport).build()), "XDP_TX");
+    }
+    dp.set_source_limit(3).unwrap();
+    let before = dp.global_stats().unwrap();
+    let got: Vec<_> = (3100..3106u16).map(|sport| run(&dp, syn(sport).build())).collect();
+    assert_eq!(got, ["XDP_TX", "XDP_TX", "XDP_TX", "XDP_DROP", "XDP_DROP", "XDP_DROP"], "three new flows a window");
+    let got: Vec<_> = (7000..7004u16).map(|sport| run(&dp, Pkt::udp(CLIENT, sport, VIP, 53).build())).collect();
+    assert_eq!(got, ["XDP_DROP"; 4], "UDP flows count too");
+    assert_eq!(run(&dp, Pkt::tcp(other, 3100, VIP, 80, TCP_SYN).build()), "XDP_TX", "another source has its own count");
+    // What is pinned goes on: the flows' packets and a retransmitted SYN.
+    assert_eq!(run(&dp, Pkt::tcp(CLIENT, 3100, VIP, 80, TCP_ACK).build()), "XDP_TX");
+    assert_eq!(run(&dp, syn(3101).build()), "XDP_TX", "a retransmitted SYN of a pinned flow");
+    assert_eq!(run(&dp, Pkt::udp(CLIENT, 7000, VIP, 53).build()), "XDP_DROP", "an unpinned UDP flow stays new");
+    let g = dp.global_stats().unwrap();
+    assert_eq!(g.get(Counter::SourceLimit) - before.get(Counter::SourceLimit), 8);
+    assert_eq!(g.get(Counter::NewFlow) - before.get(Counter::NewFlow), 4);
+    // A window (2^30 ns) later the source may open flows again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(run(&dp, syn(3200).build()), "XDP_TX");
+    // Off again: nothing is dropped.
+    dp.set_source_limit(0).unwrap();
+    for sport in 3300..3310u16 {
+        assert_eq!(run(&dp, syn(sport).build()), "XDP_TX");
+    }
+}
+
 fn rule(prefix: &str, allow: bool) -> Rule {
     Rule { prefix: prefix.parse().unwrap(), allow }
 }

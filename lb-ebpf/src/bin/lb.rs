@@ -12,7 +12,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
     EbpfContext,
 };
@@ -21,7 +21,7 @@ use lb_common::{
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     csum::{self, halves},
     firewall::{denies, dir_block, dir_value, rule_index, DirLine, RuleStats, DIR_LINES, DIR_NONE, DIR_PER_LINE, DIR_TRIE, MAX_RULES},
-    flood::admit,
+    flood::{admit, SOURCE_TABLE_SIZE},
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_ipv4, parse_l2, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
@@ -69,6 +69,9 @@ static FIREWALL: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 static FIREWALL_DIR: Array<DirLine> = Array::with_max_entries(DIR_LINES, 0);
 #[map]
 static FIREWALL_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+/// The per-source limit's counts (`lb_common::flood`), by source address.
+#[map]
+static SOURCES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
 #[map]
 static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -199,6 +202,10 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
             (way, idx)
         }
         None => {
+            if cfg.source_limit != 0 && p.opens_flow() && !source_admits(p.tuple.src, cfg.source_limit) {
+                bump(stats, Counter::SourceLimit);
+                return xdp_action::XDP_DROP;
+            }
             let mut pin = p.tcp_flags & TCP_RST == 0;
             let ring_slot = if p.opens_flow() && !(p.tuple.proto == PROTO_TCP && flooded(cfg, vip_stats)) {
                 // A SYN, or the first UDP packet of a 5-tuple: the next backend in turn.
@@ -303,6 +310,28 @@ fn firewall_denies(ip: &Ipv4, l3_off: usize) -> bool {
         rs.bytes += (l3_off + usize::from(ip.tot_len)) as u64;
     }
     denies(value)
+}
+
+/// Whether `src` may open one more flow under the per-source limit (and counts it); see
+/// `lb_common::flood`. A source seen for the first time starts its count.
+#[inline(always)]
+fn source_admits(src: u32, limit: u32) -> bool {
+    match SOURCES.get_ptr_mut(&src) {
+        Some(state) => {
+            // SAFETY: a map value; CPUs update it without a lock (a count may be lost, see
+            // `lb_common::flood`), whole 8-byte stores.
+            let (next, within) = admit(unsafe { *state }, limit, || unsafe { bpf_ktime_get_coarse_ns() });
+            unsafe { *state = next };
+            within
+        }
+        None => {
+            // SAFETY: plain helper call.
+            let (first, _) = admit(0, limit, || unsafe { bpf_ktime_get_coarse_ns() });
+            // A full map forgets its least recently used source; an error only forgets this one.
+            let _ = SOURCES.insert(&src, &first, 0);
+            true
+        }
+    }
 }
 
 /// Whether this CPU has pinned as many new TCP flows to the VIP in the current window as

@@ -1,6 +1,6 @@
 //! `cargo xtask run`: the whole stack in network namespaces until Ctrl-C.
 
-use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, DB_ADMIN, DB_PRIMARY, DB_REPLICA, DB_ROUTER, HTTP_PORT, LB, LB_LOCAL_PORT, MYSQL_PORT, UDP_PORT, VIP, VIP_NAME};
+use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, CLIENT, DB_ADMIN, DB_PRIMARY, DB_REPLICA, DB_ROUTER, HTTP_PORT, LB, LB_LOCAL_PORT, MYSQL_PORT, UDP_PORT, VIP, VIP_NAME};
 
 /// Blocks SIGINT and SIGTERM on this thread (and the threads it spawns later), so that
 /// they wait for `sigwait` instead of killing the process before it tears down.
@@ -97,6 +97,7 @@ fn main() {
          \x20 sudo ip netns exec {lb} curl http://{ADMIN}/status      # or /metrics\n\
          \x20 sudo ip netns exec {lb} {lbd} status\n\
          \x20 sudo ip netns exec {lb} {lbd} ctl --token-file {work}/admin.token backend drain web1   # then: ready web1\n\
+         \x20 sudo ip netns exec {lb} {lbd} ctl --token-file {work}/admin.token firewall deny {CLIENT}   # dropped in XDP; then: firewall remove {CLIENT}\n\
          \x20 sudo ip netns exec {client} curl http://{LB}:{LB_LOCAL_PORT}/whoami   # the balancer's own service, not a VIP\n\
          \x20 sudo ip netns exec {lb} {lbd} deploy --plan {plan} 2.0.0   # rolling deploy of the prepared release 2.0.0\n\
          Logs: {work}\n\nCtrl-C tears everything down.",
