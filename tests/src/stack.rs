@@ -102,6 +102,8 @@ pub struct Options {
     /// default, room for the IPIP header; 1500 makes full-size client packets too big once
     /// encapsulated.
     pub mtu: u16,
+    /// lbd's `source_flow_limit` (0: off, the default).
+    pub source_flow_limit: u32,
 }
 
 /// The demo's checks: fast, yet with room for a loaded machine (HAProxy's defaults are
@@ -110,7 +112,7 @@ pub const DEMO_HEALTH: (u32, u32, u32, u32, u32) = (300, 100, 200, 2, 2);
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false, mtu: 1600 }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false, mtu: 1600, source_flow_limit: 0 }
     }
 }
 
@@ -499,6 +501,9 @@ impl Stack {
             name = self.name,
             work = self.work.display()
         );
+        if self.opts.source_flow_limit != 0 {
+            c = c.replacen("flow_table_size", &format!("source_flow_limit = {}\nflow_table_size", self.opts.source_flow_limit), 1);
+        }
         if self.opts.pinned {
             c = c.replacen("flow_table_size", &format!("pin_dir = \"{}/lbd\"\nflow_table_size", self.pin_dir.display()), 1);
         }

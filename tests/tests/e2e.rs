@@ -641,6 +641,45 @@ fn the_firewall_drops_denied_clients_at_the_balancer() {
     assert!(vip_answers(&stack) && ping(&stack, LB), "no rules, nothing denied");
 }
 
+/// lbd's per-source limit: a client that opens flows faster than `source_flow_limit` a
+/// window gets its further SYNs dropped (its connection attempts stall), while its open
+/// keep-alive connection goes on; a window later it connects again.
+#[test]
+fn a_client_past_its_new_flow_limit_waits() {
+    if !privileged("a_client_past_its_new_flow_limit_waits") {
+        return;
+    }
+    let mut opts = Options::new(XdpMode::Driver, Forward::Ipip);
+    opts.source_flow_limit = 5;
+    let stack = Stack::up(opts);
+    assert_eq!(stack.status()["source_flow_limit"], 5);
+    let base = NEXT_PORT.fetch_add(20, std::sync::atomic::Ordering::SeqCst);
+    let vip = SocketAddr::from((VIP, HTTP_PORT));
+    let (kept, opened) = stack.in_ns("client", move || {
+        // The Stack's own checks opened flows from the client a while ago; wait out that window.
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut keep = Conn::open_from(base, vip).expect("first connection");
+        let mut opened = 1;
+        // Eleven more within the window (1.07 s): the refused ones give up after 80 ms.
+        for i in 1..12u16 {
+            if Conn::open_from_within(base + i, vip, Duration::from_millis(80)).and_then(|mut c| c.get("/whoami", false)).is_ok() {
+                opened += 1;
+            }
+        }
+        (keep.get("/whoami", false).map(|(s, _)| s).unwrap_or(0), opened)
+    });
+    assert_eq!(opened, 5, "five new flows a window, the other attempts' SYNs dropped");
+    assert_eq!(kept, 200, "an open connection of the limited client goes on");
+    let dropped = stack.status()["counters"]["source_limit"].as_u64().unwrap();
+    assert!(dropped >= 7, "{dropped} SYNs dropped");
+    let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let later = stack.in_ns("client", move || {
+        std::thread::sleep(Duration::from_millis(1200));
+        Conn::open_from_within(port, vip, Duration::from_secs(1)).and_then(|mut c| c.get("/whoami", false)).is_ok()
+    });
+    assert!(later, "a window later the client connects again");
+}
+
 /// HTTPS ends on the nodes (the balancer forwards packets): the client trusts the stack's
 /// local CA, reaches the VIP by name, negotiates HTTP/2 over ALPN, and both nodes serve.
 #[test]
