@@ -58,6 +58,8 @@ pub enum Counter {
     Firewall,
     /// A new flow past its source's limit of new flows per window: dropped (see `flood`).
     SourceLimit,
+    /// To a VIP with an allow list that does not hold the source: dropped.
+    VipNotAllowed,
     // --- decapsulation program ---
     /// IPIP packet for this host, outer header removed.
     Decap,
@@ -96,6 +98,7 @@ impl Counter {
         Counter::EncapError,
         Counter::Firewall,
         Counter::SourceLimit,
+        Counter::VipNotAllowed,
         Counter::Decap,
         Counter::DecapNotLocal,
         Counter::DecapNotIpip,
@@ -111,7 +114,7 @@ impl Counter {
         match self {
             Counter::Tx | Counter::IcmpTooBig | Counter::IcmpEcho => Some("tx"),
             Counter::Redirect => Some("redirect"),
-            Counter::NoBackend | Counter::Firewall | Counter::SourceLimit => Some("drop"),
+            Counter::NoBackend | Counter::Firewall | Counter::SourceLimit | Counter::VipNotAllowed => Some("drop"),
             Counter::NotVip
             | Counter::NotIp
             | Counter::Ipv6
@@ -152,6 +155,7 @@ impl Counter {
             Counter::EncapError => "encap_error",
             Counter::Firewall => "firewall",
             Counter::SourceLimit => "source_limit",
+            Counter::VipNotAllowed => "vip_not_allowed",
             Counter::Decap => "decap",
             Counter::DecapNotLocal => "decap_not_local",
             Counter::DecapNotIpip => "decap_not_ipip",
@@ -221,7 +225,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 23);
+        assert_eq!(Counter::BALANCER.len(), 24);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));

@@ -169,7 +169,22 @@ pub struct VipMeta {
     pub ring: u32,
     /// A [`ForwardMode`] as u32.
     pub mode: u32,
-    pub _pad: u32,
+    /// [`VIP_RESTRICTED`], or 0.
+    pub flags: u32,
+}
+
+/// The VIP takes packets only from sources its allow list holds (the `VIP_ALLOW` trie,
+/// keyed by [`allow_key`]); the others are dropped.
+pub const VIP_RESTRICTED: u32 = 1;
+/// Entries of the `VIP_ALLOW` trie, over every VIP.
+pub const MAX_VIP_ALLOW: u32 = 16_384;
+
+/// The `VIP_ALLOW` trie's key data for a source of VIP `vip_num`: the VIP number's bytes,
+/// most significant first, then the address's bytes, as native words. A rule for prefix
+/// `p` of that VIP has prefix length `32 + p.len` over the same data.
+#[inline(always)]
+pub const fn allow_key(vip_num: u32, addr_word: u32) -> [u32; 2] {
+    [vip_num.to_be(), addr_word]
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 
@@ -177,6 +192,10 @@ impl VipMeta {
     #[inline(always)]
     pub fn is_l2(&self) -> bool {
         self.mode == ForwardMode::L2 as u32
+    }
+    #[inline(always)]
+    pub fn is_restricted(&self) -> bool {
+        self.flags & VIP_RESTRICTED != 0
     }
     #[inline(always)]
     pub fn ring_len(&self) -> u32 {

@@ -515,7 +515,6 @@ pub fn remove_member(shared: &Shared, vip: &str, backend: &str) -> Result<(), Ap
     })
 }
 
-/// Reads the admin token, creating a random one (mode 0600) if the file does not exist.
 /// Changes the firewall's rules (`change` edits them by prefix: `true` allows), refusing a
 /// set that would deny a backend (its health check answers would be dropped); applies,
 /// persists and logs the result. Returns the rules now in force.
@@ -553,6 +552,7 @@ pub fn change_firewall(
     Ok(new)
 }
 
+/// Reads the admin token, creating a random one (mode 0600) if the file does not exist.
 fn admin_token(path: &std::path::Path) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(t) = std::fs::read_to_string(path) {

@@ -13,7 +13,7 @@ use lb_common::{
     firewall::{build_dir, rule_index, DirLine, Prefix, Rule, RuleStats, DIR_PER_LINE, MAX_RULES, VERDICT_ALLOW},
     flow::{entry_backend, flow_sets, FlowKey, FlowSet, FlowSlot, FlowValue, DEFAULT_FLOW_TABLE_SIZE},
     stats::{GlobalStats, TrafficStats},
-    vip::{addr_filter, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, SLOT_EMPTY, SLOT_TOMBSTONE},
+    vip::{addr_filter, allow_key, table::VipTable, ForwardMode, VipKey, VipMeta, VipSlot, MAX_VIPS, MAX_VIP_ALLOW, SLOT_EMPTY, SLOT_TOMBSTONE, VIP_RESTRICTED},
 };
 
 use crate::objects;
@@ -48,10 +48,19 @@ pub enum DataplaneError {
     FirewallFull(usize),
     #[error("firewall prefix {0} given twice")]
     FirewallDuplicate(Prefix),
+    #[error("{0} allow-list entries over all VIPs: at most {MAX_VIP_ALLOW}")]
+    AllowFull(usize),
+    #[error("no VIP {0:?} installed")]
+    NoVip(VipKey),
 }
 
 fn trie_key(p: &Prefix) -> Key<u32> {
     Key::new(u32::from(p.len), u32::from_ne_bytes(p.addr))
+}
+
+/// The `VIP_ALLOW` key of VIP `vip_num`'s entry for `p`.
+fn allow_trie_key(vip_num: u32, p: &Prefix) -> Key<[u32; 2]> {
+    Key::new(32 + u32::from(p.len), allow_key(vip_num, u32::from_ne_bytes(p.addr)))
 }
 
 fn key_prefix(k: &Key<u32>) -> Prefix {
@@ -74,7 +83,7 @@ impl Default for LoadOptions {
 }
 
 /// The balancer's maps, by name (also their pin file names).
-pub const MAPS: [&str; 16] = [
+pub const MAPS: [&str; 17] = [
     "VIPS",
     "VIP_ADDRS",
     "VIP_ADDR_SET",
@@ -88,6 +97,7 @@ pub const MAPS: [&str; 16] = [
     "FIREWALL_DIR",
     "FIREWALL_STATS",
     "SOURCES",
+    "VIP_ALLOW",
     "STATS",
     "VIP_STATS",
     "BACKEND_STATS",
@@ -117,6 +127,9 @@ pub struct Dataplane {
     /// What `firewall_dir` holds, once written.
     firewall_dir_written: Option<Vec<DirLine>>,
     firewall_stats: PerCpuArray<MapData, RuleStats>,
+    vip_allow: LpmTrie<MapData, [u32; 2], u32>,
+    /// The allow list of each restricted VIP, by VIP number, as `vip_allow` holds them.
+    allow_lists: std::collections::BTreeMap<u32, std::collections::BTreeSet<Prefix>>,
     stats: PerCpuArray<MapData, GlobalStats>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -203,12 +216,21 @@ impl Dataplane {
             firewall_dir: take(&mut ebpf, "FIREWALL_DIR")?,
             firewall_dir_written: None,
             firewall_stats: take(&mut ebpf, "FIREWALL_STATS")?,
+            vip_allow: take(&mut ebpf, "VIP_ALLOW")?,
+            allow_lists: Default::default(),
             stats: take(&mut ebpf, "STATS")?,
             vip_stats: take(&mut ebpf, "VIP_STATS")?,
             backend_stats: take(&mut ebpf, "BACKEND_STATS")?,
             ebpf,
         };
         dp.init_flow_table()?;
+        // A reused trie: what a previous run left (cleared by `set_vip_allow` and the sync).
+        for entry in dp.vip_allow.keys() {
+            let k = entry.map_err(map_err("VIP_ALLOW"))?;
+            let [num, addr] = k.data();
+            let prefix = Prefix { addr: addr.to_ne_bytes(), len: (k.prefix_len() - 32) as u8 };
+            dp.allow_lists.entry(u32::from_be(num)).or_default().insert(prefix);
+        }
         Ok(dp)
     }
 
@@ -321,7 +343,7 @@ impl Dataplane {
         for (i, &backend) in ring.iter().enumerate() {
             self.rings.set(ring_index(vip_num, half, i as u32), backend, 0).map_err(map_err("RINGS"))?;
         }
-        let meta = VipMeta { vip_num, ring: VipMeta::ring_word(ring.len() as u32, half), mode: mode as u32, _pad: 0 };
+        let meta = VipMeta { vip_num, ring: VipMeta::ring_word(ring.len() as u32, half), mode: mode as u32, flags: self.vip_flags(vip_num) };
         if new {
             // First the metadata under the old (free) key, then the key: a concurrent reader
             // sees either no VIP or the whole VIP, never the key with stale metadata.
@@ -330,11 +352,92 @@ impl Dataplane {
         self.vips.set(slot, VipSlot { key: key.packed(), meta }, 0).map_err(map_err("VIPS"))
     }
 
+    /// [`Dataplane::set_vip`] with the VIP's allow list: only sources one of `allow` holds
+    /// reach it, the others are dropped; empty: every source. (`set_vip` keeps the list a
+    /// VIP has.)
+    pub fn set_vip_allow(&mut self, key: VipKey, vip_num: u32, mode: ForwardMode, ring: &[u32], allow: &[Prefix]) -> Result<(), DataplaneError> {
+        if vip_num >= MAX_VIPS {
+            return Err(DataplaneError::VipNumber(vip_num));
+        }
+        let removed = self.stage_allow(vip_num, allow)?;
+        self.set_vip(key, vip_num, mode, ring)?;
+        self.unstage_allow(vip_num, &removed)
+    }
+
+    /// Changes the allow list of an installed VIP (see [`Dataplane::set_vip_allow`]).
+    pub fn set_allow(&mut self, key: &VipKey, allow: &[Prefix]) -> Result<(), DataplaneError> {
+        let slot = self.vip_table.find(key).ok_or(DataplaneError::NoVip(*key))?;
+        let current = self.vips.get(&slot, 0).map_err(map_err("VIPS"))?;
+        let vip_num = current.meta.vip_num;
+        let removed = self.stage_allow(vip_num, allow)?;
+        let meta = VipMeta { flags: self.vip_flags(vip_num), ..current.meta };
+        self.vips.set(slot, VipSlot { key: current.key, meta }, 0).map_err(map_err("VIPS"))?;
+        self.unstage_allow(vip_num, &removed)
+    }
+
+    fn vip_flags(&self, vip_num: u32) -> u32 {
+        if self.allow_lists.contains_key(&vip_num) { VIP_RESTRICTED } else { 0 }
+    }
+
+    /// The first half of an allow-list change: new entries into the trie and the list
+    /// recorded (the VIP is written with its flag next); returns the entries to remove
+    /// after that write, so that no allowed source is dropped on the way.
+    fn stage_allow(&mut self, vip_num: u32, allow: &[Prefix]) -> Result<Vec<Prefix>, DataplaneError> {
+        let wanted: std::collections::BTreeSet<Prefix> = allow.iter().copied().collect();
+        let old = self.allow_lists.get(&vip_num).cloned().unwrap_or_default();
+        let total = self.allow_lists.iter().filter(|(&n, _)| n != vip_num).map(|(_, l)| l.len()).sum::<usize>() + wanted.len();
+        if total > MAX_VIP_ALLOW as usize {
+            return Err(DataplaneError::AllowFull(total));
+        }
+        for p in wanted.difference(&old) {
+            self.vip_allow.insert(&allow_trie_key(vip_num, p), 1, 0).map_err(map_err("VIP_ALLOW"))?;
+        }
+        let removed = old.difference(&wanted).copied().collect();
+        if wanted.is_empty() {
+            self.allow_lists.remove(&vip_num);
+        } else {
+            self.allow_lists.insert(vip_num, wanted);
+        }
+        Ok(removed)
+    }
+
+    fn unstage_allow(&mut self, vip_num: u32, removed: &[Prefix]) -> Result<(), DataplaneError> {
+        for p in removed {
+            self.vip_allow.remove(&allow_trie_key(vip_num, p)).map_err(map_err("VIP_ALLOW"))?;
+        }
+        Ok(())
+    }
+
+    /// Drops the allow-list entries of VIP numbers no VIP has (left in a reused trie by a
+    /// previous run, or by a VIP removed).
+    fn prune_allow_lists(&mut self) -> Result<(), DataplaneError> {
+        let live: std::collections::BTreeSet<u32> = (0..lb_common::vip::VIP_TABLE_SIZE)
+            .filter(|&slot| {
+                let k = self.vip_table.key_at(slot);
+                k != SLOT_EMPTY && k != SLOT_TOMBSTONE
+            })
+            .filter_map(|slot| self.vips.get(&slot, 0).ok().map(|s| s.meta.vip_num))
+            .collect();
+        let gone: Vec<u32> = self.allow_lists.keys().copied().filter(|n| !live.contains(n)).collect();
+        for n in gone {
+            for p in self.allow_lists.remove(&n).unwrap_or_default() {
+                self.vip_allow.remove(&allow_trie_key(n, &p)).map_err(map_err("VIP_ALLOW"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The allow list of VIP `vip_num` (empty: every source).
+    pub fn vip_allow_list(&self, vip_num: u32) -> Vec<Prefix> {
+        self.allow_lists.get(&vip_num).map(|l| l.iter().copied().collect()).unwrap_or_default()
+    }
+
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
         if let Some(slot) = self.vip_table.remove(key) {
             let tomb = VipSlot { key: self.vip_table.key_at(slot), meta: VipMeta::default() };
             self.vips.set(slot, tomb, 0).map_err(map_err("VIPS"))?;
             self.write_addr_filter()?;
+            self.prune_allow_lists()?;
         }
         Ok(())
     }
@@ -342,6 +445,7 @@ impl Dataplane {
     /// Writes the exact VIP address filter once every VIP is in place (the first write keeps
     /// the bits a reused map had: see `write_addr_filter`).
     pub fn sync_addr_filter(&mut self) -> Result<(), DataplaneError> {
+        self.prune_allow_lists()?;
         self.write_addr_filter()
     }
 

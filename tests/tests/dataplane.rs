@@ -612,6 +612,50 @@ fn a_source_past_its_new_flow_limit_is_dropped() {
     }
 }
 
+/// A VIP with an allow list takes packets from the sources it holds only; the VIP's other
+/// ports, ring rebuilds and a cleared list behave as they should.
+#[test]
+fn a_vip_with_an_allow_list_drops_other_sources() {
+    if !privileged("vip_allow") {
+        return;
+    }
+    use lb_common::vip::{ForwardMode, VipKey, PROTO_TCP};
+    let (ingress, mut dp) = loaded();
+    let run = |dp: &Dataplane, frame: Vec<u8>| action_name(testrun::run(dp.program(), &frame, Some(ingress)).unwrap().action);
+    let web = VipKey::new(VIP, 80, PROTO_TCP);
+    let prefix = |s: &str| s.parse::<lb_common::firewall::Prefix>().unwrap();
+    let other = [192, 168, 8, 20];
+    let inside = [10, 9, 1, 2];
+    dp.set_vip_allow(web, 0, ForwardMode::Ipip, &[0, 1], &[prefix("192.168.7.0/24"), prefix("10.9.0.0/16")]).unwrap();
+    assert_eq!(dp.vip_allow_list(0).len(), 2);
+    let before = dp.global_stats().unwrap().get(Counter::VipNotAllowed);
+    assert_eq!(run(&dp, syn(5000).build()), "XDP_TX", "the client's /24 is allowed");
+    assert_eq!(run(&dp, Pkt::tcp(inside, 5001, VIP, 80, TCP_SYN).build()), "XDP_TX", "so is 10.9/16");
+    assert_eq!(run(&dp, Pkt::tcp(other, 5002, VIP, 80, TCP_SYN).build()), "XDP_DROP", "another source is not");
+    assert_eq!(run(&dp, Pkt::tcp(other, 5002, VIP, 80, TCP_ACK).build()), "XDP_DROP", "nor its later packets");
+    assert_eq!(run(&dp, Pkt::udp(other, 5003, VIP, 53).build()), "XDP_TX", "the same address's UDP VIP has no list");
+    assert_eq!(dp.global_stats().unwrap().get(Counter::VipNotAllowed) - before, 2);
+    // A ring rebuild (what the daemon does on every health change) keeps the list.
+    dp.set_vip(web, 0, ForwardMode::Ipip, &[1]).unwrap();
+    assert_eq!(run(&dp, Pkt::tcp(other, 5004, VIP, 80, TCP_SYN).build()), "XDP_DROP");
+    assert_eq!(run(&dp, Pkt::tcp(inside, 5005, VIP, 80, TCP_SYN).build()), "XDP_TX");
+    // Changed in place: 10.9/16 out, the other host in.
+    dp.set_allow(&web, &[prefix("192.168.7.0/24"), prefix("192.168.8.20/32")]).unwrap();
+    assert_eq!(run(&dp, Pkt::tcp(other, 5006, VIP, 80, TCP_SYN).build()), "XDP_TX");
+    assert_eq!(run(&dp, Pkt::tcp(inside, 5007, VIP, 80, TCP_SYN).build()), "XDP_DROP");
+    // Cleared: every source again.
+    dp.set_allow(&web, &[]).unwrap();
+    assert!(dp.vip_allow_list(0).is_empty());
+    assert_eq!(run(&dp, Pkt::tcp(inside, 5008, VIP, 80, TCP_SYN).build()), "XDP_TX");
+    // A removed VIP's list goes with it: the next VIP with its number starts open.
+    dp.set_allow(&web, &[prefix("192.168.7.0/24")]).unwrap();
+    dp.remove_vip(&web).unwrap();
+    assert!(dp.vip_allow_list(0).is_empty());
+    dp.set_vip(web, 0, ForwardMode::Ipip, &[0, 1]).unwrap();
+    assert_eq!(run(&dp, Pkt::tcp(inside, 5009, VIP, 80, TCP_SYN).build()), "XDP_TX");
+    assert!(matches!(dp.set_allow(&VipKey::new(VIP, 81, PROTO_TCP), &[]), Err(DataplaneError::NoVip(_))));
+}
+
 fn rule(prefix: &str, allow: bool) -> Rule {
     Rule { prefix: prefix.parse().unwrap(), allow }
 }

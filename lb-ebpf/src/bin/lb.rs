@@ -26,7 +26,7 @@ use lb_common::{
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_ipv4, parse_l2, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
     stats::{Counter, GlobalStats, TrafficStats},
-    vip::{addr_filter_bit, find_packed_vip, gate_word, pack, VipSlot, MAX_VIPS, PROTO_TCP, VIP_ADDRS_MAP_WORDS, VIP_TABLE_SIZE},
+    vip::{addr_filter_bit, allow_key, find_packed_vip, gate_word, pack, VipSlot, MAX_VIPS, MAX_VIP_ALLOW, PROTO_TCP, VIP_ADDRS_MAP_WORDS, VIP_TABLE_SIZE},
 };
 use lb_ebpf::{adjust_head, write_eth, XdpFrame};
 
@@ -69,6 +69,9 @@ static FIREWALL: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 static FIREWALL_DIR: Array<DirLine> = Array::with_max_entries(DIR_LINES, 0);
 #[map]
 static FIREWALL_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+/// The allow lists of restricted VIPs (`lb_common::vip::allow_key`).
+#[map]
+static VIP_ALLOW: LpmTrie<[u32; 2], u32> = LpmTrie::with_max_entries(MAX_VIP_ALLOW, 0);
 /// The per-source limit's counts (`lb_common::flood`), by source address.
 #[map]
 static SOURCES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
@@ -179,6 +182,10 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
         bump(stats, Counter::NotVip);
         return xdp_action::XDP_PASS;
     };
+    if vip.is_restricted() && VIP_ALLOW.get(Key::new(64, allow_key(vip.vip_num, p.tuple.src))).is_none() {
+        bump(stats, Counter::VipNotAllowed);
+        return xdp_action::XDP_DROP;
+    }
     let (Some(vip_stats), true) = (VIP_STATS.get_ptr_mut(vip.vip_num), vip.ring_len() > 0) else {
         bump(stats, Counter::NoBackend);
         return xdp_action::XDP_DROP;
