@@ -177,7 +177,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 let rt = runtime.get(&topo.backends[m.backend as usize].name).cloned().unwrap_or_default();
                 health[m.backend as usize].up && rt.state == crate::daemon::AdminState::Ready && rt.weight.unwrap_or(m.weight) > 0
             }).count();
-            json!({"name": v.name, "vip": v.vip, "mode": v.mode, "ring_len": v.ring_len, "live_backends": live,
+            json!({"name": v.name, "vip": v.vip, "mode": v.mode, "allow": v.allow, "ring_len": v.ring_len, "live_backends": live,
                    "state": if live == 0 { "down: no live backend, packets dropped" } else { "up" }, "packets": s.packets,
                    "bytes": s.bytes, "new_flows": s.new_flows, "backends": backends})
         })
@@ -218,7 +218,8 @@ pub fn firewall_json(shared: &Shared) -> serde_json::Value {
 /// `POST /backends/<name>/state` (body `ready`, `drain` or `maint`),
 /// `POST /backends/<name>/weight` (body 0..=256, or `config` for the configured weights),
 /// `POST /vips` (JSON `VipSpec`), `DELETE /vips/<name>`, `POST /vips/<name>/backends` (JSON
-/// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`, `POST /firewall/deny` and
+/// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`, `POST /vips/<name>/allow`
+/// (prefixes: the sources the VIP takes; empty: all), `POST /firewall/deny` and
 /// `POST /firewall/allow` (prefixes, separated by spaces, commas or lines),
 /// `DELETE /firewall/<prefix>` (`a.b.c.d/len` or an address); all with
 /// `Authorization: Bearer <token>`.
@@ -257,6 +258,15 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             }
         }
         ("DELETE", ["vips", vip]) => return done(crate::daemon::remove_vip(&shared, vip), format!("removed VIP {vip}")),
+        ("POST", ["vips", vip, "allow"]) => {
+            let words: Vec<String> = body.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).map(str::to_string).collect();
+            let allow = match crate::daemon::parse_allow(&words) {
+                Ok(a) => a,
+                Err(crate::daemon::ApiError(_, msg)) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{msg}\n")),
+            };
+            let what = if allow.is_empty() { format!("{vip} open to every source") } else { format!("{vip} allows {}", words.join(" ")) };
+            return done(crate::daemon::set_vip_allow(&shared, vip, &allow), what);
+        }
         ("POST", ["vips", vip, "backends"]) => {
             return match serde_json::from_str::<crate::daemon::BackendSpec>(&body) {
                 Ok(spec) => done(crate::daemon::add_member(&shared, vip, &spec), format!("added {} to {vip}", spec.name)),
@@ -303,7 +313,7 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
                 "text/plain",
                 format!(
                     "no such endpoint {method} {path:?}: POST /backends/<name>/state|weight, POST /vips, DELETE /vips/<name>, \
-                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>, POST /firewall/deny|allow, \
+                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>, POST /vips/<name>/allow, POST /firewall/deny|allow, \
                      DELETE /firewall/<prefix>\n"
                 ),
             )

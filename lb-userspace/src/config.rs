@@ -22,6 +22,7 @@
 //! name = "web"
 //! vip = "10.0.100.1:80/tcp"      # address:port/protocol (tcp or udp)
 //! mode = "ipip"                  # ipip (default) or l2
+//! # allow = ["10.0.0.0/8"]       # optional: only these sources reach the VIP, others dropped
 //!
 //! [[vip.backend]]
 //! name = "web1"
@@ -147,6 +148,8 @@ struct VipFile {
     #[serde(default)]
     mode: Option<Spanned<String>>,
     #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
     backend: Vec<BackendFile>,
 }
 
@@ -223,6 +226,8 @@ pub struct VipConfig {
     pub port: u16,
     pub proto: u8,
     pub mode: ForwardMode,
+    /// Only sources these prefixes hold reach the VIP (others are dropped); empty: all.
+    pub allow: Vec<Prefix>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -506,6 +511,15 @@ impl Config {
                     other => return cx.err(m.span(), format!("mode {other:?}: expected ipip or l2")),
                 },
             };
+            let mut allow: Vec<Prefix> = Vec::new();
+            for a in &v.allow {
+                let p = a.get_ref().parse::<Prefix>().or_else(|e| cx.err(a.span(), format!("allow {:?}: {e}", a.get_ref())))?;
+                if allow.contains(&p) {
+                    return cx.err(a.span(), format!("allow lists {p} twice"));
+                }
+                allow.push(p);
+            }
+            allow.sort();
             if v.backend.is_empty() {
                 return cx.err(v.vip.span(), format!("vip {} has no [[vip.backend]]", v.vip.get_ref()));
             }
@@ -547,7 +561,7 @@ impl Config {
             if backends.iter().all(|b| b.weight == 0) {
                 return cx.err(v.vip.span(), format!("vip {}: every backend has weight 0", v.vip.get_ref()));
             }
-            vips.push(VipConfig { name, addr, port, proto, mode, backends });
+            vips.push(VipConfig { name, addr, port, proto, mode, allow, backends });
         }
         if all_backends.len() > MAX_BACKENDS as usize {
             return Err(ConfigError { file: file.into(), line: None, message: format!("{} backends; at most {MAX_BACKENDS}", all_backends.len()) });
@@ -720,6 +734,15 @@ mac = "02:00:00:00:00:11"
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(fragment), "{err}");
         }
+    }
+
+    #[test]
+    fn vip_allow_lists() {
+        let c = Config::parse("t.toml", &GOOD.replacen("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/tcp\"\nallow = [\"192.168.0.0/16\", \"10.0.0.0/8\"]", 1)).unwrap();
+        assert_eq!(c.vips[0].allow, ["10.0.0.0/8".parse().unwrap(), "192.168.0.0/16".parse().unwrap()]);
+        assert!(c.vips[1].allow.is_empty());
+        check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/tcp\"\nallow = [\"10.0.0.1/8\"]"), Some(12), "did you mean 10.0.0.0/8");
+        check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/tcp\"\nallow = [\"10.0.0.0/8\", \"10.0.0.0/8\"]"), Some(12), "lists 10.0.0.0/8 twice");
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct VipInfo {
     pub key: VipKey,
     #[serde(skip)]
     pub forward: ForwardMode,
+    /// Only these sources reach the VIP (`a.b.c.d/len`); empty: all.
+    pub allow: Vec<String>,
 }
 
 /// The operator's word on a backend (HAProxy's `set server ... state`).
@@ -270,8 +272,24 @@ pub struct VipSpec {
     pub vip: String,
     #[serde(default)]
     pub mode: Option<String>,
+    /// Only these sources reach the VIP; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+}
+
+/// Parses an allow list as the API and the state file spell it.
+pub fn parse_allow(list: &[String]) -> Result<Vec<Prefix>, ApiError> {
+    let mut out: Vec<Prefix> = Vec::new();
+    for a in list {
+        let p = a.parse::<Prefix>().map_err(|e| bad(format!("allow {a:?}: {e}")))?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -316,7 +334,8 @@ impl VipSpec {
                 return Err(bad(format!("backend {} listed twice", b.address)));
             }
         }
-        Ok(crate::config::VipConfig { name: self.name.clone(), addr, port, proto, mode, backends })
+        let allow = parse_allow(&self.allow)?;
+        Ok(crate::config::VipConfig { name: self.name.clone(), addr, port, proto, mode, allow, backends })
     }
 
     fn from_topology(v: &VipInfo, backends: &[BackendInfo]) -> VipSpec {
@@ -324,6 +343,7 @@ impl VipSpec {
             name: v.name.clone(),
             vip: v.vip.clone(),
             mode: Some(v.mode.to_string()),
+            allow: v.allow.clone(),
             backends: v
                 .backends
                 .iter()
@@ -471,7 +491,23 @@ pub fn add_vip(shared: &Shared, spec: &VipSpec) -> Result<(), ApiError> {
             backends: members,
             key: VipKey::new(v.addr.octets(), v.port, v.proto),
             forward: v.mode,
+            allow: v.allow.iter().map(|p| p.to_string()).collect(),
         });
+        // Installed with its list and no backend yet (the reconcile that follows fills its
+        // ring), so that no packet meets it unrestricted.
+        let key = VipKey::new(v.addr.octets(), v.port, v.proto);
+        dp.set_vip_allow(key, vip_num, v.mode, &[], &v.allow).map_err(|e| ApiError(500, e.to_string()))?;
+        Ok(())
+    })
+}
+
+/// `POST /vips/<name>/allow`: replaces the VIP's allow list (empty: every source).
+pub fn set_vip_allow(shared: &Shared, name: &str, allow: &[Prefix]) -> Result<(), ApiError> {
+    change_topology(shared, |dp, topo| {
+        let v = topo.vips.iter_mut().find(|v| v.name == name).ok_or_else(|| ApiError(404, format!("no VIP named {name:?}")))?;
+        dp.set_allow(&v.key, allow).map_err(|e| ApiError(409, e.to_string()))?;
+        v.allow = allow.iter().map(|p| p.to_string()).collect();
+        info!(vip = %v.vip, name, allow = ?v.allow, "allow list changed at runtime");
         Ok(())
     })
 }
@@ -633,7 +669,7 @@ pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> R
         }
         let ring = ring::build(&weights).map_err(|e| anyhow!("VIP {}: cannot build its ring: {e:?}", v.name))?;
         let key = VipKey::new(v.addr.octets(), v.port, v.proto);
-        dp.set_vip(key, vip_num as u32, v.mode, &ring)?;
+        dp.set_vip_allow(key, vip_num as u32, v.mode, &ring, &v.allow)?;
         info!(vip = %v.spec(), name = %v.name, mode = ?v.mode, backends = v.backends.len(), ring = ring.len(), "VIP installed");
         vips.push(VipInfo {
             vip_num: vip_num as u32,
@@ -644,6 +680,7 @@ pub fn program(dp: &mut Dataplane, config: &Config, encap_source: Ipv4Addr) -> R
             backends: members,
             key,
             forward: v.mode,
+            allow: v.allow.iter().map(|p| p.to_string()).collect(),
         });
     }
     dp.set_firewall(&config.firewall)?;

@@ -36,6 +36,7 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   name = "web"
   vip = "10.0.100.1:80/tcp"      # address:port/protocol
   mode = "ipip"                  # or "l2"
+  # allow = ["10.0.0.0/8"]       # optional: only these sources reach the VIP
 
   [[vip.backend]]
   name = "web1"
@@ -223,7 +224,13 @@ enum VipAction {
         /// name=address[:weight], repeatable.
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// Only sources this prefix holds reach the VIP (repeatable); none: all.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
     },
+    /// Replace a VIP's allow list: `lbd ctl vip allow web 10.0.0.0/8 192.168.0.0/16`; no
+    /// prefix opens it to every source.
+    Allow { name: String, prefixes: Vec<String> },
     /// Remove a VIP.
     Remove { name: String },
     /// Add a backend to a VIP.
@@ -314,10 +321,11 @@ fn one_request(what: CtlCmd) -> Result<(&'static str, String, String)> {
             ("POST", format!("/backends/{name}/{setting}"), value)
         }
         CtlCmd::Vip { action } => match action {
-            VipAction::Add { name, vip, mode, backends } => {
+            VipAction::Add { name, vip, mode, backends, allow } => {
                 let backends = backends.iter().map(|b| backend_arg(b)).collect::<Result<Vec<_>>>()?;
-                ("POST", "/vips".to_string(), serde_json::json!({"name": name, "vip": vip, "mode": mode, "backends": backends}).to_string())
+                ("POST", "/vips".to_string(), serde_json::json!({"name": name, "vip": vip, "mode": mode, "allow": allow, "backends": backends}).to_string())
             }
+            VipAction::Allow { name, prefixes } => ("POST", format!("/vips/{name}/allow"), prefixes.join(" ")),
             VipAction::Remove { name } => ("DELETE", format!("/vips/{name}"), String::new()),
             VipAction::AddBackend { vip, name, address, weight } => (
                 "POST",
@@ -368,6 +376,9 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
     }
     for vip in v["vips"].as_array().into_iter().flatten() {
         println!("  vip {} ({}) mode={} packets={} new_flows={}", s(&vip["vip"]), s(&vip["name"]), s(&vip["mode"]), vip["packets"], vip["new_flows"]);
+        if let Some(allow) = vip["allow"].as_array().filter(|a| !a.is_empty()) {
+            println!("    allow {}", allow.iter().map(s).collect::<Vec<_>>().join(" "));
+        }
         for b in vip["backends"].as_array().into_iter().flatten() {
             println!(
                 "    backend {} {} weight={} state={} (per node, all VIPs: packets={} new_flows={})",

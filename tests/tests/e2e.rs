@@ -641,6 +641,44 @@ fn the_firewall_drops_denied_clients_at_the_balancer() {
     assert!(vip_answers(&stack) && ping(&stack, LB), "no rules, nothing denied");
 }
 
+/// A VIP's allow list: sources outside it lose the VIP (not the VIP address's other VIPs),
+/// the list changes at runtime and survives a restart.
+#[test]
+fn a_vip_allow_list_keeps_other_sources_out() {
+    if !privileged("a_vip_allow_list_keeps_other_sources_out") {
+        return;
+    }
+    let mut stack = Stack::up(Options::new(XdpMode::Driver, Forward::Ipip));
+    let udp_answers = |stack: &Stack| {
+        stack.in_ns("client", || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.send_to(b"allow?", (VIP, UDP_PORT)).unwrap();
+            let mut buf = [0u8; 64];
+            s.recv_from(&mut buf).is_ok()
+        })
+    };
+    stack.ctl("vip allow web 192.0.2.0/24").expect("restrict the VIP");
+    assert!(!vip_answers(&stack), "the client is not in the VIP's allow list");
+    assert!(udp_answers(&stack), "the UDP VIP on the same address has no list");
+    assert!(stack.status()["counters"]["vip_not_allowed"].as_u64().unwrap() >= 1);
+    assert_eq!(stack.status()["vips"][0]["allow"], serde_json::json!(["192.0.2.0/24"]));
+    stack.ctl("vip allow web 192.0.2.0/24 10.77.0.0/24").expect("add the client's network");
+    assert!(vip_answers(&stack), "the client's network is allowed now");
+    stack.ctl("vip allow web 192.0.2.0/24").expect("take it out again");
+    // Kept across a restart (the VIP set changed at runtime is in the state file).
+    stack.stop_balancer(libc::SIGTERM);
+    stack.start_balancer();
+    assert!(!vip_answers(&stack), "still restricted after the restart");
+    let err = stack.ctl("vip allow web 10.77.0.1/24").unwrap_err();
+    assert!(err.contains("400") && err.contains("did you mean 10.77.0.0/24"), "{err}");
+    let err = stack.ctl("vip allow nope 10.0.0.0/8").unwrap_err();
+    assert!(err.contains("404"), "{err}");
+    stack.ctl("vip allow web").expect("open the VIP");
+    assert!(vip_answers(&stack), "open to every source again");
+    assert_eq!(stack.status()["vips"][0]["allow"], serde_json::json!([]));
+}
+
 /// lbd's per-source limit: a client that opens flows faster than `source_flow_limit` a
 /// window gets its further SYNs dropped (its connection attempts stall), while its open
 /// keep-alive connection goes on; a window later it connects again.
