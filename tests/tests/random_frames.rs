@@ -3,8 +3,9 @@
 //! keep their IPv4 packet intact inside whatever the program built (ICMP to a VIP's address
 //! too: echo requests come back as their replies, "fragmentation needed" about a VIP's
 //! packet goes to a backend like the flow's packets). The same frames through a balancer
-//! with firewall rules: dropped exactly when the longest rule holding a sound IPv4 header's
-//! source denies, otherwise what the balancer without rules makes of them. Seeded; set
+//! with firewall rules and two VIPs with allow lists: dropped exactly when the longest rule
+//! holding a sound IPv4 header's source denies, or when a restricted VIP's list does not
+//! hold it, otherwise what the balancer without rules makes of them. Seeded; set
 //! LB_FUZZ_SEED to vary, LB_FUZZ_FRAMES to change the count.
 
 use lb_common::{
@@ -277,12 +278,35 @@ fn random_frames_through_the_firewall() {
     }
     let list: Vec<Rule> = rules.iter().map(|(&prefix, &allow)| Rule { prefix, allow }).collect();
     fw.set_firewall(&list).unwrap();
+    // And two VIPs with allow lists (the others open): their packets from other sources are
+    // dropped once past the firewall.
+    use lb_common::{firewall::Prefix, vip::{PROTO_TCP, PROTO_UDP}};
+    let mut allow_lists: Vec<(VipKey, Vec<Prefix>)> = Vec::new();
+    for key in [VipKey::new(VIP_ROUTED, 80, PROTO_TCP), VipKey::new(VIP, 53, PROTO_UDP)] {
+        let mut list: Vec<Prefix> = (0..20)
+            .map(|_| {
+                let len = rng.gen_range(1..=24u8);
+                Prefix::new((rng.gen::<u32>() & Prefix::mask(len)).to_be_bytes(), len).unwrap()
+            })
+            .collect();
+        list.sort();
+        list.dedup();
+        fw.set_allow(&key, &list).unwrap();
+        allow_lists.push((key, list));
+    }
+    let vips = vip_keys();
+    let not_allowed = |frame: &[u8]| -> bool {
+        let Some((p, _, None)) = for_a_vip(frame, &vips) else { return false };
+        let key = p.key();
+        let key = VipKey { addr: key.dst, port: key.dport, proto: key.proto, _pad: 0 };
+        allow_lists.iter().any(|(k, list)| *k == key && !list.iter().any(|q| q.contains(p.tuple.src.to_ne_bytes())))
+    };
     // The rule that decides a source: the longest prefix that holds it.
     let decide = |src: [u8; 4]| rules.iter().filter(|(p, _)| p.contains(src)).max_by_key(|(p, _)| p.len).map(|(&p, &a)| (p, a));
 
     let mut want: std::collections::BTreeMap<lb_common::firewall::Prefix, (u64, u64)> = Default::default();
     let mut frames = StdRng::seed_from_u64(seed);
-    let (mut dropped, mut allowed, mut unmatched) = (0u64, 0u64, 0u64);
+    let (mut dropped, mut allowed, mut unmatched, mut kept_out) = (0u64, 0u64, 0u64, 0u64);
     for n in 0..count {
         let input = frame(&mut frames);
         let got = testrun::run(fw.program(), &input, Some(ingress)).expect("test run");
@@ -306,6 +330,12 @@ fn random_frames_through_the_firewall() {
         } else {
             unmatched += 1;
         }
+        if not_allowed(&input) {
+            assert_eq!(got.action, XDP_DROP, "to a VIP whose allow list does not hold the source: {}", ctx());
+            assert_eq!(got.frame, input, "dropped untouched: {}", ctx());
+            kept_out += 1;
+            continue;
+        }
         // Not denied: exactly what the balancer without rules does with it.
         let base = testrun::run(plain.program(), &input, Some(ingress)).expect("test run");
         assert_eq!((action_name(got.action), hex(&got.frame)), (action_name(base.action), hex(&base.frame)), "as without rules: {}", ctx());
@@ -315,6 +345,12 @@ fn random_frames_through_the_firewall() {
     assert_eq!(counted, want, "per-rule packets and bytes");
     let g = fw.global_stats().unwrap();
     assert_eq!(g.get(lb_common::stats::Counter::Firewall), dropped);
-    eprintln!("{count} frames (seed {seed}), {} rules: {dropped} dropped, {allowed} allowed by a rule, {unmatched} matched no rule or were no IPv4; {} rules matched", list.len(), want.len());
+    assert_eq!(g.get(lb_common::stats::Counter::VipNotAllowed), kept_out);
+    eprintln!(
+        "{count} frames (seed {seed}), {} rules: {dropped} dropped, {allowed} allowed by a rule, {unmatched} matched no rule or were no IPv4; {} rules matched; {kept_out} kept out by a VIP's allow list",
+        list.len(),
+        want.len()
+    );
+    assert!(kept_out > count as u64 / 400, "the allow lists must decide many frames");
     assert!(dropped > count as u64 / 10 && allowed > count as u64 / 20, "the rules must decide many frames both ways");
 }
