@@ -220,7 +220,8 @@ pub fn firewall_json(shared: &Shared) -> serde_json::Value {
 /// `POST /vips` (JSON `VipSpec`), `DELETE /vips/<name>`, `POST /vips/<name>/backends` (JSON
 /// `BackendSpec`), `DELETE /vips/<name>/backends/<backend>`, `POST /vips/<name>/allow`
 /// (prefixes: the sources the VIP takes; empty: all), `POST /firewall/deny` and
-/// `POST /firewall/allow` (prefixes, separated by spaces, commas or lines),
+/// `POST /firewall/allow` (prefixes, separated by spaces, commas or lines), `POST
+/// /firewall/reload` (the configuration file's rules),
 /// `DELETE /firewall/<prefix>` (`a.b.c.d/len` or an address); all with
 /// `Authorization: Bearer <token>`.
 async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
@@ -274,6 +275,12 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             }
         }
         ("DELETE", ["vips", vip, "backends", b]) => return done(crate::daemon::remove_member(&shared, vip, b), format!("removed {b} from {vip}")),
+        ("POST", ["firewall", "reload"]) => {
+            return match crate::daemon::reload_firewall(&shared) {
+                Ok(n) => reply(StatusCode::OK, "application/json", format!("{}\n", json!({"done": "firewall reloaded from the configuration", "rules": n}))),
+                Err(crate::daemon::ApiError(code, msg)) => reply(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST), "text/plain", format!("{msg}\n")),
+            };
+        }
         ("POST", ["firewall", verdict @ ("deny" | "allow")]) => {
             let allow = *verdict == "allow";
             let mut prefixes = Vec::new();
@@ -313,7 +320,7 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
                 "text/plain",
                 format!(
                     "no such endpoint {method} {path:?}: POST /backends/<name>/state|weight, POST /vips, DELETE /vips/<name>, \
-                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>, POST /vips/<name>/allow, POST /firewall/deny|allow, \
+                     POST /vips/<name>/backends, DELETE /vips/<name>/backends/<backend>, POST /vips/<name>/allow, POST /firewall/deny|allow|reload, \
                      DELETE /firewall/<prefix>\n"
                 ),
             )

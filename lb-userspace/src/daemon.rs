@@ -151,6 +151,8 @@ pub struct Shared {
     pub firewall: Mutex<Vec<Rule>>,
     /// The firewall was changed at runtime: the state file keeps its rules.
     pub firewall_changed: AtomicBool,
+    /// The configuration file, for `firewall reload` (and SIGHUP).
+    pub config_path: Option<std::path::PathBuf>,
     pub ready: AtomicBool,
 }
 
@@ -718,7 +720,24 @@ impl Drop for SysctlGuard {
     }
 }
 
-pub async fn run(mut config: Config) -> Result<()> {
+/// `POST /firewall/reload` and SIGHUP: the configuration file's `[firewall]` (rule files
+/// read again) replaces the firewall's rules, runtime changes included (the state file
+/// drops its `firewall`). A configuration that does not load changes nothing; its error
+/// names the file and line.
+pub fn reload_firewall(shared: &Shared) -> Result<usize, ApiError> {
+    let path = shared.config_path.as_ref().ok_or_else(|| ApiError(409, "the daemon was started without a configuration file".into()))?;
+    let config = Config::load(path).map_err(|e| ApiError(400, format!("{e}")))?;
+    let wanted: BTreeMap<Prefix, bool> = config.firewall.iter().map(|r| (r.prefix, r.allow)).collect();
+    let rules = change_firewall(shared, &format!("reload from {}", path.display()), |rules| {
+        *rules = wanted;
+        Ok(())
+    })?;
+    shared.firewall_changed.store(false, std::sync::atomic::Ordering::SeqCst);
+    save_state(shared).map_err(|e| ApiError(500, e))?;
+    Ok(rules.len())
+}
+
+pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) -> Result<()> {
     let saved: SavedState = match std::fs::read(&config.state_file) {
         Ok(text) => serde_json::from_slice(&text).with_context(|| format!("{} is not a runtime state file", config.state_file.display()))?,
         Err(_) => SavedState::default(),
@@ -850,6 +869,7 @@ pub async fn run(mut config: Config) -> Result<()> {
         vips_changed: AtomicBool::new(vips_changed),
         firewall: Mutex::new(config.firewall.clone()),
         firewall_changed: AtomicBool::new(firewall_changed),
+        config_path,
         ready: AtomicBool::new(false),
     });
     reconcile(&shared)?;
@@ -874,6 +894,7 @@ pub async fn run(mut config: Config) -> Result<()> {
     let mut refresh = tokio::time::interval(NEXTHOP_REFRESH);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut keep = false;
     loop {
         tokio::select! {
@@ -904,6 +925,12 @@ pub async fn run(mut config: Config) -> Result<()> {
             }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = hup.recv() => {
+                match reload_firewall(&shared) {
+                    Ok(n) => info!(rules = n, "SIGHUP: firewall rules reloaded from the configuration"),
+                    Err(ApiError(_, why)) => warn!(error = %why, "SIGHUP: firewall not reloaded, rules unchanged"),
+                }
+            }
             _ = usr1.recv() => {
                 if config.pin_dir.is_some() {
                     info!("SIGUSR1: exiting for a restart; the program stays attached and pinned, the next lbd adopts it");

@@ -184,7 +184,8 @@ enum CtlCmd {
         action: VipAction,
     },
     /// Firewall rules by source prefix (kept across restarts): `lbd ctl firewall deny
-    /// 203.0.113.0/24`, `... allow 203.0.113.8/29`, `... remove 203.0.113.0/24`, `... list`.
+    /// 203.0.113.0/24`, `... allow 203.0.113.8/29`, `... remove 203.0.113.0/24`, `... list`,
+    /// `... reload` (the configuration file's rules again).
     Firewall {
         #[command(subcommand)]
         action: FirewallAction,
@@ -210,6 +211,9 @@ enum FirewallAction {
     },
     /// Every rule with the packets and bytes it decided (needs no token).
     List,
+    /// Re-read the configuration file's `[firewall]` (its rule files too) and make its rules
+    /// the firewall's, replacing runtime changes (also on SIGHUP).
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -291,6 +295,7 @@ async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()>
             FirewallAction::Deny { prefixes } => vec![("POST", "/firewall/deny".to_string(), prefixes.join(" "))],
             FirewallAction::Allow { prefixes } => vec![("POST", "/firewall/allow".to_string(), prefixes.join(" "))],
             FirewallAction::Remove { prefixes } => prefixes.iter().map(|p| ("DELETE", format!("/firewall/{p}"), String::new())).collect(),
+            FirewallAction::Reload => vec![("POST", "/firewall/reload".to_string(), String::new())],
             FirewallAction::List => unreachable!("answered above"),
         },
         other => vec![one_request(other)?],
@@ -399,8 +404,8 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Cmd::CheckConfig { file } => check_config(&file),
-        Cmd::Run { config } => Config::load(&config).map_err(anyhow::Error::from).and_then(|c| {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(daemon::run(c))
+        Cmd::Run { config: path } => Config::load(&path).map_err(anyhow::Error::from).and_then(|c| {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(daemon::run(c, Some(path)))
         }),
         Cmd::Status { admin, json } => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -639,6 +639,32 @@ fn the_firewall_drops_denied_clients_at_the_balancer() {
     stack.ctl("firewall remove 10.77.0.0/24 10.77.0.11 10.77.0.12").expect("remove the rest");
     assert!(firewall_rules(&stack).is_empty());
     assert!(vip_answers(&stack) && ping(&stack, LB), "no rules, nothing denied");
+
+    // A blocklist file named by the configuration, reloaded at runtime: the command, then
+    // SIGHUP after the file changed; a file with a bad line changes nothing.
+    let list = stack.work.join("drop.txt");
+    std::fs::write(&list, format!("; a blocklist\n198.51.100.0/24 ; SBL1\n{CLIENT} # the client\n")).unwrap();
+    let config = stack.work.join("lbd.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("\n[admin]", &format!("\n[firewall]\ndeny_files = [\"{}\"]\n\n[admin]", list.display()), 1);
+    std::fs::write(&config, text).unwrap();
+    let out = stack.ctl("firewall reload").expect("reload");
+    assert!(out.contains("\"rules\":2"), "{out}");
+    assert!(!vip_answers(&stack), "the reloaded list denies the client");
+    std::fs::write(&list, "198.51.100.0/24\n10.77.0.10/33\n").unwrap();
+    let err = stack.ctl("firewall reload").unwrap_err();
+    assert!(err.contains("400") && err.contains("drop.txt line 2") && err.contains("0..=32"), "{err}");
+    assert_eq!(firewall_rules(&stack).len(), 2, "a bad file changes nothing");
+    std::fs::write(&list, "198.51.100.0/24\n").unwrap();
+    let pid = stack.pid("lbd").expect("lbd runs");
+    // SAFETY: a signal to the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while firewall_rules(&stack).len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP did not reload: {:?}", firewall_rules(&stack));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(vip_answers(&stack), "the client is out of the list again");
 }
 
 /// A VIP's allow list: sources outside it lose the VIP (not the VIP address's other VIPs),
