@@ -354,6 +354,11 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let c = Config::load(file)?;
     println!("{}: ok", file.display());
     println!("  interfaces {:?}, xdp_mode {:?}, flow table {}, admin {}", c.interfaces, c.xdp_mode, c.flow_table_size, c.admin_listen);
+    println!(
+        "  flood guard {} SYNs a CPU per VIP, per-source limit {}",
+        c.flood_guard,
+        if c.source_flow_limit == 0 { "off".to_string() } else { format!("{} new flows", c.source_flow_limit) }
+    );
     if !c.firewall.is_empty() {
         let deny = c.firewall.iter().filter(|r| !r.allow).count();
         println!("  firewall: {deny} deny rules, {} allow rules", c.firewall.len() - deny);
@@ -361,6 +366,9 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     for v in &c.vips {
         println!("  vip {} ({}, {:?}): {}", v.spec(), v.name, v.mode,
             v.backends.iter().map(|b| format!("{} {} w{}", b.name, b.addr, b.weight)).collect::<Vec<_>>().join(", "));
+        if !v.allow.is_empty() {
+            println!("    allow {}", v.allow.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
+        }
     }
     Ok(())
 }
@@ -376,6 +384,7 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
     }
     let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
     println!("lbd {} ready={} encap_source={}", s(&v["version"]), v["ready"], s(&v["encap_source"]));
+    println!("  flood_guard={} source_flow_limit={}", v["flood_guard"], v["source_flow_limit"]);
     for a in v["xdp"].as_array().into_iter().flatten() {
         println!("  xdp on {} ({} mode)", s(&a["interface"]), s(&a["mode"]));
     }
