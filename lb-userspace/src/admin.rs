@@ -203,6 +203,11 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
+/// The prefixes of a request body: separated by spaces, commas or lines.
+fn prefix_words(body: &str) -> impl Iterator<Item = &str> {
+    body.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty())
+}
+
 /// `GET /firewall`: every rule with the packets and bytes it decided.
 pub fn firewall_json(shared: &Shared) -> serde_json::Value {
     let dp = shared.dataplane.lock().expect("lock");
@@ -260,7 +265,7 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         }
         ("DELETE", ["vips", vip]) => return done(crate::daemon::remove_vip(&shared, vip), format!("removed VIP {vip}")),
         ("POST", ["vips", vip, "allow"]) => {
-            let words: Vec<String> = body.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).map(str::to_string).collect();
+            let words: Vec<String> = prefix_words(&body).map(str::to_string).collect();
             let allow = match crate::daemon::parse_allow(&words) {
                 Ok(a) => a,
                 Err(crate::daemon::ApiError(_, msg)) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{msg}\n")),
@@ -284,7 +289,7 @@ async fn mutate(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         ("POST", ["firewall", verdict @ ("deny" | "allow")]) => {
             let allow = *verdict == "allow";
             let mut prefixes = Vec::new();
-            for word in body.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()) {
+            for word in prefix_words(&body) {
                 match word.parse::<Prefix>() {
                     Ok(p) => prefixes.push(p),
                     Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{word:?}: {e}\n")),

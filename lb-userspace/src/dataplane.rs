@@ -526,22 +526,23 @@ impl Dataplane {
         }
         let current = self.firewall_entries()?;
         let kept = |p: &Prefix, allow: bool| current.get(p).filter(|&&v| (v & VERDICT_ALLOW != 0) == allow).copied();
-        let mut used: std::collections::BTreeSet<u32> =
-            wanted.iter().filter_map(|(p, &allow)| kept(p, allow)).map(rule_index).collect();
-        let mut free = (0..MAX_RULES).filter(|i| !used.contains(i)).collect::<Vec<_>>().into_iter();
+        let used: std::collections::BTreeSet<u32> = wanted.iter().filter_map(|(p, &allow)| kept(p, allow)).map(rule_index).collect();
+        let mut free = (0..MAX_RULES).filter(|i| !used.contains(i));
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        // Every wanted rule with its trie value, for the direct table.
+        let mut values: Vec<(Prefix, u32)> = Vec::with_capacity(wanted.len());
         for (p, &allow) in &wanted {
-            if kept(p, allow).is_some() {
+            if let Some(value) = kept(p, allow) {
+                values.push((*p, value));
                 continue;
             }
             let index = free.next().expect("no more rules than indexes");
-            used.insert(index);
             let zero = PerCpuValues::try_from(vec![RuleStats::default(); cpus]).map_err(DataplaneError::Cpus)?;
             self.firewall_stats.set(index, zero, 0).map_err(map_err("FIREWALL_STATS"))?;
             let value = index | if allow { VERDICT_ALLOW } else { 0 };
             self.firewall.insert(&trie_key(p), value, 0).map_err(map_err("FIREWALL"))?;
+            values.push((*p, value));
         }
-        let values: Vec<(Prefix, u32)> = self.firewall_entries()?.into_iter().filter(|(p, _)| wanted.contains_key(p)).collect();
         let dir = build_dir(&values);
         let lines: Vec<DirLine> = dir
             .chunks(DIR_PER_LINE as usize)
