@@ -90,6 +90,26 @@ pub fn entry_backend(entry: u64) -> u32 {
     (entry >> BACKEND_SHIFT & BACKEND_MASK) as u32
 }
 
+/// The flow's tag in an entry (0 for an empty entry): with the set, what identifies the
+/// flow in every table of the same size and hash seed (flow-state sync between balancers).
+#[inline(always)]
+pub fn entry_tag(entry: u64) -> u64 {
+    entry >> TAG_SHIFT
+}
+
+/// The time unit an entry was last seen in (see [`FLOW_TIME_SHIFT`]).
+#[inline(always)]
+pub fn entry_time(entry: u64) -> u16 {
+    entry as u16
+}
+
+/// An entry from its parts: `tag` as [`entry_tag`] gives it (nonzero), `backend`, and the
+/// time unit `unit` (jiffies >> [`FLOW_TIME_SHIFT`]).
+#[inline(always)]
+pub fn make_entry(tag: u64, backend: u32, unit: u16) -> u64 {
+    (tag & TAG_MASK) << TAG_SHIFT | (u64::from(backend) & BACKEND_MASK) << BACKEND_SHIFT | u64::from(unit)
+}
+
 /// Whether the entry was last seen in the time unit of `now` (jiffies): refreshing it
 /// again would only cost a store.
 #[inline(always)]
@@ -301,6 +321,17 @@ mod tests {
             _pad1: 0,
             _pad2: 0,
         }
+    }
+
+    #[test]
+    fn an_entry_comes_apart_into_what_made_it() {
+        let slot = FlowSlot::new(0x0123_4567_89ab_cdef, 65_536);
+        let e = slot.entry(4095, 0x0042_3500);
+        assert!(slot.matches(make_entry(entry_tag(e), 7, 9)));
+        assert_eq!(make_entry(entry_tag(e), entry_backend(e), entry_time(e)), e);
+        assert_eq!((entry_backend(e), entry_time(e)), (4095, 0x4235));
+        assert_eq!(entry_tag(0), 0);
+        assert_ne!(entry_tag(e), 0, "a tag is never 0");
     }
 
     #[test]

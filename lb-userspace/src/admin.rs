@@ -141,6 +141,36 @@ impl Collector for LbCollector {
             ConstGauge::new(all.iter().filter(|r| r.verdict() == verdict).count() as i64).encode(m.encode_family(&l(&[("verdict", verdict)]))?)?;
         }
         drop(all);
+        if let Some(r) = self.0.sync.lock().expect("lock").as_ref() {
+            let st = &r.stats;
+            for (name, help, v) in [
+                ("lb_sync_messages_sent", "Flow-sync datagrams sent to peers (heartbeats included)", st.messages_sent),
+                ("lb_sync_entries_sent", "Flow entries sent to peers", st.entries_sent),
+                ("lb_sync_messages_received", "Flow-sync datagrams taken from peers", st.messages_received),
+                ("lb_sync_entries_received", "Flow entries received from peers", st.entries_received),
+                ("lb_sync_unknown_backend", "Received flow entries naming a backend this balancer does not have", st.unknown_backend),
+                ("lb_sync_full_dumps", "Whole flow tables sent to peers that started", st.full_dumps_sent),
+            ] {
+                counter_family(&mut enc, name, help, &[(Vec::new(), v)])?;
+            }
+            counter_family(&mut enc, "lb_sync_merged", "Received flow entries written into the flow table, by result", &[
+                (l(&[("result", "inserted")]), st.inserted),
+                (l(&[("result", "updated")]), st.updated),
+            ])?;
+            let rows: Vec<_> = ["malformed", "auth", "not_peer", "table_size", "replay"]
+                .iter()
+                .map(|&k| (l(&[("reason", k)]), st.rejected.get(k).copied().unwrap_or(0)))
+                .collect();
+            counter_family(&mut enc, "lb_sync_rejected", "Flow-sync datagrams refused, by reason", &rows)?;
+            let mut m = enc.encode_descriptor("lb_sync_peer_up", "1 if the peer balancer was heard within the last intervals", None, MetricType::Gauge)?;
+            for p in &r.peers {
+                ConstGauge::new(i64::from(p.up)).encode(m.encode_family(&l(&[("peer", &p.address.to_string())]))?)?;
+            }
+            let mut m = enc.encode_descriptor("lb_sync_peer_synced", "1 once the peer's whole flow table has arrived", None, MetricType::Gauge)?;
+            for p in &r.peers {
+                ConstGauge::new(i64::from(p.synced)).encode(m.encode_family(&l(&[("peer", &p.address.to_string())]))?)?;
+            }
+        }
         let mut m = enc.encode_descriptor("lb_xdp_attached", "XDP program attached to an interface, by mode", None, MetricType::Gauge)?;
         for a in &topo.xdp {
             ConstGauge::new(1i64).encode(m.encode_family(&l(&[("interface", &a.interface), ("mode", a.mode)]))?)?;
@@ -197,6 +227,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "dropped": g.get(Counter::Firewall),
         },
         "xdp": topo.xdp,
+        "sync": *shared.sync.lock().expect("lock"),
         "vips": vips,
         "counters": counters,
         "actions": actions(&g).iter().map(|&(a, v)| (a.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),

@@ -18,6 +18,12 @@
 //! allow = ["203.0.113.8/29"]     # exceptions out of wider deny rules
 //! deny_files = ["/etc/lbd/drop.txt"]   # one prefix a line, `#`/`;` comments (also allow_files)
 //!
+//! [sync]                         # optional: active-active balancers keep each other's flows
+//! listen = "10.0.0.2:7946"       # UDP; this balancer's address on the balancers' network
+//! peers = ["10.0.0.3:7946"]      # the other balancers
+//! secret_file = "/etc/lbd/sync.key"    # the same on every balancer, 16+ bytes, root-only
+//! interval_ms = 200              # how often changed flows are sent (10..=10000)
+//!
 //! [[vip]]
 //! name = "web"
 //! vip = "10.0.100.1:80/tcp"      # address:port/protocol (tcp or udp)
@@ -88,7 +94,19 @@ struct File {
     #[serde(default)]
     firewall: Option<FirewallFile>,
     #[serde(default)]
+    sync: Option<SyncFile>,
+    #[serde(default)]
     vip: Vec<VipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncFile {
+    listen: Spanned<String>,
+    peers: Spanned<Vec<Spanned<String>>>,
+    secret_file: Spanned<String>,
+    #[serde(default)]
+    interval_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,8 +214,23 @@ pub struct Config {
     pub health: Option<HealthSettings>,
     /// Firewall rules by source prefix, sorted (`lb_common::firewall`); empty: no firewall.
     pub firewall: Vec<Rule>,
+    /// Flow-state sync with other balancers (`crate::sync`); `None`: this balancer alone.
+    pub sync: Option<SyncSettings>,
     pub vips: Vec<VipConfig>,
 }
+
+/// `[sync]`: the balancers this one shares its pinned flows with (`crate::sync`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// Where peers' datagrams arrive (UDP).
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    /// The shared secret: authenticates the datagrams and seeds the flow table's hash.
+    pub secret_file: std::path::PathBuf,
+    pub interval_ms: u64,
+}
+
+pub const DEFAULT_SYNC_INTERVAL_MS: u64 = 200;
 
 /// `[health]`: how every backend is checked (HAProxy's meaning and defaults: interval
 /// 2000 ms, rise 2, fall 3; fast interval and timeout default to the interval).
@@ -475,6 +508,7 @@ impl Config {
             None => None,
             Some(h) => Some(Self::health(&cx, h)?),
         };
+        let sync = f.sync.as_ref().map(|y| Self::sync(&cx, y)).transpose()?;
 
         let firewall = match &f.firewall {
             None => RuleSet::default(),
@@ -579,8 +613,46 @@ impl Config {
             state_file,
             health,
             firewall: firewall_rules,
+            sync,
             vips,
         })
+    }
+
+    fn sync(cx: &Ctx, f: &SyncFile) -> Result<SyncSettings, ConfigError> {
+        let addr = |v: &Spanned<String>, what: &str| -> Result<SocketAddr, ConfigError> {
+            match v.get_ref().parse::<SocketAddr>() {
+                Ok(a) if a.is_ipv4() && a.port() != 0 => Ok(a),
+                _ => cx.err(v.span(), format!("sync {what} {:?} is not an IPv4 address:port", v.get_ref())),
+            }
+        };
+        let listen = addr(&f.listen, "listen")?;
+        if f.peers.get_ref().is_empty() {
+            return cx.err(f.peers.span(), "sync peers is empty: name the other balancers' listen addresses");
+        }
+        let mut peers: Vec<SocketAddr> = Vec::new();
+        for p in f.peers.get_ref() {
+            let a = addr(p, "peer")?;
+            if a.ip() == listen.ip() {
+                return cx.err(p.span(), format!("sync peer {a} is this balancer's own listen address"));
+            }
+            // Peers are told apart by their address.
+            if peers.iter().any(|q| q.ip() == a.ip()) {
+                return cx.err(p.span(), format!("sync peer {} listed twice", a.ip()));
+            }
+            peers.push(a);
+        }
+        let secret_file = f.secret_file.get_ref();
+        if !secret_file.starts_with('/') {
+            return cx.err(f.secret_file.span(), format!("{secret_file:?} must be an absolute path"));
+        }
+        let interval_ms = match &f.interval_ms {
+            None => DEFAULT_SYNC_INTERVAL_MS,
+            Some(n) => match *n.get_ref() {
+                v @ 10..=10_000 => v as u64,
+                v => return cx.err(n.span(), format!("sync interval_ms {v} is out of range 10..=10000")),
+            },
+        };
+        Ok(SyncSettings { listen, peers, secret_file: secret_file.into(), interval_ms })
     }
 
     fn firewall(cx: &Ctx, fw: &FirewallFile) -> Result<RuleSet, ConfigError> {
@@ -743,6 +815,33 @@ mac = "02:00:00:00:00:11"
         assert!(c.vips[1].allow.is_empty());
         check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/tcp\"\nallow = [\"10.0.0.1/8\"]"), Some(12), "did you mean 10.0.0.0/8");
         check(("vip = \"10.0.100.1:80/tcp\"", "vip = \"10.0.100.1:80/tcp\"\nallow = [\"10.0.0.0/8\", \"10.0.0.0/8\"]"), Some(12), "lists 10.0.0.0/8 twice");
+    }
+
+    #[test]
+    fn sync_section() {
+        let with = |body: &str| GOOD.replacen("[[vip]]", &format!("[sync]\n{body}\n[[vip]]"), 1);
+        let ok = "listen = \"10.0.0.2:7946\"\npeers = [\"10.0.0.3:7946\", \"10.0.0.4:7000\"]\nsecret_file = \"/etc/lbd/sync.key\"";
+        let c = Config::parse("t.toml", &with(ok)).unwrap();
+        let s = c.sync.unwrap();
+        assert_eq!(s.listen, "10.0.0.2:7946".parse().unwrap());
+        assert_eq!(s.peers, ["10.0.0.3:7946".parse().unwrap(), "10.0.0.4:7000".parse().unwrap()]);
+        assert_eq!((s.secret_file.to_str(), s.interval_ms), (Some("/etc/lbd/sync.key"), DEFAULT_SYNC_INTERVAL_MS));
+        assert!(Config::parse("t.toml", GOOD).unwrap().sync.is_none());
+        // The [sync] header is line 9, its keys lines 10-12 (13 for a fourth).
+        for (body, line, fragment) in [
+            (ok.replace("10.0.0.2:7946", "10.0.0.2"), 10, "sync listen \"10.0.0.2\" is not an IPv4 address:port"),
+            (ok.replace("\"10.0.0.4:7000\"", "\"10.0.0.2:7000\""), 11, "sync peer 10.0.0.2:7000 is this balancer's own listen address"),
+            (ok.replace("10.0.0.4:7000", "10.0.0.3:7000"), 11, "sync peer 10.0.0.3 listed twice"),
+            (ok.replace("[\"10.0.0.3:7946\", \"10.0.0.4:7000\"]", "[]"), 11, "sync peers is empty"),
+            (ok.replace("/etc/lbd/sync.key", "sync.key"), 12, "must be an absolute path"),
+            (format!("{ok}\ninterval_ms = 5"), 13, "sync interval_ms 5 is out of range"),
+            (format!("{ok}\nintervall_ms = 50"), 13, "unknown field"),
+            (ok.replace("secret_file", "secret"), 12, "unknown field"),
+        ] {
+            let err = Config::parse("t.toml", &with(&body)).expect_err(&body);
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(fragment), "{err} does not mention {fragment:?}");
+        }
     }
 
     #[test]

@@ -154,6 +154,8 @@ pub struct Shared {
     /// The configuration file, for `firewall reload` (and SIGHUP).
     pub config_path: Option<std::path::PathBuf>,
     pub ready: AtomicBool,
+    /// The flow sync's state after its last interval (`None`: no `[sync]`).
+    pub sync: Mutex<Option<crate::sync::SyncReport>>,
 }
 
 /// Brings the data plane in line with health and runtime state: a backend is in its VIPs'
@@ -608,6 +610,36 @@ fn admin_token(path: &std::path::Path) -> Result<String> {
     Ok(token)
 }
 
+/// The flow sync's shared secret: the file's bytes, without a trailing newline.
+fn sync_secret(path: &std::path::Path) -> Result<Vec<u8>> {
+    let mut secret = std::fs::read(path).with_context(|| {
+        format!("sync secret_file {}: cannot read it; make one and copy it to every balancer: head -c 32 /dev/urandom | base64 > {}; chmod 600 {}", path.display(), path.display(), path.display())
+    })?;
+    while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        secret.pop();
+    }
+    if secret.len() < 16 {
+        bail!("sync secret_file {}: {} bytes; at least 16 (head -c 32 /dev/urandom | base64 makes one)", path.display(), secret.len());
+    }
+    Ok(secret)
+}
+
+/// Binds the flow sync's socket and starts it (`crate::sync`).
+fn start_sync(shared: &Arc<Shared>, settings: &crate::config::SyncSettings, secret: &[u8]) -> Result<tokio::task::JoinHandle<()>> {
+    use crate::sync;
+    let table = shared.dataplane.lock().expect("lock").flow_table()?;
+    let syncer = sync::Syncer::new(table, secret, &settings.peers, sync::new_instance());
+    let socket = sync::bind(settings.listen).with_context(|| format!("flow sync: cannot listen on {} (UDP)", settings.listen))?;
+    info!(listen = %settings.listen, peers = ?settings.peers, interval_ms = settings.interval_ms, "flow sync with the other balancers");
+    let (for_backends, for_report) = (shared.clone(), shared.clone());
+    let backends = move || {
+        let topo = for_backends.topology.lock().expect("lock");
+        sync::Backends::new(topo.backends.iter().map(|b| (b.index, b.address)))
+    };
+    let report = move |r: sync::SyncReport| *for_report.sync.lock().expect("lock") = Some(r);
+    Ok(tokio::spawn(sync::serve(socket, syncer, settings.listen, Duration::from_millis(settings.interval_ms), backends, report)))
+}
+
 /// Health-check settings of one backend: the port of the first VIP it serves unless given.
 fn check_config(h: &crate::config::HealthSettings, port: u16) -> health::CheckConfig {
     let port = h.port.unwrap_or(port);
@@ -771,7 +803,12 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
     if let Some(d) = &config.pin_dir {
         std::fs::create_dir_all(d).with_context(|| format!("creating {} (a bpffs directory)", d.display()))?;
     }
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: config.flow_table_size, pin_dir: config.pin_dir.clone() })
+    let sync_secret = match &config.sync {
+        None => None,
+        Some(s) => Some(sync_secret(&s.secret_file)?),
+    };
+    let flow_seed = sync_secret.as_deref().map(crate::sync::flow_seed);
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: config.flow_table_size, pin_dir: config.pin_dir.clone(), flow_seed })
         .context("loading the XDP program (are we root, with CAP_BPF and CAP_NET_ADMIN?)")?;
     let (vips, backends) = program(&mut dp, &config, encap_source)?;
 
@@ -871,6 +908,7 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         firewall_changed: AtomicBool::new(firewall_changed),
         config_path,
         ready: AtomicBool::new(false),
+        sync: Mutex::new(None),
     });
     reconcile(&shared)?;
     if config.health.is_some() {
@@ -882,6 +920,11 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
     } else {
         info!("no [health] section: backends are never checked and always up");
     }
+
+    let sync_task = match (&config.sync, &sync_secret) {
+        (Some(settings), Some(secret)) => Some(start_sync(&shared, settings, secret)?),
+        _ => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -944,6 +987,9 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     admin.abort();
+    if let Some(t) = sync_task {
+        t.abort();
+    }
     for (_, c) in std::mem::take(&mut *shared.checkers.lock().expect("lock")) {
         c.abort();
     }

@@ -42,6 +42,8 @@ pub enum DataplaneError {
     Pin(std::path::PathBuf, #[source] std::io::Error),
     #[error("devmap insert for ifindex {0} failed: {1}")]
     TxPort(u32, String),
+    #[error("cannot map the flow table (FLOWS) into memory")]
+    MapFlows(#[source] std::io::Error),
     #[error("cannot count the possible CPUs")]
     Cpus(#[source] std::io::Error),
     #[error("{0} firewall rules: at most {MAX_RULES}")]
@@ -74,11 +76,14 @@ pub struct LoadOptions {
     /// Pin every map under this bpffs directory, or reuse the maps already pinned there
     /// (a restarted daemon keeps the flow table, the rings and the counters).
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The flow table's hash seed; `None`: random. Balancers that sync their flows
+    /// (`crate::sync`) share one.
+    pub flow_seed: Option<u64>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { flow_table_size: DEFAULT_FLOW_TABLE_SIZE, pin_dir: None }
+        Self { flow_table_size: DEFAULT_FLOW_TABLE_SIZE, pin_dir: None, flow_seed: None }
     }
 }
 
@@ -223,7 +228,7 @@ impl Dataplane {
             backend_stats: take(&mut ebpf, "BACKEND_STATS")?,
             ebpf,
         };
-        dp.init_flow_table()?;
+        dp.init_flow_table(opts.flow_seed)?;
         // A reused trie: what a previous run left (cleared by `set_vip_allow` and the sync).
         for entry in dp.vip_allow.keys() {
             let k = entry.map_err(map_err("VIP_ALLOW"))?;
@@ -234,18 +239,22 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Writes the flow table's size and a random hash seed into `CONFIG`, unless a table
-    /// reused from the pin directory already has them (a restarted daemon keeps its flows).
-    fn init_flow_table(&mut self) -> Result<(), DataplaneError> {
+    /// Writes the flow table's size and hash seed (`seed`, or a random one) into `CONFIG`,
+    /// unless a table reused from the pin directory already has them (a restarted daemon
+    /// keeps its flows); a reused table with another seed is cleared.
+    fn init_flow_table(&mut self, seed: Option<u64>) -> Result<(), DataplaneError> {
         use std::hash::{BuildHasher, Hasher};
         let mut cfg = self.config.get(&0, 0).map_err(map_err("CONFIG"))?;
         let sets = self.flows.len();
-        if cfg.flow_sets == sets && cfg.flow_seed != 0 {
+        if cfg.flow_sets == sets && cfg.flow_seed != 0 && seed.is_none_or(|s| s | 1 == cfg.flow_seed) {
             return Ok(());
+        }
+        if cfg.flow_sets == sets && cfg.flow_seed != 0 {
+            tracing::warn!("the reused flow table has another hash seed than the flow sync's: its flows are forgotten");
         }
         // std's SipHash keys come from the OS's random source: a random u64 without a
         // dependency.
-        cfg.flow_seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        cfg.flow_seed = seed.unwrap_or_else(|| std::collections::hash_map::RandomState::new().build_hasher().finish()) | 1;
         cfg.flow_sets = sets;
         self.clear_flows()?;
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
@@ -594,6 +603,14 @@ impl Dataplane {
         let slot = FlowSlot::new(key.hash64(cfg.flow_seed), cfg.flow_sets);
         let set = self.flows.get(&slot.set, 0).ok()?;
         set.find(&slot).map(|(_, e)| FlowValue { backend: entry_backend(e), _pad: 0 })
+    }
+
+    /// The flow table mapped into our memory, for the flow sync (`crate::sync`).
+    pub fn flow_table(&self) -> Result<crate::sync::FlowTable, DataplaneError> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.flows.map().fd().as_fd();
+        crate::sync::FlowTable::map(fd, self.flows.len()).map_err(DataplaneError::MapFlows)
     }
 
     /// Forgets every pinned flow (as a restart without state would).

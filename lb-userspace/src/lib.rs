@@ -13,6 +13,7 @@ pub mod deploy;
 pub mod health;
 pub mod netutil;
 pub mod objects;
+pub mod sync;
 pub mod testrun;
 
 pub use dataplane::{Dataplane, DataplaneError, LoadOptions};

@@ -32,6 +32,12 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   allow = ["203.0.113.8/29"]     # exceptions out of wider deny rules
   # deny_files = ["/etc/lbd/drop.txt"]   # one prefix a line, `#`/`;` comments; also allow_files
 
+  [sync]                         # optional: active-active balancers (behind ECMP) share pinned flows
+  listen = "10.0.0.2:7946"       # UDP, on the balancers' network
+  peers = ["10.0.0.3:7946"]      # the other balancers (same flow_table_size)
+  secret_file = "/etc/lbd/sync.key"   # the same on every balancer: head -c 32 /dev/urandom | base64
+  # interval_ms = 200            # how often pinned flows are sent
+
   [[vip]]
   name = "web"
   vip = "10.0.100.1:80/tcp"      # address:port/protocol
@@ -363,6 +369,9 @@ fn check_config(file: &std::path::Path) -> Result<()> {
         let deny = c.firewall.iter().filter(|r| !r.allow).count();
         println!("  firewall: {deny} deny rules, {} allow rules", c.firewall.len() - deny);
     }
+    if let Some(y) = &c.sync {
+        println!("  flow sync on {} with {} every {} ms", y.listen, y.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "), y.interval_ms);
+    }
     for v in &c.vips {
         println!("  vip {} ({}, {:?}): {}", v.spec(), v.name, v.mode,
             v.backends.iter().map(|b| format!("{} {} w{}", b.name, b.addr, b.weight)).collect::<Vec<_>>().join(", "));
@@ -403,6 +412,18 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
     let fw = &v["firewall"];
     if fw["deny"].as_u64().unwrap_or(0) + fw["allow"].as_u64().unwrap_or(0) > 0 {
         println!("  firewall: {} deny rules, {} allow rules, {} packets dropped (lbd ctl firewall list)", fw["deny"], fw["allow"], fw["dropped"]);
+    }
+    let y = &v["sync"];
+    if !y.is_null() {
+        let st = &y["stats"];
+        println!(
+            "  flow sync on {}: entries sent {} received {} (inserted {}, moved {}), refused datagrams {}",
+            s(&y["listen"]), st["entries_sent"], st["entries_received"], st["inserted"], st["updated"],
+            st["rejected"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum::<u64>()).unwrap_or(0)
+        );
+        for p in y["peers"].as_array().into_iter().flatten() {
+            println!("    peer {} up={} synced={} last heard {} ms ago", s(&p["address"]), p["up"], p["synced"], p["last_heard_ms"]);
+        }
     }
     println!("  actions {}", v["actions"]);
     Ok(())

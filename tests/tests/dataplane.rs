@@ -480,7 +480,7 @@ fn flows_of_a_dead_backend_are_resteered() {
 fn one_set_table() -> (u32, Dataplane) {
     pin_to_cpu(0);
     let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4, pin_dir: None }).expect("load balancer");
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4, pin_dir: None, flow_seed: None }).expect("load balancer");
     configure(&mut dp);
     (ingress, dp)
 }
@@ -789,7 +789,7 @@ fn pins_of_another_version_are_replaced_and_pins_of_this_one_reused() {
     // What the previous version pinned: the flow table as an LRU hash map, an 8-byte CONFIG.
     sh(&format!("bpftool map create {}/FLOWS type lru_hash key 16 value 8 entries 1024 name FLOWS", fs.0.display()));
     sh(&format!("bpftool map create {}/CONFIG type array key 4 value 8 entries 1 name CONFIG", fs.0.display()));
-    let opts = LoadOptions { flow_table_size: 4096, pin_dir: Some(fs.0.clone()) };
+    let opts = LoadOptions { flow_table_size: 4096, pin_dir: Some(fs.0.clone()), flow_seed: None };
     let mut dp = Dataplane::load(&opts).expect("load over another version's pins");
     configure(&mut dp);
     let got = testrun::run(dp.program(), &syn(43001).build(), Some(ingress)).unwrap();
@@ -819,4 +819,63 @@ fn pins_of_another_version_are_replaced_and_pins_of_this_one_reused() {
     let ack = Pkt::tcp(CLIENT, 43001, VIP, 80, TCP_ACK).build();
     testrun::run(dp.program(), &ack, Some(ingress)).unwrap();
     assert_eq!(dp.global_stats().unwrap().get(Counter::FlowHit), 1, "the ACK found its flow");
+}
+
+/// Two balancers with the same flow-table seed (active-active behind ECMP): flows pinned by
+/// round robin on the first reach the second through the flow sync (`lb_userspace::sync`,
+/// its datagrams handed over in memory), and their later packets leave the second balancer
+/// for the same backends, as hits; without the sync the second places them by their hash,
+/// which differs for some of them.
+#[test]
+fn flows_synced_from_another_balancer_keep_their_backends() {
+    use lb_userspace::sync::{flow_seed, Backends, Syncer};
+    if !privileged("flow_sync") {
+        return;
+    }
+    pin_to_cpu(0);
+    let ingress = topology();
+    let secret = b"the balancers' shared secret, 32";
+    let load = |seed: Option<u64>| {
+        let mut dp = Dataplane::load(&LoadOptions { flow_table_size: 4096, pin_dir: None, flow_seed: seed }).expect("load balancer");
+        configure(&mut dp);
+        dp
+    };
+    let (one, two, alone) = (load(Some(flow_seed(secret))), load(Some(flow_seed(secret))), load(None));
+    let peer = |i: u8| std::net::SocketAddr::from(([192, 0, 2, i], 7946));
+    let backends = || Backends::new(REALS.iter().enumerate().map(|(i, r)| (i as u32, Ipv4Addr::from(r.addr))));
+    let (b1, b2) = (backends(), backends());
+    let mut s1 = Syncer::new(one.flow_table().unwrap(), secret, &[peer(2)], 1);
+    let mut s2 = Syncer::new(two.flow_table().unwrap(), secret, &[peer(1)], 2);
+    let went = |dp: &Dataplane, frame: &[u8]| {
+        let got = testrun::run(dp.program(), frame, Some(ingress)).unwrap();
+        assert_eq!(got.action, XDP_TX);
+        let l2 = l2_len(&got.frame);
+        REALS.iter().position(|r| got.frame[l2 + 16..l2 + 20] == r.addr).unwrap()
+    };
+    let sports: Vec<u16> = (44000..44040).collect();
+    let placed: Vec<usize> = sports.iter().map(|&s| went(&one, &syn(s).build())).collect();
+    // One interval each way: the first contact, then what one pinned.
+    fn interval(from: &mut Syncer, fb: &Backends, from_addr: std::net::SocketAddr, to: &mut Syncer, tb: &Backends) {
+        let changed = from.scan(|i| fb.addr(i));
+        for (_, d) in from.datagrams(&changed, |i| fb.addr(i)) {
+            to.receive(from_addr, &d, |a| tb.index(a)).expect("accepted");
+        }
+    }
+    interval(&mut s1, &b1, peer(1), &mut s2, &b2);
+    interval(&mut s2, &b2, peer(2), &mut s1, &b1);
+    interval(&mut s1, &b1, peer(1), &mut s2, &b2);
+    assert!(s2.stats.inserted >= sports.len() as u64, "{:?}", s2.stats);
+    let before = two.global_stats().unwrap();
+    for (k, &s) in sports.iter().enumerate() {
+        let ack = Pkt::tcp(CLIENT, s, VIP, 80, TCP_ACK).build();
+        assert_eq!(went(&two, &ack), placed[k], "flow {s} on the second balancer");
+        assert_eq!(two.flow(&flow_key(s)).map(|v| v.backend), Some(placed[k] as u32));
+    }
+    let g = two.global_stats().unwrap();
+    assert_eq!(g.get(Counter::FlowHit) - before.get(Counter::FlowHit), sports.len() as u64);
+    assert_eq!(g.get(Counter::HashFallback), before.get(Counter::HashFallback));
+    // A balancer without the sync sends some of them elsewhere.
+    let moved = sports.iter().enumerate().filter(|&(k, &s)| went(&alone, &Pkt::tcp(CLIENT, s, VIP, 80, TCP_ACK).build()) != placed[k]).count();
+    assert!(moved > 0, "without the sync every flow would have landed right: the test shows nothing");
+    eprintln!("flow sync: {} flows kept on the second balancer; without the sync {moved} of them would move", sports.len());
 }

@@ -108,7 +108,7 @@ fn main() {
     let cpu: usize = std::env::var("LB_BENCH_CPU").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     pin_to_cpu(cpu);
     let ingress = topology();
-    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
+    let mut dp = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None, flow_seed: None }).expect("load balancer");
     configure(&mut dp);
     // As lbd runs it, the flood guard on (a count per SYN), but with a limit the run never
     // reaches: the run's SYNs, more than 125,000 (lbd's default) in some seconds, would
@@ -121,7 +121,7 @@ fn main() {
     let baseline_path = std::env::var("LB_BENCH_BASELINE").ok();
     let baseline = baseline_path.as_ref().map(|path| {
         let object = std::fs::read(path).unwrap_or_else(|e| panic!("LB_BENCH_BASELINE {path}: {e}"));
-        let mut b = Dataplane::load_object(&object, &LoadOptions { flow_table_size: flow_table_size(), pin_dir: None })
+        let mut b = Dataplane::load_object(&object, &LoadOptions { flow_table_size: flow_table_size(), pin_dir: None, flow_seed: None })
             .unwrap_or_else(|e| panic!("LB_BENCH_BASELINE {path}: {e}"));
         configure(&mut b);
         b.set_flood_limit(u32::MAX).expect("flood guard");
@@ -132,7 +132,7 @@ fn main() {
     let wanted = PATHS.map(|(p, _, _)| paths.split(',').any(|w| w.trim() == p));
     // The same balancer with a blocklist, for the "fw" paths (only loaded for them).
     let fw = wanted[4..].iter().any(|&w| w).then(|| {
-        let mut fw = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None }).expect("load balancer");
+        let mut fw = Dataplane::load(&LoadOptions { flow_table_size: flow_table_size(), pin_dir: None, flow_seed: None }).expect("load balancer");
         configure(&mut fw);
         fw.set_flood_limit(u32::MAX).expect("flood guard");
         fw.set_firewall(&blocklist()).expect("blocklist");
