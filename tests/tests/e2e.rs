@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tests::{
     http::{node_of, Conn},
     privileged,
-    stack::{big_file, sh, Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB_LOCAL_PORT, UDP_PORT, VIP},
+    stack::{big_file, sh, Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB2, LB_LOCAL_PORT, UDP_PORT, VIP},
 };
 
 fn cpus() -> u64 {
@@ -807,4 +807,97 @@ fn notes_app_through_the_vip_on_the_database_tier() {
         }
         assert!(page.contains(&format!("Served by node <b>web{}</b>, release <b>1.0.0</b>", i + 1)), "{page}");
     }
+}
+
+/// The new-flow counts of a VIP's backends summed, on the balancer in namespace `role`.
+fn pinned_on(stack: &Stack, role: &str) -> u64 {
+    let s = stack.status_of(role);
+    let vip = s["vips"].as_array().unwrap().iter().find(|v| v["name"] == "web").expect("vip web").clone();
+    vip["backends"].as_array().unwrap().iter().map(|b| b["new_flows"].as_u64().unwrap()).sum()
+}
+
+fn counter(stack: &Stack, role: &str, name: &str) -> u64 {
+    stack.status_of(role)["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name}"))
+}
+
+/// Waits until `check` holds of balancer `role`'s `/status` (up to 10 s).
+fn wait_status(stack: &Stack, role: &str, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let start = std::time::Instant::now();
+    while !check(&stack.status_of(role)) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{role}: timed out waiting for {what}: {:#}", stack.status_of(role)["sync"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two balancers, active-active behind the client's ECMP route (a router in front of a
+/// balancer pair spreads flows by their 5-tuple), syncing their pinned flows. Keep-alive
+/// connections spread over both; balancer 1 fails (its daemon killed: its XDP program goes
+/// with it) and the route is withdrawn, as a router does on losing a balancer: every
+/// connection goes on through balancer 2, on the node it was on, found in balancer 2's flow
+/// table (no hash fallback). Balancer 1 comes back, gets balancer 2's whole table, and the
+/// route spreads again: the connections it takes over go on as well.
+#[test]
+fn a_failed_balancer_hands_its_flows_to_the_other() {
+    if !privileged("a_failed_balancer_hands_its_flows_to_the_other") {
+        return;
+    }
+    let mut opts = Options::new(XdpMode::Driver, Forward::Ipip);
+    opts.balancers = 2;
+    let mut stack = Stack::up(opts);
+    let vip = SocketAddr::from((VIP, HTTP_PORT));
+    let ports: Vec<u16> = (32_200..32_240).collect();
+    let mut conns: Vec<(u16, Conn, String)> = stack.in_ns("client", move || {
+        ports
+            .into_iter()
+            .map(|p| {
+                let mut c = Conn::open_from(p, vip).unwrap_or_else(|e| panic!("connect from {p}: {e}"));
+                let node = node_of(&c.get("/whoami", true).unwrap().1);
+                (p, c, node)
+            })
+            .collect()
+    });
+    // Which balancer each connection went through: the client's route for its 5-tuple.
+    let via = |stack: &Stack, port: u16| {
+        let r = stack.exec("client", &format!("ip route get {VIP} from {CLIENT} ipproto tcp sport {port} dport {HTTP_PORT}"));
+        if r.contains(&format!("via {LB} ")) { "lb" } else { "lb2" }
+    };
+    let on_lb1 = conns.iter().filter(|(p, ..)| via(&stack, *p) == "lb").count() as u64;
+    eprintln!("{on_lb1} of {} connections through balancer 1, the rest through balancer 2", conns.len());
+    assert!(on_lb1 > 0 && on_lb1 < conns.len() as u64, "ECMP spreads the connections over both balancers");
+    assert_eq!(pinned_on(&stack, "lb"), on_lb1, "balancer 1 pinned the connections routed to it");
+    assert_eq!(pinned_on(&stack, "lb2"), conns.len() as u64 - on_lb1, "balancer 2 pinned the others");
+    let nodes: HashMap<&str, usize> = conns.iter().fold(HashMap::new(), |mut m, (_, _, n)| {
+        *m.entry(n.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(nodes.len(), 2, "round robin on each balancer uses both nodes: {nodes:?}");
+    wait_status(&stack, "lb2", "balancer 1's flows", |s| s["sync"]["stats"]["entries_received"].as_u64().unwrap_or(0) >= on_lb1);
+    wait_status(&stack, "lb", "balancer 2's flows", |s| s["sync"]["stats"]["entries_received"].as_u64().unwrap_or(0) >= conns.len() as u64 - on_lb1);
+    assert_eq!(stack.status_of("lb2")["sync"]["peers"][0]["up"], true);
+
+    // Balancer 1 fails.
+    stack.stop_process("lbd", libc::SIGKILL);
+    stack.exec("client", &format!("ip route replace {VIP}/32 via {LB2}"));
+    let (hits, fallbacks) = (counter(&stack, "lb2", "flow_hit"), counter(&stack, "lb2", "hash_fallback"));
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 1 failed: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+    assert_eq!(counter(&stack, "lb2", "hash_fallback"), fallbacks, "every moved flow found its entry on balancer 2");
+    assert!(counter(&stack, "lb2", "flow_hit") >= hits + conns.len() as u64);
+    let served = new_connections(&stack, 40);
+    assert_eq!(served.values().sum::<u64>(), 40, "new connections through balancer 2 alone: {served:?}");
+
+    // Balancer 1 comes back: it gets balancer 2's whole table before the route spreads again.
+    stack.start_balancer_n(0);
+    wait_status(&stack, "lb", "balancer 2's whole table", |s| s["sync"]["peers"][0]["synced"] == true);
+    stack.exec("client", &format!("ip route replace {VIP}/32 nexthop via {LB} nexthop via {LB2}"));
+    let back = conns.iter().filter(|(p, ..)| via(&stack, *p) == "lb").count();
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 1 returned: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+    assert_eq!(counter(&stack, "lb", "hash_fallback"), 0, "balancer 1 found every flow it took back");
+    assert!(back > 0 && counter(&stack, "lb", "flow_hit") >= back as u64, "balancer 1 took back {back} connections, each a hit");
+    eprintln!("balancer 1 failed: {} connections went on through balancer 2; it returned and took {back} back", conns.len());
 }
