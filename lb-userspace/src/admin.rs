@@ -228,6 +228,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         },
         "xdp": topo.xdp,
         "sync": *shared.sync.lock().expect("lock"),
+        "announce": shared.announce.as_ref().map(|a| json!({"table": a.table, "announcing": shared.announcing.load(Ordering::SeqCst),
+                                                            "withdraw_wait_ms": a.withdraw_wait_ms})),
         "vips": vips,
         "counters": counters,
         "actions": actions(&g).iter().map(|&(a, v)| (a.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),

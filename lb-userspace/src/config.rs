@@ -24,6 +24,10 @@
 //! secret_file = "/etc/lbd/sync.key"    # the same on every balancer, 16+ bytes, root-only
 //! interval_ms = 200              # how often changed flows are sent (10..=10000)
 //!
+//! [announce]                     # optional: VIP routes for a routing daemon to announce (BGP)
+//! table = 100                    # kernel routing table lbd keeps a route per VIP address in
+//! withdraw_wait_ms = 2000        # on shutdown: routes withdrawn, forwarding kept this long
+//!
 //! [[vip]]
 //! name = "web"
 //! vip = "10.0.100.1:80/tcp"      # address:port/protocol (tcp or udp)
@@ -96,7 +100,17 @@ struct File {
     #[serde(default)]
     sync: Option<SyncFile>,
     #[serde(default)]
+    announce: Option<AnnounceFile>,
+    #[serde(default)]
     vip: Vec<VipFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnnounceFile {
+    table: Spanned<i64>,
+    #[serde(default)]
+    withdraw_wait_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,8 +230,20 @@ pub struct Config {
     pub firewall: Vec<Rule>,
     /// Flow-state sync with other balancers (`crate::sync`); `None`: this balancer alone.
     pub sync: Option<SyncSettings>,
+    /// VIP routes for a routing daemon to announce (`crate::announce`); `None`: none.
+    pub announce: Option<AnnounceSettings>,
     pub vips: Vec<VipConfig>,
 }
+
+/// `[announce]`: the kernel routing table lbd keeps a route per VIP address in while it
+/// serves, and how long it keeps forwarding after withdrawing them on shutdown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnounceSettings {
+    pub table: u32,
+    pub withdraw_wait_ms: u64,
+}
+
+pub const DEFAULT_WITHDRAW_WAIT_MS: u64 = 2000;
 
 /// `[sync]`: the balancers this one shares its pinned flows with (`crate::sync`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,6 +535,7 @@ impl Config {
             Some(h) => Some(Self::health(&cx, h)?),
         };
         let sync = f.sync.as_ref().map(|y| Self::sync(&cx, y)).transpose()?;
+        let announce = f.announce.as_ref().map(|a| Self::announce(&cx, a)).transpose()?;
 
         let firewall = match &f.firewall {
             None => RuleSet::default(),
@@ -614,8 +641,25 @@ impl Config {
             health,
             firewall: firewall_rules,
             sync,
+            announce,
             vips,
         })
+    }
+
+    fn announce(cx: &Ctx, f: &AnnounceFile) -> Result<AnnounceSettings, ConfigError> {
+        let table = match *f.table.get_ref() {
+            253..=255 => return cx.err(f.table.span(), format!("announce table {} is the kernel's default, main or local table: choose one of its own, e.g. 100", f.table.get_ref())),
+            v @ 1..=0xffff_ffff => v as u32,
+            v => return cx.err(f.table.span(), format!("announce table {v} is out of range 1..=4294967295")),
+        };
+        let withdraw_wait_ms = match &f.withdraw_wait_ms {
+            None => DEFAULT_WITHDRAW_WAIT_MS,
+            Some(n) => match *n.get_ref() {
+                v @ 0..=60_000 => v as u64,
+                v => return cx.err(n.span(), format!("announce withdraw_wait_ms {v} is out of range 0..=60000")),
+            },
+        };
+        Ok(AnnounceSettings { table, withdraw_wait_ms })
     }
 
     fn sync(cx: &Ctx, f: &SyncFile) -> Result<SyncSettings, ConfigError> {
@@ -839,6 +883,26 @@ mac = "02:00:00:00:00:11"
             (ok.replace("secret_file", "secret"), 12, "unknown field"),
         ] {
             let err = Config::parse("t.toml", &with(&body)).expect_err(&body);
+            assert_eq!(err.line, Some(line), "{err}");
+            assert!(err.message.contains(fragment), "{err} does not mention {fragment:?}");
+        }
+    }
+
+    #[test]
+    fn announce_section() {
+        let with = |body: &str| GOOD.replacen("[[vip]]", &format!("[announce]\n{body}\n[[vip]]"), 1);
+        let a = Config::parse("t.toml", &with("table = 100")).unwrap().announce.unwrap();
+        assert_eq!(a, AnnounceSettings { table: 100, withdraw_wait_ms: DEFAULT_WITHDRAW_WAIT_MS });
+        let a = Config::parse("t.toml", &with("table = 7\nwithdraw_wait_ms = 0")).unwrap().announce.unwrap();
+        assert_eq!(a, AnnounceSettings { table: 7, withdraw_wait_ms: 0 });
+        assert!(Config::parse("t.toml", GOOD).unwrap().announce.is_none());
+        for (body, line, fragment) in [
+            ("table = 254", 10, "the kernel's default, main or local table"),
+            ("table = 0", 10, "out of range"),
+            ("table = 100\nwithdraw_wait_ms = 70000", 11, "withdraw_wait_ms 70000 is out of range"),
+            ("withdraw_wait_ms = 10", 9, "missing field `table`"),
+        ] {
+            let err = Config::parse("t.toml", &with(body)).expect_err(body);
             assert_eq!(err.line, Some(line), "{err}");
             assert!(err.message.contains(fragment), "{err} does not mention {fragment:?}");
         }

@@ -156,6 +156,25 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The flow sync's state after its last interval (`None`: no `[sync]`).
     pub sync: Mutex<Option<crate::sync::SyncReport>>,
+    /// `[announce]`: VIP routes for the routing daemon (`crate::announce`).
+    pub announce: Option<crate::config::AnnounceSettings>,
+    /// Whether the VIP routes are up (after start, until shutdown).
+    pub announcing: AtomicBool,
+}
+
+/// Makes the announced routes the VIP addresses (while announcing; none otherwise).
+pub fn announce_vips(shared: &Shared) -> Result<()> {
+    let Some(a) = &shared.announce else { return Ok(()) };
+    let want: std::collections::BTreeSet<Ipv4Addr> = if shared.announcing.load(std::sync::atomic::Ordering::SeqCst) {
+        shared.topology.lock().expect("lock").vips.iter().map(|v| Ipv4Addr::from(v.key.addr)).collect()
+    } else {
+        Default::default()
+    };
+    let (added, removed) = crate::announce::set_routes(a.table, &want)?;
+    if !added.is_empty() || !removed.is_empty() {
+        info!(table = a.table, ?added, ?removed, "VIP routes for the routing daemon changed");
+    }
+    Ok(())
 }
 
 /// Brings the data plane in line with health and runtime state: a backend is in its VIPs'
@@ -470,7 +489,8 @@ fn change_topology(shared: &Shared, f: impl FnOnce(&mut Dataplane, &mut Topology
     }
     shared.vips_changed.store(true, std::sync::atomic::Ordering::SeqCst);
     save_state(shared).map_err(|e| ApiError(500, e))?;
-    reconcile(shared).map_err(|e| ApiError(500, format!("{e:#}")))
+    reconcile(shared).map_err(|e| ApiError(500, format!("{e:#}")))?;
+    announce_vips(shared).map_err(|e| ApiError(500, format!("VIP routes: {e:#}")))
 }
 
 pub fn add_vip(shared: &Shared, spec: &VipSpec) -> Result<(), ApiError> {
@@ -622,6 +642,28 @@ fn sync_secret(path: &std::path::Path) -> Result<Vec<u8>> {
         bail!("sync secret_file {}: {} bytes; at least 16 (head -c 32 /dev/urandom | base64 makes one)", path.display(), secret.len());
     }
     Ok(secret)
+}
+
+/// Waits until every sync peer that answers has sent its whole table (or 30 s), so that a
+/// balancer announced to the routers knows the flows they may send it.
+async fn wait_for_peers(shared: &Shared, settings: &crate::config::SyncSettings) {
+    let start = std::time::Instant::now();
+    let grace = Duration::from_millis(settings.interval_ms * 3 + 500);
+    loop {
+        let pending: Vec<String> = match shared.sync.lock().expect("lock").as_ref() {
+            Some(r) => r.peers.iter().filter(|p| !p.synced && (p.up || start.elapsed() < grace)).map(|p| p.address.to_string()).collect(),
+            None => settings.peers.iter().map(|p| p.to_string()).collect(),
+        };
+        if pending.is_empty() {
+            info!(waited_ms = start.elapsed().as_millis() as u64, "flow sync: every peer that answers has sent its flows");
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            warn!(?pending, "flow sync: going on without these peers' whole tables");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Binds the flow sync's socket and starts it (`crate::sync`).
@@ -874,6 +916,14 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         xdp.push(Attachment { interface: iface.clone(), mode: mode_name(m) });
     }
 
+    if let (Some(a), false) = (&config.announce, xdp.iter().any(|x| x.mode == "adopted")) {
+        // Routes left by a daemon that died: nothing forwarded here until we are ready.
+        let stale = crate::announce::routes(a.table).with_context(|| format!("reading the VIP routes in table {}", a.table))?;
+        if !stale.is_empty() {
+            crate::announce::set_routes(a.table, &Default::default())?;
+            warn!(table = a.table, ?stale, "withdrew VIP routes a previous daemon left");
+        }
+    }
     let topology = Topology {
         version: env!("CARGO_PKG_VERSION"),
         encap_source,
@@ -909,6 +959,8 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         config_path,
         ready: AtomicBool::new(false),
         sync: Mutex::new(None),
+        announce: config.announce.clone(),
+        announcing: AtomicBool::new(false),
     });
     reconcile(&shared)?;
     if config.health.is_some() {
@@ -931,6 +983,13 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         .with_context(|| format!("admin API: cannot listen on {}", config.admin_listen))?;
     info!(listen = %config.admin_listen, "admin API: /metrics /status /live /ready");
     let admin = tokio::spawn(crate::admin::serve(listener, shared.clone()));
+    if let Some(s) = &config.sync {
+        wait_for_peers(&shared, s).await;
+    }
+    if let Some(a) = &config.announce {
+        shared.announcing.store(true, std::sync::atomic::Ordering::SeqCst);
+        announce_vips(&shared).with_context(|| format!("announcing the VIP routes in table {}", a.table))?;
+    }
     shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     info!("ready");
 
@@ -986,6 +1045,18 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         }
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    if let (Some(a), false) = (&config.announce, keep) {
+        // The routers move the flows away (and the flow sync hands them over) while this
+        // balancer still forwards what reaches it.
+        shared.announcing.store(false, std::sync::atomic::Ordering::SeqCst);
+        match announce_vips(&shared) {
+            Ok(()) => {
+                info!(table = a.table, wait_ms = a.withdraw_wait_ms, "VIP routes withdrawn; forwarding until the routers move away");
+                tokio::time::sleep(Duration::from_millis(a.withdraw_wait_ms)).await;
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "could not withdraw the VIP routes"),
+        }
+    }
     admin.abort();
     if let Some(t) = sync_task {
         t.abort();

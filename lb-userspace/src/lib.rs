@@ -3,6 +3,7 @@
 //! The daemon (`lbd`), the tests and the benchmarks all go through this library.
 
 pub mod admin;
+pub mod announce;
 pub mod backend_setup;
 pub mod client;
 pub mod config;

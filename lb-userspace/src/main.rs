@@ -38,6 +38,10 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
   secret_file = "/etc/lbd/sync.key"   # the same on every balancer: head -c 32 /dev/urandom | base64
   # interval_ms = 200            # how often pinned flows are sent
 
+  [announce]                     # optional: a route per VIP address in this kernel table while serving,
+  table = 100                    # for the routing daemon (BIRD, FRR) to announce by BGP
+  # withdraw_wait_ms = 2000      # on shutdown: routes withdrawn, forwarding kept this long
+
   [[vip]]
   name = "web"
   vip = "10.0.100.1:80/tcp"      # address:port/protocol
@@ -372,6 +376,9 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     if let Some(y) = &c.sync {
         println!("  flow sync on {} with {} every {} ms", y.listen, y.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "), y.interval_ms);
     }
+    if let Some(a) = &c.announce {
+        println!("  VIP routes in table {} while serving, withdrawn {} ms before stopping", a.table, a.withdraw_wait_ms);
+    }
     for v in &c.vips {
         println!("  vip {} ({}, {:?}): {}", v.spec(), v.name, v.mode,
             v.backends.iter().map(|b| format!("{} {} w{}", b.name, b.addr, b.weight)).collect::<Vec<_>>().join(", "));
@@ -424,6 +431,9 @@ async fn status(admin: SocketAddr, raw: bool) -> Result<()> {
         for p in y["peers"].as_array().into_iter().flatten() {
             println!("    peer {} up={} synced={} last heard {} ms ago", s(&p["address"]), p["up"], p["synced"], p["last_heard_ms"]);
         }
+    }
+    if !v["announce"].is_null() {
+        println!("  VIP routes in table {}: {}", v["announce"]["table"], if v["announce"]["announcing"] == true { "announced" } else { "withdrawn" });
     }
     println!("  actions {}", v["actions"]);
     Ok(())

@@ -31,6 +31,18 @@ pub const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const LB2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 /// The balancers' flow-sync port (UDP).
 pub const SYNC_PORT: u16 = 7946;
+/// The kernel routing table the balancers' lbd keeps its VIP routes in, for BIRD to announce.
+pub const ROUTE_TABLE: u32 = 100;
+
+/// BIRD 2's daemon (Debian's bird2), for the two-balancer stack.
+pub fn which_bird() -> String {
+    for p in ["/usr/sbin/bird", "/usr/local/sbin/bird", "/usr/bin/bird"] {
+        if Path::new(p).exists() {
+            return p.to_string();
+        }
+    }
+    panic!("bird (BIRD 2) not found: the two-balancer stack needs it (apt-get install bird2; cargo xtask test installs it)");
+}
 pub const WEB: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 77, 0, 11), Ipv4Addr::new(10, 77, 0, 12)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 /// The database tier (with `database`): the router, the primary, the replica.
@@ -319,11 +331,11 @@ impl Stack {
             // a physical wire always carry complete checksums.
             self.exec(role, &format!("ip addr add {addr}/24 dev eth0 && ip link set eth0 mtu {mtu} up && ethtool -K eth0 tx off >/dev/null"));
         }
-        // The client reaches the VIPs through the balancer; with two, over both (ECMP by a
-        // hash of the 5-tuple, as a router in front of a balancer pair spreads flows).
+        // The client reaches the VIPs through the balancer; with two, over both: the client
+        // is also the router, and learns the VIP's routes from the balancers by BGP (BIRD,
+        // started with the balancers), ECMP by a hash of the 5-tuple.
         if self.opts.balancers > 1 {
             self.exec("client", "sysctl -qw net.ipv4.fib_multipath_hash_policy=1");
-            self.exec("client", &format!("ip route add {VIP}/32 nexthop via {LB} nexthop via {LB2}"));
         } else {
             self.exec("client", &format!("ip route add {VIP}/32 via {LB}"));
         }
@@ -538,7 +550,8 @@ impl Stack {
             let (me, peer) = if n == 0 { (LB, LB2) } else { (LB2, LB) };
             c = c.replacen("runtime-state.json", &format!("runtime-state{}.json", ["", "-lb2"][n]), 1);
             c += &format!(
-                "\n[sync]\nlisten = \"{me}:{SYNC_PORT}\"\npeers = [\"{peer}:{SYNC_PORT}\"]\nsecret_file = \"{}/sync.key\"\ninterval_ms = 100\n",
+                "\n[sync]\nlisten = \"{me}:{SYNC_PORT}\"\npeers = [\"{peer}:{SYNC_PORT}\"]\nsecret_file = \"{}/sync.key\"\ninterval_ms = 100\n\n\
+                 [announce]\ntable = {ROUTE_TABLE}\nwithdraw_wait_ms = 1000\n",
                 self.work.display()
             );
         }
@@ -556,8 +569,67 @@ impl Stack {
     }
 
     pub fn start_balancer(&mut self) {
+        if self.opts.balancers > 1 {
+            self.start_bgp();
+        }
         for n in 0..usize::from(self.opts.balancers.max(1)) {
             self.start_balancer_n(n);
+        }
+        if self.opts.balancers > 1 {
+            self.wait_route(&[LB, LB2], Duration::from_secs(30));
+        }
+    }
+
+    /// BIRD (BGP with BFD) on the router (the client's namespace) and on each balancer: a
+    /// balancer announces the routes lbd keeps in table [`ROUTE_TABLE`] (its VIPs, while it
+    /// serves) with itself as next hop; the router installs them, ECMP over the balancers,
+    /// and drops a balancer's when BFD (3 x 100 ms) or BGP loses it.
+    fn start_bgp(&mut self) {
+        let bird = which_bird();
+        let bfd = "protocol bfd { interface \"eth0\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }\n";
+        let mut router = format!(
+            "router id {CLIENT};\nlog stderr all;\nprotocol device {{ }}\n\
+             protocol kernel {{ merge paths on; ipv4 {{ import none; export all; }}; }}\n{bfd}\
+             template bgp balancer {{ local {CLIENT} as 65000; hold time 3; connect delay time 1; connect retry time 1; error wait time 1, 5; bfd on; ipv4 {{ import all; export none; }}; }}\n"
+        );
+        for (i, addr) in [LB, LB2].iter().enumerate() {
+            router += &format!("protocol bgp lb{} from balancer {{ neighbor {addr} as 65001; }}\n", i + 1);
+        }
+        let mut confs = vec![("client", router)];
+        for (role, addr) in [("lb", LB), ("lb2", LB2)] {
+            confs.push((
+                role,
+                format!(
+                    "router id {addr};\nlog stderr all;\nprotocol device {{ }}\n\
+                     protocol kernel vips {{ kernel table {ROUTE_TABLE}; learn; ipv4 {{ import all; export none; }}; }}\n{bfd}\
+                     protocol bgp uplink {{ local {addr} as 65001; neighbor {CLIENT} as 65000; hold time 3; connect delay time 1; connect retry time 1; error wait time 1, 5; bfd on; \
+                     ipv4 {{ import none; export where proto = \"vips\"; next hop self; }}; }}\n"
+                ),
+            ));
+        }
+        for (role, conf) in confs {
+            let path = self.work.join(format!("bird-{role}.conf"));
+            fs::write(&path, conf).unwrap();
+            let sock = self.work.join(format!("bird-{role}.ctl"));
+            let args = vec![bird.clone(), "-f".into(), "-c".into(), path.display().to_string(), "-s".into(), sock.display().to_string()];
+            self.spawn(role, &format!("bird-{role}"), &args);
+        }
+    }
+
+    /// Waits until the client's route to the VIP goes through exactly `via` (the balancers
+    /// announcing it); returns how long that took.
+    pub fn wait_route(&self, via: &[Ipv4Addr], timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let r = self.exec("client", &format!("ip -4 route show {VIP}/32"));
+            let hops: Vec<Ipv4Addr> = r.split_whitespace().collect::<Vec<_>>().windows(2).filter(|w| w[0] == "via").filter_map(|w| w[1].parse().ok()).collect();
+            if hops.len() == via.len() && via.iter().all(|v| hops.contains(v)) {
+                return start.elapsed();
+            }
+            if start.elapsed() > timeout {
+                panic!("{}: the client's route to {VIP} is {r:?}, not via {via:?}\n{}", self.name, self.log_tails());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

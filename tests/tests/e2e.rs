@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tests::{
     http::{node_of, Conn},
     privileged,
-    stack::{big_file, sh, Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB2, LB_LOCAL_PORT, UDP_PORT, VIP},
+    stack::{big_file, sh, Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB2, LB_LOCAL_PORT, ROUTE_TABLE, UDP_PORT, VIP},
 };
 
 fn cpus() -> u64 {
@@ -875,9 +875,11 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     wait_status(&stack, "lb", "balancer 2's flows", |s| s["sync"]["stats"]["entries_received"].as_u64().unwrap_or(0) >= conns.len() as u64 - on_lb1);
     assert_eq!(stack.status_of("lb2")["sync"]["peers"][0]["up"], true);
 
-    // Balancer 1 fails.
+    // Balancer 1 fails: its link goes (no FIN, no BGP notification), its daemon with it.
+    stack.exec("lb", "ip link set eth0 down");
+    let gone = stack.wait_route(&[LB2], Duration::from_secs(10));
+    eprintln!("the router dropped balancer 1's route {} ms after its link went (BFD)", gone.as_millis());
     stack.stop_process("lbd", libc::SIGKILL);
-    stack.exec("client", &format!("ip route replace {VIP}/32 via {LB2}"));
     let (hits, fallbacks) = (counter(&stack, "lb2", "flow_hit"), counter(&stack, "lb2", "hash_fallback"));
     for (p, c, node) in conns.iter_mut() {
         let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 1 failed: {e}"));
@@ -888,10 +890,13 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     let served = new_connections(&stack, 40);
     assert_eq!(served.values().sum::<u64>(), 40, "new connections through balancer 2 alone: {served:?}");
 
-    // Balancer 1 comes back: it gets balancer 2's whole table before the route spreads again.
+    // Balancer 1 comes back (a reboot: its kernel's routes are gone); lbd gets balancer 2's
+    // whole table before it announces the VIP, then the router spreads flows again.
+    stack.exec("lb", &format!("ip route flush table {ROUTE_TABLE}; ip link set eth0 up"));
     stack.start_balancer_n(0);
-    wait_status(&stack, "lb", "balancer 2's whole table", |s| s["sync"]["peers"][0]["synced"] == true);
-    stack.exec("client", &format!("ip route replace {VIP}/32 nexthop via {LB} nexthop via {LB2}"));
+    assert_eq!(stack.status_of("lb")["sync"]["peers"][0]["synced"], true, "ready only once balancer 2's table arrived");
+    let back_in = stack.wait_route(&[LB, LB2], Duration::from_secs(30));
+    eprintln!("balancer 1 back in the route {} ms after it was ready", back_in.as_millis());
     let back = conns.iter().filter(|(p, ..)| via(&stack, *p) == "lb").count();
     for (p, c, node) in conns.iter_mut() {
         let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 1 returned: {e}"));
@@ -900,4 +905,44 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     assert_eq!(counter(&stack, "lb", "hash_fallback"), 0, "balancer 1 found every flow it took back");
     assert!(back > 0 && counter(&stack, "lb", "flow_hit") >= back as u64, "balancer 1 took back {back} connections, each a hit");
     eprintln!("balancer 1 failed: {} connections went on through balancer 2; it returned and took {back} back", conns.len());
+
+    // Balancer 2 is stopped for maintenance (SIGTERM): it withdraws its route, and forwards
+    // until the router has moved its flows to balancer 1. Under a stream of new connections
+    // and on the keep-alive ones, no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let until = stop.clone();
+    let load = stack.spawn_in_ns("client", move || {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        for i in 0..10_000u16 {
+            if until.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            match Conn::open_from_within(LOOP_PORT_BASE + i, vip, Duration::from_secs(2)).and_then(|mut c| c.get("/whoami", false)) {
+                Ok((200, _)) => ok += 1,
+                other => failed.push(format!("connection {i}: {other:?}")),
+            }
+        }
+        (ok, failed)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a child of ours.
+    unsafe { libc::kill(stack.pid("lbd2").expect("lbd2") as i32, libc::SIGTERM) };
+    let moved = stack.wait_route(&[LB], Duration::from_secs(10));
+    eprintln!("balancer 2 withdrawn from the route {} ms after SIGTERM", moved.as_millis());
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} while balancer 2 stops: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+    let status = stack.stop_process("lbd2", libc::SIGTERM).expect("lbd2 exits");
+    assert!(status.success(), "lbd2 exits cleanly: {status:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.join().expect("load thread");
+    assert!(failed.is_empty(), "{} of {} new connections failed while balancer 2 stopped: {:?}", failed.len(), ok as usize + failed.len(), &failed[..failed.len().min(5)]);
+    assert!(ok > 0);
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 2 stopped: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+    eprintln!("balancer 2 stopped gracefully: {ok} new connections meanwhile, none failed; the keep-alive ones went on");
 }

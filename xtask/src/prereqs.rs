@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sysbench", "sysbench"),
     ("nginx", "nginx"),
     ("openssl", "openssl"),
+    // BGP with BFD between the router and the balancers of the two-balancer stack
+    ("bird", "bird2"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
