@@ -1,7 +1,7 @@
 //! `lbd deploy`: a rolling deploy of a web release over the balancer's backends, one node at
 //! a time, so that the VIP never stops serving.
 //!
-//! For each node in plan order: drain it at the balancer (no new flows; pinned flows go on),
+//! For each node in plan order: drain it at the balancers (no new flows; pinned flows go on),
 //! wait until its traffic stops (bounded: keep-alive connections may never end, and the
 //! node's reload does not close them), switch its `current` release symlink atomically,
 //! reload it, wait until it is healthy *and* reports the new release, put it back and wait
@@ -16,7 +16,8 @@
 //! release, `DIR/current` is a symlink to the active one.
 //!
 //! ```toml
-//! admin = "127.0.0.1:9100"            # the lbd admin API
+//! admin = "127.0.0.1:9100"            # the lbd admin API; a list for active-active balancers,
+//!                                     # e.g. ["10.0.0.2:9100", "10.0.0.3:9100"] (one token for all)
 //! token_file = "/run/lbd/admin.token"
 //! verify = ["web-app", "release", "verify"]   # optional; the release directory is appended
 //! drain_timeout_ms = 10000            # wait at most this long for a drained node's traffic to stop
@@ -49,7 +50,7 @@ use crate::{
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PlanFile {
-    admin: Spanned<String>,
+    admin: Spanned<OneOrMany>,
     token_file: String,
     #[serde(default)]
     verify: Option<Vec<String>>,
@@ -60,6 +61,15 @@ struct PlanFile {
     #[serde(default)]
     health_timeout_ms: Option<Spanned<u64>>,
     node: Spanned<Vec<NodeFile>>,
+}
+
+/// `admin`: one balancer's admin API, or a list (balancers sharing the traffic: a node is
+/// drained, and back, at each of them).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,7 +84,8 @@ struct NodeFile {
 /// A validated deploy plan.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub admin: SocketAddr,
+    /// Every balancer's admin API: the node states are set at each.
+    pub admins: Vec<SocketAddr>,
     pub token_file: PathBuf,
     pub verify: Option<Vec<String>>,
     pub drain_timeout: Duration,
@@ -102,7 +113,21 @@ impl Plan {
     pub fn parse(file: &str, text: &str) -> Result<Plan, ConfigError> {
         let cx = Ctx { file, text };
         let f: PlanFile = toml::from_str(text).map_err(|e| cx.toml_error(e))?;
-        let admin = f.admin.get_ref().parse().or_else(|_| cx.err(f.admin.span(), format!("admin {:?} is not an address:port", f.admin.get_ref())))?;
+        let list = match f.admin.get_ref() {
+            OneOrMany::One(a) => vec![a.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        if list.is_empty() {
+            return cx.err(f.admin.span(), "admin is empty: give each balancer's admin address:port");
+        }
+        let mut admins: Vec<SocketAddr> = Vec::new();
+        for a in &list {
+            let addr = a.parse().or_else(|_| cx.err(f.admin.span(), format!("admin {a:?} is not an address:port")))?;
+            if admins.contains(&addr) {
+                return cx.err(f.admin.span(), format!("admin {addr} listed twice"));
+            }
+            admins.push(addr);
+        }
         let ms = |v: &Option<Spanned<u64>>, name: &str, default: u64| -> Result<Duration, ConfigError> {
             match v {
                 None => Ok(Duration::from_millis(default)),
@@ -133,7 +158,7 @@ impl Plan {
             }
         }
         Ok(Plan {
-            admin,
+            admins,
             token_file: f.token_file.into(),
             verify: f.verify,
             drain_timeout: ms(&f.drain_timeout_ms, "drain_timeout_ms", 10_000)?,
@@ -180,29 +205,35 @@ struct Deployer<'a> {
 }
 
 impl Deployer<'_> {
-    async fn status(&self) -> Result<serde_json::Value> {
-        let body = client::get_ok(&format!("http://{}/status", self.plan.admin)).await.context("lbd admin API")?;
+    async fn status(&self, admin: SocketAddr) -> Result<serde_json::Value> {
+        let body = client::get_ok(&format!("http://{admin}/status")).await.with_context(|| format!("lbd admin API {admin}"))?;
         serde_json::from_str(&body).context("lbd /status is not JSON")
     }
 
-    /// `(packets, health state, admin state)` of a backend (its first VIP membership).
+    /// `(packets, health state, admin state)` of a backend (its first VIP membership) over
+    /// every balancer: packets summed, "up" when every balancer sees it up.
     async fn backend(&self, name: &str) -> Result<(u64, String, String)> {
-        let s = self.status().await?;
-        for vip in s["vips"].as_array().into_iter().flatten() {
-            for b in vip["backends"].as_array().into_iter().flatten() {
-                if b["name"] == name {
-                    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
-                    return Ok((b["packets"].as_u64().unwrap_or(0), text(&b["state"]), text(&b["admin_state"])));
-                }
-            }
+        let mut total: Option<(u64, String, String)> = None;
+        for &admin in &self.plan.admins {
+            let s = self.status(admin).await?;
+            let found = s["vips"].as_array().into_iter().flatten().flat_map(|v| v["backends"].as_array().into_iter().flatten()).find(|b| b["name"] == name);
+            let Some(b) = found else { bail!("lbd at {admin} has no backend named {name:?}") };
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            let (packets, state, admin_state) = (b["packets"].as_u64().unwrap_or(0), text(&b["state"]), text(&b["admin_state"]));
+            total = Some(match total {
+                None => (packets, state, admin_state),
+                Some((p, s, a)) => (p + packets, if s == "up" { state } else { s }, a),
+            });
         }
-        bail!("lbd has no backend named {name:?}")
+        total.ok_or_else(|| anyhow::anyhow!("no balancer in the plan"))
     }
 
     async fn set_state(&self, name: &str, state: &str) -> Result<()> {
-        let uri = format!("http://{}/backends/{name}/state", self.plan.admin);
-        let (status, body) = client::request(Method::POST, &uri, Some(&self.token), state.into()).await?;
-        anyhow::ensure!(status.is_success(), "lbd refused {state} for {name}: {status}: {}", body.trim());
+        for admin in &self.plan.admins {
+            let uri = format!("http://{admin}/backends/{name}/state");
+            let (status, body) = client::request(Method::POST, &uri, Some(&self.token), state.into()).await?;
+            anyhow::ensure!(status.is_success(), "lbd at {admin} refused {state} for {name}: {status}: {}", body.trim());
+        }
         Ok(())
     }
 
@@ -276,7 +307,11 @@ impl Deployer<'_> {
     async fn move_node(&mut self, i: usize, version: &str) -> Result<()> {
         let node = &self.plan.nodes[i];
         let n = self.plan.nodes.len();
-        (self.say)(format!("[{}/{n}] {}: draining at the balancer", i + 1, node.backend));
+        let at = match self.plan.admins.len() {
+            1 => "the balancer".to_string(),
+            k => format!("{k} balancers"),
+        };
+        (self.say)(format!("[{}/{n}] {}: draining at {at}", i + 1, node.backend));
         self.set_state(&node.backend, "drain").await?;
         self.wait_drained(&node.backend).await?;
         switch_release(&node.releases, version)?;
@@ -364,7 +399,10 @@ mod tests {
     #[test]
     fn plan_parses_with_defaults() {
         let p = Plan::parse("plan", GOOD).unwrap();
+        assert_eq!(p.admins, ["127.0.0.1:9100".parse().unwrap()]);
         assert_eq!(p.nodes.len(), 1);
+        let two = GOOD.replace("admin = \"127.0.0.1:9100\"", "admin = [\"10.0.0.2:9100\", \"10.0.0.3:9100\"]");
+        assert_eq!(Plan::parse("plan", &two).unwrap().admins, ["10.0.0.2:9100".parse().unwrap(), "10.0.0.3:9100".parse::<SocketAddr>().unwrap()]);
         assert_eq!(p.nodes[0].url, "http://10.0.0.11:80");
         assert_eq!(p.drain_timeout, Duration::from_secs(10));
         assert!(p.verify.is_none());
@@ -375,6 +413,9 @@ mod tests {
         let cases: &[(&str, usize, &str)] = &[
             ("admin = \"nowhere\"\ntoken_file = \"/t\"\n[[node]]\nbackend=\"a\"\nreleases=\"/r\"\nurl=\"http://x\"\nreload=[\"true\"]\n", 1, "not an address"),
             (&GOOD.replace("reload = [\"kill\", \"-HUP\", \"1\"]", "reload = []"), 8, "reload is empty"),
+            (&GOOD.replace("\"127.0.0.1:9100\"", "[\"127.0.0.1:9100\", \"lb2\"]"), 1, "admin \"lb2\" is not an address:port"),
+            (&GOOD.replace("\"127.0.0.1:9100\"", "[\"127.0.0.1:9100\", \"127.0.0.1:9100\"]"), 1, "listed twice"),
+            (&GOOD.replace("\"127.0.0.1:9100\"", "[]"), 1, "admin is empty"),
             (&GOOD.replace("http://10", "ftp://10"), 7, "expected http"),
             (&GOOD.replace("token_file", "drain_timeout_ms = 0\ntoken_file"), 2, "out of range"),
             (&GOOD.replace("backend", "bakend"), 5, "unknown field"),

@@ -56,7 +56,7 @@ const CONFIG_EXAMPLE: &str = r#"Configuration (TOML):
 
 const DEPLOY_EXAMPLE: &str = r#"Plan (TOML):
 
-  admin = "127.0.0.1:9100"            # the lbd admin API
+  admin = "127.0.0.1:9100"            # the lbd admin API; a list for several balancers (one token)
   token_file = "/run/lbd/admin.token"
   verify = ["web-app", "release", "verify"]   # optional; the release directory is appended
   drain_timeout_ms = 10000            # wait at most this long for a drained node's traffic to stop

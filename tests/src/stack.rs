@@ -62,6 +62,7 @@ pub const UDP_PORT: u16 = 5353;
 /// A TCP service of the balancer's own (not a VIP).
 pub const LB_LOCAL_PORT: u16 = 8080;
 pub const ADMIN: &str = "127.0.0.1:9100";
+pub const ADMIN_PORT: u16 = 9100;
 /// Size of `big.bin` in each node's application directory.
 pub const BIG_FILE: usize = 1 << 20;
 const PREFIX: &str = "xws";
@@ -447,8 +448,11 @@ impl Stack {
     /// Writes a deploy plan for `lbd deploy` over both nodes (reload: SIGHUP to the node);
     /// `verify` adds the `web-app release verify` preflight.
     pub fn deploy_plan(&self, verify: bool) -> PathBuf {
+        // Two balancers: a node is drained at both (their admin APIs listen on their own
+        // addresses too, and share the token file).
+        let admin = if self.opts.balancers > 1 { format!("[\"{LB}:{ADMIN_PORT}\", \"{LB2}:{ADMIN_PORT}\"]") } else { format!("\"{ADMIN}\"") };
         let mut plan = format!(
-            "admin = \"{ADMIN}\"\ntoken_file = \"{}/admin.token\"\ndrain_timeout_ms = 3000\nquiet_ms = 300\nhealth_timeout_ms = 10000\n",
+            "admin = {admin}\ntoken_file = \"{}/admin.token\"\ndrain_timeout_ms = 3000\nquiet_ms = 300\nhealth_timeout_ms = 10000\n",
             self.work.display()
         );
         if verify {
@@ -549,6 +553,8 @@ impl Stack {
         if self.opts.balancers > 1 {
             let (me, peer) = if n == 0 { (LB, LB2) } else { (LB2, LB) };
             c = c.replacen("runtime-state.json", &format!("runtime-state{}.json", ["", "-lb2"][n]), 1);
+            // Reachable from the other balancer's namespace too (a deploy drains at both).
+            c = c.replacen(&format!("listen = \"{ADMIN}\""), &format!("listen = \"0.0.0.0:{ADMIN_PORT}\""), 1);
             c += &format!(
                 "\n[sync]\nlisten = \"{me}:{SYNC_PORT}\"\npeers = [\"{peer}:{SYNC_PORT}\"]\nsecret_file = \"{}/sync.key\"\ninterval_ms = 100\n\n\
                  [announce]\ntable = {ROUTE_TABLE}\nwithdraw_wait_ms = 1000\n",

@@ -174,3 +174,38 @@ fn rolling_deploys_under_load() {
         assert_eq!((b["state"].as_str(), b["admin_state"].as_str()), (Some("up"), Some("ready")), "back in service: {b}");
     }
 }
+
+/// Two balancers (active-active behind the client's ECMP route): the plan names both admin
+/// APIs, each node is drained at both, and a deploy under load through the pair fails no
+/// request.
+#[test]
+fn a_rolling_deploy_through_two_balancers() {
+    if !privileged("a_rolling_deploy_through_two_balancers") {
+        return;
+    }
+    let mut opts = Options::new(XdpMode::Driver, Forward::Ipip);
+    opts.balancers = 2;
+    let stack = Stack::up(opts);
+    let plan = stack.deploy_plan(true);
+    for i in 0..2 {
+        stack.make_release(i, "2.0.0", &[]);
+    }
+    let load = start_load(&stack, LOOP_PORT_BASE + 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = stack.deploy(&plan, "2.0.0");
+    load.wait_for_every_node_on("2.0.0", Duration::from_secs(10));
+    let (served, failed, _) = load.finish();
+    eprintln!("{out}\n{served} requests served through two balancers during the deploy, {} failed", failed.len());
+    assert!(ok, "deploy 2.0.0 failed:\n{out}");
+    assert!(served > 100, "the load must have run ({served})");
+    assert!(failed.is_empty(), "requests failed during the deploy: {failed:?}");
+    assert_eq!(releases(&stack), ["2.0.0", "2.0.0"]);
+    for role in ["lb", "lb2"] {
+        let s = stack.status_of(role);
+        let pinned: u64 = s["vips"][0]["backends"].as_array().unwrap().iter().map(|b| b["new_flows"].as_u64().unwrap()).sum();
+        assert!(pinned > 0, "{role} carried part of the load");
+        for b in s["vips"][0]["backends"].as_array().unwrap() {
+            assert_eq!((b["state"].as_str(), b["admin_state"].as_str()), (Some("up"), Some("ready")), "{role}: back in service: {b}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! `cargo xtask run`: the whole stack in network namespaces until Ctrl-C.
 
-use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, CLIENT, DB_ADMIN, DB_PRIMARY, DB_REPLICA, DB_ROUTER, HTTP_PORT, LB, LB_LOCAL_PORT, MYSQL_PORT, UDP_PORT, VIP, VIP_NAME};
+use tests::stack::{Forward, Options, Stack, XdpMode, ADMIN, CLIENT, DB_ADMIN, DB_PRIMARY, DB_REPLICA, DB_ROUTER, HTTP_PORT, LB, LB2, LB_LOCAL_PORT, MYSQL_PORT, UDP_PORT, VIP, VIP_NAME};
 
 /// Blocks SIGINT and SIGTERM on this thread (and the threads it spawns later), so that
 /// they wait for `sigwait` instead of killing the process before it tears down.
@@ -38,7 +38,9 @@ fn main() {
     opts.balancer = true;
     opts.tls = true;
     opts.database = !args.iter().any(|a| a == "--no-db");
-    eprintln!("stack: building the topology (client, balancer, web1, web2, switch)...");
+    // The seed's load balancer is an active-active pair; --one-balancer for a single one.
+    opts.balancers = if args.iter().any(|a| a == "--one-balancer") { 1 } else { 2 };
+    eprintln!("stack: building the topology (client, {} web1, web2, switch)...", if opts.balancers > 1 { "balancers lb and lb2," } else { "balancer," });
     let stack = Stack::up(opts);
     let n = |r: &str| stack.ns(r);
     if std::env::var_os("STACK_NO_SELFCHECK").is_some() {
@@ -81,12 +83,27 @@ fn main() {
     }
     let plan = stack.deploy_plan(true);
     let mode = stack.status()["xdp"].to_string();
+    let pair = if stack.opts.balancers > 1 {
+        format!(
+            "Balancers lb {LB} and lb2 {LB2}, active-active: the router (the client's namespace) learns the VIP from both by BGP \
+             (BIRD, with BFD) and spreads flows over them (ECMP); they sync their pinned flows, so either can fail or stop.\n\
+             \x20 sudo ip netns exec {client} ip route show {VIP}   # one route, a next hop per balancer\n\
+             \x20 sudo ip netns exec {lb2} {lbd} status             # flow sync: peer, entries sent and received\n\
+             \x20 sudo ip netns exec {lb} ip link set eth0 down     # balancer 1 fails: BFD drops it, lb2 carries its flows (then: up)\n",
+            client = n("client"),
+            lb = n("lb"),
+            lb2 = n("lb2"),
+            lbd = stack.opts.bin_dir.join("lbd").display(),
+        )
+    } else {
+        String::new()
+    };
     println!(
         "\nThe stack {name} is up. XDP attached: {mode}\n\
          VIP http://{VIP}:{HTTP_PORT}/ (TCP, round-robin over web1 and web2) and {VIP}:{UDP_PORT}/udp (echo)\n\
          HTTPS: https://{VIP_NAME}/ (HTTP/2; TLS ends on the nodes; a local CA signed their certificates)\n\
          Self-check through the VIP: downloaded {down} bytes of /big.bin; uploaded 1 MiB: {up}\n\
-         Self-check over HTTPS: {https}\n{app}\n\
+         Self-check over HTTPS: {https}\n{app}{pair}\n\
          Try:\n\
          \x20 sudo ip netns exec {client} curl --cacert {ca} https://{VIP_NAME}/whoami   # trust the local CA for this name\n\
          \x20 sudo ip netns exec {client} curl http://{VIP}/whoami\n\
