@@ -125,6 +125,8 @@ pub struct Options {
     /// 1, or 2: a second balancer (namespace lb2, [`LB2`]), active-active with the first
     /// behind the client's ECMP route, the two syncing their flows.
     pub balancers: u8,
+    /// With two balancers: their lbd sync flows (`[sync]`; default true).
+    pub sync: bool,
 }
 
 /// The demo's checks: fast, yet with room for a loaded machine (HAProxy's defaults are
@@ -133,7 +135,7 @@ pub const DEMO_HEALTH: (u32, u32, u32, u32, u32) = (300, 100, 200, 2, 2);
 
 impl Options {
     pub fn new(xdp_mode: XdpMode, forward: Forward) -> Self {
-        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false, mtu: 1600, source_flow_limit: 0, balancers: 1 }
+        Self { xdp_mode, forward, bin_dir: default_bin_dir(), balancer: true, pinned: false, health: DEMO_HEALTH, tls: false, database: false, mtu: 1600, source_flow_limit: 0, balancers: 1, sync: true }
     }
 }
 
@@ -555,11 +557,13 @@ impl Stack {
             c = c.replacen("runtime-state.json", &format!("runtime-state{}.json", ["", "-lb2"][n]), 1);
             // Reachable from the other balancer's namespace too (a deploy drains at both).
             c = c.replacen(&format!("listen = \"{ADMIN}\""), &format!("listen = \"0.0.0.0:{ADMIN_PORT}\""), 1);
-            c += &format!(
-                "\n[sync]\nlisten = \"{me}:{SYNC_PORT}\"\npeers = [\"{peer}:{SYNC_PORT}\"]\nsecret_file = \"{}/sync.key\"\ninterval_ms = 100\n\n\
-                 [announce]\ntable = {ROUTE_TABLE}\nwithdraw_wait_ms = 1000\n",
-                self.work.display()
-            );
+            if self.opts.sync {
+                c += &format!(
+                    "\n[sync]\nlisten = \"{me}:{SYNC_PORT}\"\npeers = [\"{peer}:{SYNC_PORT}\"]\nsecret_file = \"{}/sync.key\"\ninterval_ms = 100\n",
+                    self.work.display()
+                );
+            }
+            c += &format!("\n[announce]\ntable = {ROUTE_TABLE}\nwithdraw_wait_ms = 1000\n");
         }
         let mut vips = vec![(format!("{VIP}:{HTTP_PORT}/tcp"), "web"), (format!("{VIP}:{UDP_PORT}/udp"), "echo")];
         if self.opts.tls {
@@ -590,7 +594,7 @@ impl Stack {
     /// balancer announces the routes lbd keeps in table [`ROUTE_TABLE`] (its VIPs, while it
     /// serves) with itself as next hop; the router installs them, ECMP over the balancers,
     /// and drops a balancer's when BFD (3 x 100 ms) or BGP loses it.
-    fn start_bgp(&mut self) {
+    pub fn start_bgp(&mut self) {
         let bird = which_bird();
         let bfd = "protocol bfd { interface \"eth0\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }\n";
         let mut router = format!(

@@ -4,7 +4,15 @@
 //! HAProxy's default check settings, and HAProxy 2.6 (`mode tcp`, `balance roundrobin`,
 //! `check` with its defaults: inter 2000 ms, fall 3, rise 2).
 //!
-//! Run as root: `cargo xtask bench`. Load loops are bounded in count and time.
+//! Then a balancer of a pair fails, side by side: two lbd with flow sync, two lbd without
+//! it, and two HAProxy (`mode tcp`), each pair behind the same router (BIRD: BGP with BFD,
+//! ECMP) in the same run. Under a steady load of new connections with 40 keep-alive
+//! connections open, balancer 1's link goes down: we report how long until the router's
+//! route drops it, the new connections that failed, and the keep-alive connections that
+//! broke.
+//!
+//! Run as root: `cargo xtask bench` (`FAILOVER_BENCH=pairs` runs only the pairs). Load
+//! loops are bounded in count and time.
 
 use std::{
     net::SocketAddr,
@@ -14,7 +22,8 @@ use std::{
 
 use tests::{
     http::Conn,
-    stack::{Forward, Options, Stack, XdpMode, HTTP_PORT, LB, VIP, WEB},
+    http::node_of,
+    stack::{Forward, Options, Stack, XdpMode, CLIENT, HTTP_PORT, LB, LB2, ROUTE_TABLE, VIP, WEB},
 };
 
 const HAPROXY_PORT: u16 = 8081;
@@ -62,11 +71,93 @@ fn run(stack: &Stack, target: SocketAddr, is_down: impl Fn() -> bool) -> Outcome
     Outcome { detection, requests: log.len(), failed: log.iter().filter(|(_, ok)| !ok).count() }
 }
 
+struct PairOutcome {
+    detection: Duration,
+    requests: usize,
+    failed: usize,
+    through_failed: usize,
+    broken: usize,
+}
+
+/// Keep-alive connections open, a steady load of new ones, then balancer 1's link goes.
+fn pair_run(stack: &Stack) -> PairOutcome {
+    let vip = SocketAddr::from((VIP, HTTP_PORT));
+    let mut keep: Vec<(u16, Conn, String)> = stack.in_ns("client", move || {
+        (32_300..32_340u16)
+            .map(|p| {
+                let mut c = Conn::open_from_within(p, vip, Duration::from_millis(500)).expect("keep-alive connection");
+                let node = node_of(&c.get("/whoami", true).expect("first request").1);
+                (p, c, node)
+            })
+            .collect()
+    });
+    let through_failed = keep
+        .iter()
+        .filter(|(p, ..)| stack.exec("client", &format!("ip route get {VIP} from {CLIENT} ipproto tcp sport {p} dport {HTTP_PORT}")).contains(&format!("via {LB} ")))
+        .count();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let l = load(stack, vip, stop.clone(), t0);
+    std::thread::sleep(Duration::from_millis(1000));
+    stack.exec("lb", "ip link set eth0 down");
+    let detection = stack.wait_route(&[LB2], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    let log = l.join().unwrap();
+    let broken = keep.iter_mut().map(|(_, c, node)| !c.get("/whoami", true).is_ok_and(|(s, b)| s == 200 && node_of(&b) == *node)).filter(|&b| b).count();
+    PairOutcome { detection, requests: log.len(), failed: log.iter().filter(|(_, ok)| !ok).count(), through_failed, broken }
+}
+
+/// The balancer pair part: lbd with and without flow sync, and HAProxy, each pair behind the
+/// same BGP router.
+fn balancer_pairs() {
+    let mut rows = Vec::new();
+    for (name, sync) in [("lbd pair, flow sync", true), ("lbd pair, no flow sync", false)] {
+        let stack = Stack::up(Options { balancers: 2, sync, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+        rows.push((name, pair_run(&stack)));
+    }
+    // HAProxy on both balancers: the VIP on their loopback, announced by the same BIRD
+    // setup (the route lbd would keep in its table, put there by hand).
+    let mut stack = Stack::up(Options { balancers: 2, balancer: false, ..Options::new(XdpMode::Driver, Forward::Ipip) });
+    stack.start_bgp();
+    for role in ["lb", "lb2"] {
+        let cfg = stack.work.join(format!("haproxy-{role}.cfg"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+                 frontend fe\n  bind {VIP}:{HTTP_PORT}\n  default_backend be\n\
+                 backend be\n  balance roundrobin\n  server web1 {}:{HTTP_PORT} check\n  server web2 {}:{HTTP_PORT} check\n",
+                WEB[0], WEB[1]
+            ),
+        )
+        .unwrap();
+        stack.exec(role, &format!("ip addr add {VIP}/32 dev lo && ip route add blackhole {VIP}/32 table {ROUTE_TABLE} proto 186"));
+        stack.spawn(role, &format!("haproxy-{role}"), &["haproxy".into(), "-db".into(), "-f".into(), cfg.display().to_string()]);
+    }
+    stack.wait_route(&[LB, LB2], Duration::from_secs(30));
+    stack.wait_for("client", &format!("curl -sf -o /dev/null http://{VIP}/whoami"), Duration::from_secs(10), "haproxy");
+    rows.push(("HAProxy 2.6 pair (mode tcp)", pair_run(&stack)));
+    println!("\nBalancer failover: balancer 1's link goes down under a steady load of new connections, 40 keep-alive connections open");
+    println!("{:<30} {:>13} {:>9} {:>7} {:>22} {:>7}", "", "route gone ms", "requests", "failed", "keep-alive via failed", "broken");
+    for (name, o) in &rows {
+        println!("{name:<30} {:>13} {:>9} {:>7} {:>22} {:>7}", o.detection.as_millis(), o.requests, o.failed, o.through_failed, o.broken);
+    }
+    println!(
+        "keep-alive connections broken by the failure: lbd with sync {}, without {}, HAProxy {} (of {}, {}, {} through the failed balancer)",
+        rows[0].1.broken, rows[1].1.broken, rows[2].1.broken, rows[0].1.through_failed, rows[1].1.through_failed, rows[2].1.through_failed
+    );
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("failover-bench needs root: run `sudo -E cargo xtask bench`");
         std::process::exit(2);
+    }
+    if std::env::var("FAILOVER_BENCH").as_deref() == Ok("pairs") {
+        balancer_pairs();
+        return;
     }
     let vip = SocketAddr::from((VIP, HTTP_PORT));
     let mut rows = Vec::new();
@@ -102,4 +193,6 @@ fn main() {
         rows[0].1.failed,
         rows[2].1.failed
     );
+    drop(stack);
+    balancer_pairs();
 }
