@@ -134,8 +134,10 @@ enum Cmd {
     /// Change a running daemon: `lbd ctl backend drain web1`, `... ready web1`, `... maint web1`,
     /// `lbd ctl backend weight web1 3` (or `config`). Needs the admin token.
     Ctl {
+        /// The daemon's admin API; repeat it for a balancer pair (the same change at each, in
+        /// order; they share one token file).
         #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: SocketAddr,
+        admin: Vec<SocketAddr>,
         /// The file holding the admin token (readable by root only).
         #[arg(long, default_value = lb_userspace::config::DEFAULT_TOKEN_FILE)]
         token_file: PathBuf,
@@ -294,9 +296,12 @@ async fn firewall_list(admin: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()> {
+async fn ctl(admins: Vec<SocketAddr>, token_file: PathBuf, what: CtlCmd) -> Result<()> {
     if let CtlCmd::Firewall { action: FirewallAction::List } = what {
-        return firewall_list(admin).await;
+        for admin in admins {
+            firewall_list(admin).await?;
+        }
+        return Ok(());
     }
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the admin token {} (root only; --token-file)", token_file.display()))?;
@@ -310,15 +315,18 @@ async fn ctl(admin: SocketAddr, token_file: PathBuf, what: CtlCmd) -> Result<()>
         },
         other => vec![one_request(other)?],
     };
-    for (method, path, value) in requests {
-        let method: hyper::Method = method.parse().expect("a method");
-        let (status, text) = client::request(method, &format!("http://{admin}{path}"), Some(&token), value)
-            .await
-            .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", text.trim());
+    let several = admins.len() > 1;
+    for admin in &admins {
+        for (method, path, value) in &requests {
+            let method: hyper::Method = method.parse().expect("a method");
+            let (status, text) = client::request(method, &format!("http://{admin}{path}"), Some(&token), value.clone())
+                .await
+                .with_context(|| format!("no daemon answering on {admin} (is `lbd run` up? --admin)"))?;
+            if !status.is_success() {
+                anyhow::bail!("{}{status}: {}", if several { format!("{admin}: ") } else { String::new() }, text.trim());
+            }
+            println!("{}{}", if several { format!("{admin}: ") } else { String::new() }, text.trim());
         }
-        println!("{}", text.trim());
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::{
 use tests::{
     http::Conn,
     privileged,
-    stack::{Forward, Options, Stack, XdpMode, FIRST_RELEASE, HTTP_PORT, VIP, WEB},
+    stack::{Forward, Options, Stack, XdpMode, ADMIN_PORT, FIRST_RELEASE, HTTP_PORT, LB, LB2, VIP, WEB},
 };
 
 /// Source ports of the load (below the ephemeral range; see e2e.rs).
@@ -186,6 +186,13 @@ fn a_rolling_deploy_through_two_balancers() {
     let mut opts = Options::new(XdpMode::Driver, Forward::Ipip);
     opts.balancers = 2;
     let stack = Stack::up(opts);
+    // `lbd ctl` with both admin APIs makes the same change at each balancer.
+    let admin_state = |role: &str| stack.status_of(role)["vips"][0]["backends"][0]["admin_state"].as_str().unwrap().to_string();
+    for state in ["drain", "ready"] {
+        let lbd = stack.opts.bin_dir.join("lbd");
+        stack.exec("lb", &format!("{} ctl --admin {LB}:{ADMIN_PORT} --admin {LB2}:{ADMIN_PORT} --token-file {}/admin.token backend {state} web1", lbd.display(), stack.work.display()));
+        assert_eq!([admin_state("lb"), admin_state("lb2")], [state, state], "web1 {state} at both balancers");
+    }
     let plan = stack.deploy_plan(true);
     for i in 0..2 {
         stack.make_release(i, "2.0.0", &[]);
