@@ -874,6 +874,12 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     wait_status(&stack, "lb2", "balancer 1's flows", |s| s["sync"]["stats"]["entries_received"].as_u64().unwrap_or(0) >= on_lb1);
     wait_status(&stack, "lb", "balancer 2's flows", |s| s["sync"]["stats"]["entries_received"].as_u64().unwrap_or(0) >= conns.len() as u64 - on_lb1);
     assert_eq!(stack.status_of("lb2")["sync"]["peers"][0]["up"], true);
+    let metrics = stack.exec("lb2", "curl -sf http://127.0.0.1:9100/metrics");
+    for line in [format!("lb_sync_peer_up{{peer=\"{LB}:7946\"}} 1"), format!("lb_sync_peer_synced{{peer=\"{LB}:7946\"}} 1"), "lb_sync_rejected_total{reason=\"auth\"} 0".to_string()] {
+        assert!(metrics.lines().any(|l| l == line), "lb2's /metrics lacks {line:?}");
+    }
+    let received = metrics.lines().find(|l| l.starts_with("lb_sync_entries_received_total")).and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok());
+    assert!(received.is_some_and(|n| n >= on_lb1), "lb_sync_entries_received_total {received:?}: {}", metrics.lines().filter(|l| l.starts_with("lb_sync")).collect::<Vec<_>>().join("\n"));
 
     // Balancer 1 fails: its link goes (no FIN, no BGP notification), its daemon with it.
     stack.exec("lb", "ip link set eth0 down");
