@@ -89,11 +89,13 @@ fn main() {
              (BIRD, with BFD) and spreads flows over them (ECMP); they sync their pinned flows, so either can fail or stop.\n\
              \x20 sudo ip netns exec {client} ip route show {VIP}   # one route, a next hop per balancer\n\
              \x20 sudo ip netns exec {lb2} {lbd} status             # flow sync: peer, entries sent and received\n\
-             \x20 sudo ip netns exec {lb} ip link set eth0 down     # balancer 1 fails: BFD drops it, lb2 carries its flows (then: up)\n",
+             \x20 sudo ip netns exec {lb} ip link set eth0 down     # balancer 1 fails: BFD drops it, lb2 carries its flows (then: up)\n\
+             \x20 sudo ip netns exec {lb} {lbd} ctl --admin {LB}:9100 --admin {LB2}:9100 --token-file {work}/admin.token backend drain web1   # at both\n",
             client = n("client"),
             lb = n("lb"),
             lb2 = n("lb2"),
             lbd = stack.opts.bin_dir.join("lbd").display(),
+            work = stack.work.display(),
         )
     } else {
         String::new()
