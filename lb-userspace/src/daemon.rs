@@ -156,8 +156,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The flow sync's state after its last interval (`None`: no `[sync]`).
     pub sync: Mutex<Option<crate::sync::SyncReport>>,
-    /// `[announce]`: VIP routes for the routing daemon (`crate::announce`).
-    pub announce: Option<crate::config::AnnounceSettings>,
+    /// `[announce]`: VIP routes for the routing daemon (`crate::announce`), on the device
+    /// that goes with this process.
+    pub announce: Option<crate::announce::Anchor>,
     /// Whether the VIP routes are up (after start, until shutdown).
     pub announcing: AtomicBool,
 }
@@ -170,7 +171,7 @@ pub fn announce_vips(shared: &Shared) -> Result<()> {
     } else {
         Default::default()
     };
-    let (added, removed) = crate::announce::set_routes(a.table, &want)?;
+    let (added, removed) = a.set_routes(&want)?;
     if !added.is_empty() || !removed.is_empty() {
         info!(table = a.table, ?added, ?removed, "VIP routes for the routing daemon changed");
     }
@@ -916,14 +917,23 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         xdp.push(Attachment { interface: iface.clone(), mode: mode_name(m) });
     }
 
-    if let (Some(a), false) = (&config.announce, xdp.iter().any(|x| x.mode == "adopted")) {
-        // Routes left by a daemon that died: nothing forwarded here until we are ready.
-        let stale = crate::announce::routes(a.table).with_context(|| format!("reading the VIP routes in table {}", a.table))?;
-        if !stale.is_empty() {
-            crate::announce::set_routes(a.table, &Default::default())?;
-            warn!(table = a.table, ?stale, "withdrew VIP routes a previous daemon left");
+    let anchor = match &config.announce {
+        None => None,
+        Some(a) => {
+            let adopted = xdp.iter().any(|x| x.mode == "adopted");
+            // A restart that kept the program forwarding left its routes on the device we
+            // take over: they stay. Otherwise nothing is announced until we are ready.
+            let anchor = crate::announce::Anchor::open(a.table)?;
+            if !adopted {
+                let stale = crate::announce::clear_routes(a.table).with_context(|| format!("clearing the VIP routes in table {}", a.table))?;
+                if !stale.is_empty() {
+                    warn!(table = a.table, ?stale, "withdrew VIP routes a previous daemon left");
+                }
+            }
+            info!(device = %anchor.name, table = a.table, "VIP routes go on this TUN device: they go with this process");
+            Some(anchor)
         }
-    }
+    };
     let topology = Topology {
         version: env!("CARGO_PKG_VERSION"),
         encap_source,
@@ -959,7 +969,7 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         config_path,
         ready: AtomicBool::new(false),
         sync: Mutex::new(None),
-        announce: config.announce.clone(),
+        announce: anchor,
         announcing: AtomicBool::new(false),
     });
     reconcile(&shared)?;
@@ -1045,6 +1055,12 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         }
     }
     shared.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    if let (Some(a), true) = (&shared.announce, keep) {
+        // The next lbd takes the device over: the routes stay announced meanwhile.
+        if let Err(e) = a.set_persist(true) {
+            warn!(error = %format!("{e:#}"), "the VIP routes will be withdrawn while the daemon restarts");
+        }
+    }
     if let (Some(a), false) = (&config.announce, keep) {
         // The routers move the flows away (and the flow sync hands them over) while this
         // balancer still forwards what reaches it.

@@ -843,6 +843,7 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     }
     let mut opts = Options::new(XdpMode::Driver, Forward::Ipip);
     opts.balancers = 2;
+    opts.pinned = true;
     let mut stack = Stack::up(opts);
     let vip = SocketAddr::from((VIP, HTTP_PORT));
     let ports: Vec<u16> = (32_200..32_240).collect();
@@ -881,6 +882,19 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     let received = metrics.lines().find(|l| l.starts_with("lb_sync_entries_received_total")).and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok());
     assert!(received.is_some_and(|n| n >= on_lb1), "lb_sync_entries_received_total {received:?}: {}", metrics.lines().filter(|l| l.starts_with("lb_sync")).collect::<Vec<_>>().join("\n"));
 
+    // Balancer 1's daemon restarts (SIGUSR1, then a new lbd adopts the pinned program): its
+    // route stays announced throughout, the connections go on.
+    let status = stack.stop_process("lbd", libc::SIGUSR1).expect("lbd exits");
+    assert!(status.success(), "{status:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    stack.wait_route(&[LB, LB2], Duration::ZERO);
+    stack.start_balancer_n(0);
+    stack.wait_route(&[LB, LB2], Duration::ZERO);
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 1 restarted: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+
     // Balancer 1 fails: its link goes (no FIN, no BGP notification), its daemon with it.
     stack.exec("lb", "ip link set eth0 down");
     let gone = stack.wait_route(&[LB2], Duration::from_secs(10));
@@ -896,9 +910,12 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     let served = new_connections(&stack, 40);
     assert_eq!(served.values().sum::<u64>(), 40, "new connections through balancer 2 alone: {served:?}");
 
-    // Balancer 1 comes back (a reboot: its kernel's routes are gone); lbd gets balancer 2's
-    // whole table before it announces the VIP, then the router spreads flows again.
-    stack.exec("lb", &format!("ip route flush table {ROUTE_TABLE}; ip link set eth0 up"));
+    // Balancer 1 comes back (a reboot: its pinned program and its routes are gone); lbd
+    // gets balancer 2's whole table before it announces the VIP, then the router spreads
+    // flows again.
+    assert_eq!(stack.exec("lb", &format!("ip route show table {ROUTE_TABLE}")).trim(), "", "its routes went with its daemon");
+    std::fs::remove_dir_all(stack.pin_dir.join("lbd")).unwrap();
+    stack.exec("lb", "ip link set eth0 up");
     stack.start_balancer_n(0);
     assert_eq!(stack.status_of("lb")["sync"]["peers"][0]["synced"], true, "ready only once balancer 2's table arrived");
     let back_in = stack.wait_route(&[LB, LB2], Duration::from_secs(30));
@@ -911,6 +928,20 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     assert_eq!(counter(&stack, "lb", "hash_fallback"), 0, "balancer 1 found every flow it took back");
     assert!(back > 0 && counter(&stack, "lb", "flow_hit") >= back as u64, "balancer 1 took back {back} connections, each a hit");
     eprintln!("balancer 1 failed: {} connections went on through balancer 2; it returned and took {back} back", conns.len());
+
+    // Balancer 2's daemon crashes (SIGKILL): its pinned program goes on forwarding, and its
+    // routes, bound to a device that dies with the daemon, are withdrawn at once; the
+    // connections go on through balancer 1. A new lbd takes the program over and announces
+    // again once it has balancer 1's table.
+    stack.stop_process("lbd2", libc::SIGKILL);
+    let gone = stack.wait_route(&[LB], Duration::from_secs(10));
+    eprintln!("balancer 2's route withdrawn {} ms after its daemon was killed", gone.as_millis());
+    for (p, c, node) in conns.iter_mut() {
+        let got = c.get("/whoami", true).unwrap_or_else(|e| panic!("connection from port {p} after balancer 2's daemon died: {e}"));
+        assert_eq!(&node_of(&got.1), node, "connection from port {p} stays on its node");
+    }
+    stack.start_balancer_n(1);
+    stack.wait_route(&[LB, LB2], Duration::from_secs(30));
 
     // Balancer 2 is stopped for maintenance (SIGTERM): it withdraws its route, and forwards
     // until the router has moved its flows to balancer 1. Under a stream of new connections
