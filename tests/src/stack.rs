@@ -6,7 +6,9 @@
 //!
 //! ```text
 //!  client 10.77.0.10 ─┐
-//!  lb     10.77.0.2  ─┼─ br0 (switch ns)     VIP 10.77.100.1 (routed by the client via lb)
+//!  lb     10.77.0.2  ─┤                      VIP 10.77.100.1 (routed by the client via lb)
+//! (lb2    10.77.0.3  ─┼─ br0 (switch ns)     with `balancers: 2`: the client learns the VIP
+//!                     │                      from lb and lb2 by BGP, BIRD with BFD, ECMP)
 //!  web1   10.77.0.11 ─┤                      VIP bound on lo of web1 and web2
 //!  web2   10.77.0.12 ─┘
 //! ```
