@@ -171,6 +171,11 @@ impl Collector for LbCollector {
                 ConstGauge::new(i64::from(p.synced)).encode(m.encode_family(&l(&[("peer", &p.address.to_string())]))?)?;
             }
         }
+        if let Some(a) = &self.0.announce {
+            let mut m = enc.encode_descriptor("lb_vip_routes_announced", "1 while the VIP routes are up for the routing daemon to announce", None, MetricType::Gauge)?;
+            let up = i64::from(self.0.announcing.load(Ordering::SeqCst));
+            ConstGauge::new(up).encode(m.encode_family(&l(&[("table", &a.table.to_string()), ("device", &a.name)]))?)?;
+        }
         let mut m = enc.encode_descriptor("lb_xdp_attached", "XDP program attached to an interface, by mode", None, MetricType::Gauge)?;
         for a in &topo.xdp {
             ConstGauge::new(1i64).encode(m.encode_family(&l(&[("interface", &a.interface), ("mode", a.mode)]))?)?;

@@ -879,6 +879,7 @@ fn a_failed_balancer_hands_its_flows_to_the_other() {
     for line in [format!("lb_sync_peer_up{{peer=\"{LB}:7946\"}} 1"), format!("lb_sync_peer_synced{{peer=\"{LB}:7946\"}} 1"), "lb_sync_rejected_total{reason=\"auth\"} 0".to_string()] {
         assert!(metrics.lines().any(|l| l == line), "lb2's /metrics lacks {line:?}");
     }
+    assert!(metrics.contains(&format!("lb_vip_routes_announced{{table=\"{ROUTE_TABLE}\",device=\"lbd-t{ROUTE_TABLE}\"}} 1")), "lb2 announces");
     let received = metrics.lines().find(|l| l.starts_with("lb_sync_entries_received_total")).and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok());
     assert!(received.is_some_and(|n| n >= on_lb1), "lb_sync_entries_received_total {received:?}: {}", metrics.lines().filter(|l| l.starts_with("lb_sync")).collect::<Vec<_>>().join("\n"));
 
