@@ -34,6 +34,13 @@ pub const WINDOW_UNITS: u32 = 1 << (30 - UNIT_SHIFT);
 /// `MAX_CONN_RATE` (125,000 a second per CPU).
 pub const DEFAULT_FLOOD_LIMIT: u32 = 125_000;
 
+/// `LbConfig::flood_limit` of a balancer that withdraws from the routers (shutting down
+/// behind ECMP): every new flow is placed by the 5-tuple hash without an entry, as the
+/// other balancers place a flow's packets that they have no entry for. A flow that starts
+/// here while the routers move away then lands on one backend whichever balancer its later
+/// packets reach, before the flow sync could tell them of it.
+pub const HASH_NEW_FLOWS: u32 = u32::MAX;
+
 /// One more SYN with the guard in `state` (when the count began, in units of the clock,
 /// above; the count below): the new state, and whether the SYN is within `limit` (it gets
 /// an entry). `clock` (monotonic ns) is read only for the first SYN and when the count

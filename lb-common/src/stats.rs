@@ -60,6 +60,10 @@ pub enum Counter {
     SourceLimit,
     /// To a VIP with an allow list that does not hold the source: dropped.
     VipNotAllowed,
+    /// A new flow while the balancer withdraws from the routers: placed by the 5-tuple hash,
+    /// without an entry, where its peers will place its later packets (see
+    /// `flood::HASH_NEW_FLOWS`).
+    Withdrawing,
     // --- decapsulation program ---
     /// IPIP packet for this host, outer header removed.
     Decap,
@@ -99,6 +103,7 @@ impl Counter {
         Counter::Firewall,
         Counter::SourceLimit,
         Counter::VipNotAllowed,
+        Counter::Withdrawing,
         Counter::Decap,
         Counter::DecapNotLocal,
         Counter::DecapNotIpip,
@@ -156,6 +161,7 @@ impl Counter {
             Counter::Firewall => "firewall",
             Counter::SourceLimit => "source_limit",
             Counter::VipNotAllowed => "vip_not_allowed",
+            Counter::Withdrawing => "withdrawing",
             Counter::Decap => "decap",
             Counter::DecapNotLocal => "decap_not_local",
             Counter::DecapNotIpip => "decap_not_ipip",
@@ -225,7 +231,7 @@ mod tests {
 
     #[test]
     fn balancer_counters_and_actions() {
-        assert_eq!(Counter::BALANCER.len(), 24);
+        assert_eq!(Counter::BALANCER.len(), 25);
         assert!(!Counter::BALANCER.contains(&Counter::Decap));
         assert_eq!(Counter::Tx.action(), Some("tx"));
         assert_eq!(Counter::TooBig.action(), Some("pass"));
@@ -234,7 +240,7 @@ mod tests {
         assert_eq!(Counter::FlowHit.action(), None);
         // Every packet is counted under exactly one action: the action counters of the
         // balancer partition its packets (placements are counted besides).
-        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer, Counter::IcmpToBackend, Counter::FloodGuard];
+        let placements = [Counter::FlowHit, Counter::NewFlow, Counter::HashFallback, Counter::Resteer, Counter::IcmpToBackend, Counter::FloodGuard, Counter::Withdrawing];
         for c in Counter::BALANCER {
             assert_eq!(c.action().is_none(), placements.contains(c), "{c:?}");
         }

@@ -500,8 +500,8 @@ impl Config {
         let flood_guard = match &f.flood_guard {
             None => lb_common::flood::DEFAULT_FLOOD_LIMIT,
             Some(n) => match u32::try_from(*n.get_ref()) {
-                Ok(v) => v,
-                Err(_) => return cx.err(n.span(), format!("flood_guard {} is out of range 0..={}", n.get_ref(), u32::MAX)),
+                Ok(v) if v != lb_common::flood::HASH_NEW_FLOWS => v,
+                _ => return cx.err(n.span(), format!("flood_guard {} is out of range 0..={}", n.get_ref(), u32::MAX - 1)),
             },
         };
         let source_flow_limit = match &f.source_flow_limit {

@@ -154,8 +154,10 @@ pub struct Shared {
     /// The configuration file, for `firewall reload` (and SIGHUP).
     pub config_path: Option<std::path::PathBuf>,
     pub ready: AtomicBool,
-    /// The flow sync's state after its last interval (`None`: no `[sync]`).
+    /// The flow sync's state after its last round (`None`: no `[sync]`).
     pub sync: Mutex<Option<crate::sync::SyncReport>>,
+    /// Makes the flow sync send a round at once.
+    pub sync_now: Arc<tokio::sync::Notify>,
     /// `[announce]`: VIP routes for the routing daemon (`crate::announce`), on the device
     /// that goes with this process.
     pub announce: Option<crate::announce::Anchor>,
@@ -680,7 +682,7 @@ fn start_sync(shared: &Arc<Shared>, settings: &crate::config::SyncSettings, secr
         sync::Backends::new(topo.backends.iter().map(|b| (b.index, b.address)))
     };
     let report = move |r: sync::SyncReport| *for_report.sync.lock().expect("lock") = Some(r);
-    Ok(tokio::spawn(sync::serve(socket, syncer, settings.listen, Duration::from_millis(settings.interval_ms), backends, report)))
+    Ok(tokio::spawn(sync::serve(socket, syncer, settings.listen, Duration::from_millis(settings.interval_ms), shared.sync_now.clone(), backends, report)))
 }
 
 /// Health-check settings of one backend: the port of the first VIP it serves unless given.
@@ -969,6 +971,7 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         config_path,
         ready: AtomicBool::new(false),
         sync: Mutex::new(None),
+        sync_now: Arc::new(tokio::sync::Notify::new()),
         announce: anchor,
         announcing: AtomicBool::new(false),
     });
@@ -1062,12 +1065,26 @@ pub async fn run(mut config: Config, config_path: Option<std::path::PathBuf>) ->
         }
     }
     if let (Some(a), false) = (&config.announce, keep) {
-        // The routers move the flows away (and the flow sync hands them over) while this
+        // From now on new flows go where the other balancers, which have no entry for them,
+        // will send their later packets; the flows pinned before reach them in one sync
+        // round, sent before the routes go. Then the routers move the flows away while this
         // balancer still forwards what reaches it.
+        if let Err(e) = shared.dataplane.lock().expect("lock").set_flood_limit(lb_common::flood::HASH_NEW_FLOWS) {
+            warn!(error = %e, "new flows stay round robin while withdrawing");
+        }
+        if config.sync.is_some() {
+            let sent = || shared.sync.lock().expect("lock").as_ref().map(|r| r.stats.messages_sent).unwrap_or(0);
+            let before = sent();
+            shared.sync_now.notify_one();
+            let start = std::time::Instant::now();
+            while sent() == before && start.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         shared.announcing.store(false, std::sync::atomic::Ordering::SeqCst);
         match announce_vips(&shared) {
             Ok(()) => {
-                info!(table = a.table, wait_ms = a.withdraw_wait_ms, "VIP routes withdrawn; forwarding until the routers move away");
+                info!(table = a.table, wait_ms = a.withdraw_wait_ms, "new flows placed by hash, pinned flows sent to the peers, VIP routes withdrawn; forwarding until the routers move away");
                 tokio::time::sleep(Duration::from_millis(a.withdraw_wait_ms)).await;
             }
             Err(e) => warn!(error = %format!("{e:#}"), "could not withdraw the VIP routes"),

@@ -575,14 +575,16 @@ pub fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     tokio::net::UdpSocket::from_std(socket)
 }
 
-/// Runs the sync: every `interval` sends what changed (and heartbeats, and full dumps that
-/// are due); in between takes the peers' datagrams. `backends` gives the daemon's backends
-/// (read each interval), `report` receives the state after each interval.
+/// Runs the sync: every `interval`, and at once when `now` is notified, sends what changed
+/// (and heartbeats, and full dumps that are due); in between takes the peers' datagrams.
+/// `backends` gives the daemon's backends (read each round), `report` receives the state
+/// after each round.
 pub async fn serve(
     socket: tokio::net::UdpSocket,
     mut syncer: Syncer,
     listen: SocketAddr,
     interval: Duration,
+    now: std::sync::Arc<tokio::sync::Notify>,
     backends: impl Fn() -> Backends,
     report: impl Fn(SyncReport),
 ) {
@@ -594,7 +596,7 @@ pub async fn serve(
     let mut warned: HashMap<&'static str, Instant> = HashMap::new();
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = async { tokio::select! { _ = tick.tick() => {}, _ = now.notified() => {} } } => {
                 known = backends();
                 let changed = syncer.scan(|i| known.addr(i));
                 for (to, d) in syncer.datagrams(&changed, |i| known.addr(i)) {

@@ -572,6 +572,28 @@ fn the_flood_guard_keeps_pinned_flows_through_a_syn_flood() {
         send(&dp, Pkt::udp(CLIENT, sport, VIP, 53).build());
     }
     assert_eq!(dp.global_stats().unwrap().get(Counter::NewFlow) - udp_before, 10);
+
+    // Withdrawing (`HASH_NEW_FLOWS`): every new flow, TCP or UDP, goes where its hash says
+    // (where another balancer would place its later packets) without an entry; pinned
+    // flows keep theirs.
+    dp.clear_flows().unwrap();
+    dp.set_flood_limit(0).unwrap();
+    let pinned_backend = send(&dp, syn(42001).build());
+    dp.set_flood_limit(lb_common::flood::HASH_NEW_FLOWS).unwrap();
+    let before = dp.global_stats().unwrap();
+    for sport in 44100..44140u16 {
+        assert_eq!(send(&dp, syn(sport).build()), hash_backend(sport), "SYN {sport} while withdrawing");
+        assert_eq!(dp.flow(&flow_key(sport)), None, "no entry for {sport}");
+    }
+    for sport in 7000..7010u16 {
+        let f = Pkt::udp(CLIENT, sport, VIP, 53).build();
+        let key = parse_frame(&f[..]).unwrap().key();
+        assert_eq!(send(&dp, f), (key.hash() % 2) as usize, "UDP {sport} while withdrawing");
+    }
+    assert_eq!(send(&dp, Pkt::tcp(CLIENT, 42001, VIP, 80, TCP_ACK).build()), pinned_backend, "a pinned flow stays");
+    let g = dp.global_stats().unwrap();
+    assert_eq!(g.get(Counter::Withdrawing) - before.get(Counter::Withdrawing), 50);
+    assert_eq!(g.get(Counter::NewFlow), before.get(Counter::NewFlow));
 }
 
 /// The per-source limit: past it a source's new flows are dropped; its pinned flows, their

@@ -21,7 +21,7 @@ use lb_common::{
     encap::{outer_ipv4_words, outer_len, LbConfig, IPIP_OVERHEAD},
     csum::{self, halves},
     firewall::{denies, dir_block, dir_value, rule_index, DirLine, RuleStats, DIR_LINES, DIR_NONE, DIR_PER_LINE, DIR_TRIE, MAX_RULES},
-    flood::{admit, SOURCE_TABLE_SIZE},
+    flood::{admit, HASH_NEW_FLOWS, SOURCE_TABLE_SIZE},
     flow::{entry_backend, entry_fresh, flow_sets, FlowSet, FlowSlot, Tuple, DEFAULT_FLOW_TABLE_SIZE, FLOW_WAYS},
     icmp::{answerable, quote_len, swap_macs, too_big_words, MAX_QUOTE_WORDS, REPLY_TTL, TOO_BIG_OVERHEAD},
     packet::{parse_icmp, parse_ipv4, parse_l2, parse_l4, Frame, IcmpToVip, Ipv4, Parsed, ICMP_ECHO_REPLY, PROTO_ICMP, TCP_RST},
@@ -214,7 +214,8 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 return xdp_action::XDP_DROP;
             }
             let mut pin = p.tcp_flags & TCP_RST == 0;
-            let ring_slot = if p.opens_flow() && !(p.tuple.proto == PROTO_TCP && flooded(cfg, vip_stats)) {
+            let withdrawing = cfg.flood_limit == HASH_NEW_FLOWS;
+            let ring_slot = if p.opens_flow() && !withdrawing && !(p.tuple.proto == PROTO_TCP && flooded(cfg, vip_stats)) {
                 // A SYN, or the first UDP packet of a 5-tuple: the next backend in turn.
                 bump(stats, Counter::NewFlow);
                 new_flow = true;
@@ -224,9 +225,10 @@ fn process(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
                 vip_stats.new_flows += 1;
                 ring_slot
             } else if p.opens_flow() {
-                // A SYN past the flood guard's limit: by the hash, as its later packets
-                // will be, and no entry (see `lb_common::flood`).
-                bump(stats, Counter::FloodGuard);
+                // A SYN past the flood guard's limit, or any new flow while withdrawing: by
+                // the hash, as its later packets will be, and no entry (see
+                // `lb_common::flood`).
+                bump(stats, if withdrawing { Counter::Withdrawing } else { Counter::FloodGuard });
                 new_flow = true;
                 pin = false;
                 p.tuple.hash() % vip.ring_len()
