@@ -17,9 +17,11 @@
 //! and makes it transient again: the routes stay announced throughout. Routes are written
 //! with iproute2's `ip`, as `backend-setup` does.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd, process::Command};
+use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsRawFd};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::netutil::ip;
 
 /// The routes' protocol number (`ip route ... proto 186`): lbd's, in no registry.
 pub const ROUTE_PROTO: u8 = 186;
@@ -28,18 +30,6 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
-
-fn ip(args: &[String]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn words(w: &[&str]) -> Vec<String> {
-    w.iter().map(|s| s.to_string()).collect()
-}
 
 /// The TUN device the VIP routes point at, held open by this process: it goes, with its
 /// routes, when the process does.
@@ -64,7 +54,7 @@ impl Anchor {
         }
         let anchor = Anchor { file, name, table };
         anchor.set_persist(false)?;
-        ip(&words(&["link", "set", "dev", &anchor.name, "up"]))?;
+        ip(&["link", "set", "dev", &anchor.name, "up"])?;
         Ok(anchor)
     }
 
@@ -86,10 +76,10 @@ impl Anchor {
         let added: Vec<Ipv4Addr> = want.difference(&have).copied().collect();
         let removed: Vec<Ipv4Addr> = have.difference(want).copied().collect();
         for a in &added {
-            ip(&words(&["route", "replace", &format!("{a}/32"), "dev", &self.name, "table", &table, "proto", &proto]))?;
+            ip(&["route", "replace", &format!("{a}/32"), "dev", &self.name, "table", &table, "proto", &proto])?;
         }
         for a in &removed {
-            ip(&words(&["route", "del", &format!("{a}/32"), "table", &table, "proto", &proto]))?;
+            ip(&["route", "del", &format!("{a}/32"), "table", &table, "proto", &proto])?;
         }
         Ok((added, removed))
     }
@@ -97,7 +87,7 @@ impl Anchor {
 
 /// The addresses lbd has routes for in `table`.
 pub fn routes(table: u32) -> Result<BTreeSet<Ipv4Addr>> {
-    let out = match ip(&words(&["-4", "route", "show", "table", &table.to_string(), "proto", &ROUTE_PROTO.to_string()])) {
+    let out = match ip(&["-4", "route", "show", "table", &table.to_string(), "proto", &ROUTE_PROTO.to_string()]) {
         Ok(out) => out,
         // A table with no route yet does not exist.
         Err(e) if format!("{e}").contains("table does not exist") => String::new(),
@@ -119,7 +109,7 @@ pub fn routes(table: u32) -> Result<BTreeSet<Ipv4Addr>> {
 pub fn clear_routes(table: u32) -> Result<Vec<Ipv4Addr>> {
     let stale: Vec<Ipv4Addr> = routes(table)?.into_iter().collect();
     for a in &stale {
-        ip(&words(&["route", "del", &format!("{a}/32"), "table", &table.to_string(), "proto", &ROUTE_PROTO.to_string()]))?;
+        ip(&["route", "del", &format!("{a}/32"), "table", &table.to_string(), "proto", &ROUTE_PROTO.to_string()])?;
     }
     Ok(stale)
 }

@@ -16,7 +16,6 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{bail, Context, Result};
@@ -58,11 +57,7 @@ fn loopback_has(addr: Ipv4Addr) -> Result<bool> {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    netutil::ip(args).map(drop)
 }
 
 /// Attaches `prog` to `iface` in the configured mode and pins the link at `pin`.

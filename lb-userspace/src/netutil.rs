@@ -100,3 +100,12 @@ pub fn resolve_mac(addr: Ipv4Addr) -> Result<[u8; 6]> {
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
+
+/// Runs iproute2's `ip` with `args`: its standard output, or an error with its standard error.
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -71,6 +71,23 @@ fn run(stack: &Stack, target: SocketAddr, is_down: impl Fn() -> bool) -> Outcome
     Outcome { detection, requests: log.len(), failed: log.iter().filter(|(_, ok)| !ok).count() }
 }
 
+/// HAProxy 2.6 in `mode tcp`, `balance roundrobin` over both web nodes with its default
+/// checks, listening on `bind`: the configuration file written in the stack's work directory.
+fn haproxy_config(stack: &Stack, file: &str, bind: SocketAddr) -> std::path::PathBuf {
+    let cfg = stack.work.join(file);
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fe\n  bind {bind}\n  default_backend be\n\
+             backend be\n  balance roundrobin\n  server web1 {}:{HTTP_PORT} check\n  server web2 {}:{HTTP_PORT} check\n",
+            WEB[0], WEB[1]
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 struct PairOutcome {
     detection: Duration,
     requests: usize,
@@ -121,17 +138,7 @@ fn balancer_pairs() {
     let mut stack = Stack::up(Options { balancers: 2, balancer: false, ..Options::new(XdpMode::Driver, Forward::Ipip) });
     stack.start_bgp();
     for role in ["lb", "lb2"] {
-        let cfg = stack.work.join(format!("haproxy-{role}.cfg"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-                 frontend fe\n  bind {VIP}:{HTTP_PORT}\n  default_backend be\n\
-                 backend be\n  balance roundrobin\n  server web1 {}:{HTTP_PORT} check\n  server web2 {}:{HTTP_PORT} check\n",
-                WEB[0], WEB[1]
-            ),
-        )
-        .unwrap();
+        let cfg = haproxy_config(&stack, &format!("haproxy-{role}.cfg"), SocketAddr::from((VIP, HTTP_PORT)));
         stack.exec(role, &format!("ip addr add {VIP}/32 dev lo && ip route add blackhole {VIP}/32 table {ROUTE_TABLE} proto 186"));
         stack.spawn(role, &format!("haproxy-{role}"), &["haproxy".into(), "-db".into(), "-f".into(), cfg.display().to_string()]);
     }
@@ -167,17 +174,7 @@ fn main() {
         rows.push((name.to_string(), o));
     }
     let mut stack = Stack::up(Options { balancer: false, ..Options::new(XdpMode::Driver, Forward::Ipip) });
-    let cfg = stack.work.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend fe\n  bind {LB}:{HAPROXY_PORT}\n  default_backend be\n\
-             backend be\n  balance roundrobin\n  server web1 {}:{HTTP_PORT} check\n  server web2 {}:{HTTP_PORT} check\n",
-            WEB[0], WEB[1]
-        ),
-    )
-    .unwrap();
+    let cfg = haproxy_config(&stack, "haproxy.cfg", SocketAddr::from((LB, HAPROXY_PORT)));
     stack.spawn("lb", "haproxy", &["haproxy".into(), "-db".into(), "-f".into(), cfg.display().to_string()]);
     stack.wait_for("client", &format!("curl -sf -o /dev/null http://{LB}:{HAPROXY_PORT}/whoami"), Duration::from_secs(10), "haproxy");
     let o = run(&stack, SocketAddr::from((LB, HAPROXY_PORT)), || stack.log("haproxy").contains("web2 is DOWN"));
